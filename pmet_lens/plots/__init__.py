@@ -1,0 +1,1 @@
+"""Figures: interactive plotly (Jupyter, HTML) and static matplotlib PNGs, one module per analysis."""
