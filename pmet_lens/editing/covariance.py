@@ -1,0 +1,214 @@
+"""Second-moment statistics C^l = E[k kᵀ] of the edited weights' keys (MEMIT eq. 14's K0K0ᵀ/n).
+
+A :class:`CovarianceStore` is an object the caller passes in (no module-level cache). It
+streams a text corpus through the model once for all requested hooks (keys of several
+layers in one pass), with a progress bar, and caches each matrix on disk under a key naming
+the model (hash of the weights the keys depend on), the hook (hence the layer), the corpus
+(content hash), the token count, the sequence length and the dtype. Files are written
+atomically (temporary file + ``os.replace``); a truncated, corrupt or mismatching file is
+detected, logged as a warning and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from pmet_lens.data import wikitext_path
+from pmet_lens.editing.identity import weights_hash
+from pmet_lens.models import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CovarianceStore"]
+
+_FORMAT = 1
+
+
+class CovarianceStore:
+    """Builds and caches C = E[k kᵀ] per (model, hook, corpus, token count, dtype).
+
+    Args:
+        cache_dir: directory of the ``.safetensors`` cache files; default
+            ``default_cache_dir() / "covariance"``. ``False`` disables the disk cache.
+        corpus: text files (paths) or an iterable of texts; default the shipped WikiText-2 raw
+            validation + test splits (:func:`pmet_lens.data.wikitext_path`).
+        batch_size: corpus chunks per forward pass.
+        progress: show a tqdm progress bar while streaming the corpus.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path | None | bool = None,
+        corpus: str | Path | Sequence[str | Path] | Iterable[str] | None = None,
+        batch_size: int = 4,
+        progress: bool = True,
+    ) -> None:
+        if cache_dir is False:
+            self.cache_dir: Path | None = None
+        else:
+            self.cache_dir = Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir() / "covariance"
+        self._texts = _corpus_texts(corpus)
+        self.corpus_hash = hashlib.sha256("\x00".join(self._texts).encode()).hexdigest()[:16]
+        self.batch_size = batch_size
+        self.progress = progress
+        self._memory: dict[str, torch.Tensor] = {}
+        self.last_build_seconds: float = 0.0
+
+    # ------------------------------------------------------------------ public
+    def get(
+        self,
+        model: HookedTransformer,
+        hooks: Sequence[str],
+        n_tokens: int,
+        dtype: str = "float32",
+        seq_len: int = 256,
+    ) -> dict[str, Float[torch.Tensor, "d d"]]:
+        """C for each hook name (``blocks.{l}.mlp.hook_post`` or ``blocks.{l}.attn.hook_z``),
+        on the model's device, in ``dtype``. Missing matrices are built in one corpus pass."""
+        keys = {h: self._key(model, h, n_tokens, dtype, seq_len) for h in hooks}
+        out: dict[str, torch.Tensor] = {}
+        missing = []
+        for hook, key in keys.items():
+            cov = self._memory.get(key)
+            if cov is None:
+                cov = self._read(key)
+            if cov is None:
+                missing.append(hook)
+            else:
+                self._memory[key] = cov
+                out[hook] = cov
+        if missing:
+            import time
+
+            start = time.perf_counter()
+            built = self._build(model, missing, n_tokens, getattr(torch, dtype), seq_len)
+            self.last_build_seconds = time.perf_counter() - start
+            for hook, cov in built.items():
+                self._memory[keys[hook]] = cov
+                self._write(keys[hook], cov)
+                out[hook] = cov
+        device = model.cfg.device
+        return {h: out[h].to(device) for h in hooks}
+
+    def path_for(self, model: HookedTransformer, hook: str, n_tokens: int, dtype: str = "float32",
+                 seq_len: int = 256) -> Path | None:
+        """Cache file of one matrix (``None`` without a disk cache)."""
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / f"{self._key(model, hook, n_tokens, dtype, seq_len)}.safetensors"
+
+    # ----------------------------------------------------------------- private
+    def _key(self, model: HookedTransformer, hook: str, n_tokens: int, dtype: str, seq_len: int) -> str:
+        layer = int(hook.split(".")[1])
+        model_hash = weights_hash(model, upto_layer=layer)
+        name = hook.replace(".", "-")
+        return f"{name}_m{model_hash[:16]}_c{self.corpus_hash}_n{n_tokens}_s{seq_len}_{dtype}"
+
+    def _read(self, key: str) -> torch.Tensor | None:
+        if self.cache_dir is None:
+            return None
+        path = self.cache_dir / f"{key}.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                cov = fh.get_tensor("cov")
+            if meta.get("key") != key or int(meta.get("format", -1)) != _FORMAT:
+                raise ValueError("metadata does not match the requested key")
+            if cov.ndim != 2 or cov.shape[0] != cov.shape[1] or not torch.isfinite(cov).all():
+                raise ValueError("matrix is not square and finite")
+            return cov
+        except Exception as exc:  # truncated / corrupt / foreign file: rebuild, never use
+            logger.warning("Covariance cache file %s is corrupt or does not match (%s); rebuilding it", path, exc)
+            return None
+
+    def _write(self, key: str, cov: torch.Tensor) -> None:
+        if self.cache_dir is None:
+            return
+        from safetensors.torch import save_file
+
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        path = self.cache_dir / f"{key}.safetensors"
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        save_file({"cov": cov.detach().cpu().contiguous()}, str(tmp), metadata={"key": key, "format": str(_FORMAT)})
+        os.replace(tmp, path)
+
+    def _chunks(self, model: HookedTransformer, n_tokens: int, seq_len: int) -> list[list[int]]:
+        tok = model.tokenizer
+        ids: list[int] = []
+        for text in self._texts:
+            for para in text.split("\n"):
+                if para.strip():
+                    ids.extend(tok(para, add_special_tokens=False)["input_ids"])
+                    if len(ids) >= n_tokens:
+                        break
+            if len(ids) >= n_tokens:
+                break
+        if len(ids) < n_tokens:
+            logger.warning("Corpus has only %d tokens (< %d requested); using all of them", len(ids), n_tokens)
+        ids = ids[:n_tokens]
+        if not ids:
+            raise ValueError("the covariance corpus is empty")
+        return [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+
+    def _build(self, model: HookedTransformer, hooks: Sequence[str], n_tokens: int, dtype: torch.dtype,
+               seq_len: int) -> dict[str, torch.Tensor]:
+        from pmet_lens.tokens import pad
+
+        chunks = self._chunks(model, n_tokens, min(seq_len, model.cfg.n_ctx))
+        device = model.cfg.device
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        stop = max(int(h.split(".")[1]) for h in hooks) + 1
+        mask_holder: dict[str, torch.Tensor] = {}
+
+        def accumulate(act: torch.Tensor, hook) -> None:
+            flat = act.reshape(act.shape[0] * act.shape[1], -1)[mask_holder["mask"]].to(dtype)
+            prod = flat.T @ flat
+            if hook.name in sums:
+                sums[hook.name] += prod.to(torch.float64)
+            else:
+                sums[hook.name] = prod.to(torch.float64)
+
+        logger.info("Estimating E[k k^T] for %s over %d tokens", list(hooks), sum(map(len, chunks)))
+        bar = tqdm(range(0, len(chunks), self.batch_size), desc="covariance", disable=not self.progress)
+        with torch.no_grad(), model.hooks(fwd_hooks=[(h, accumulate) for h in hooks]):
+            for start in bar:
+                batch = pad(model, chunks[start:start + self.batch_size])
+                width = batch.tokens.shape[1]
+                mask = (torch.arange(width, device=batch.tokens.device)[None, :] < batch.lengths[:, None]).reshape(-1)
+                mask_holder["mask"] = mask
+                count += int(mask.sum())
+                model(batch.tokens, stop_at_layer=stop)
+        return {h: (sums[h] / count).to(dtype) for h in hooks}
+
+
+def _corpus_texts(corpus) -> list[str]:
+    if corpus is None:
+        return [p.read_text(encoding="utf-8") for p in wikitext_path()]
+    if isinstance(corpus, (str, Path)):
+        corpus = [corpus]
+    texts = []
+    for item in corpus:
+        path = Path(item) if isinstance(item, Path) or (isinstance(item, str) and len(item) < 4096 and "\n" not in item and Path(item).is_file()) else None
+        texts.append(path.read_text(encoding="utf-8") if path is not None else str(item))
+    if not any(t.strip() for t in texts):
+        raise ValueError("the covariance corpus is empty")
+    return texts
+
+
+def describe(store: CovarianceStore) -> str:  # pragma: no cover - convenience for logs
+    return json.dumps({"cache_dir": str(store.cache_dir), "corpus": store.corpus_hash})

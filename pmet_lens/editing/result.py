@@ -1,0 +1,189 @@
+"""The state of an edit as a value: per-layer weight deltas and the targets.
+
+Writing it into the weights (:meth:`EditResult.apply`), undoing it bit-for-bit
+(:meth:`EditResult.restore`), previewing it as forward hooks (:meth:`EditResult.as_hooks`) and
+saving / loading it (safetensors, deltas only, model identity checked) are operations on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformer_lens import HookedTransformer
+
+from pmet_lens.arch import architecture
+from pmet_lens.data import Fact
+from pmet_lens.editing.identity import weights_hash
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EditResult"]
+
+
+@dataclass(eq=False)
+class EditResult:
+    """An edit: ``deltas`` maps ``blocks.{l}.mlp.W_out`` (and, for the W_O ablation,
+    ``blocks.{l}.attn.W_O``) to ΔW in the parameter's shape and dtype.
+
+    Attributes:
+        model: the model the edit belongs to.
+        method: "pmet" or "memit".
+        deltas: parameter name -> ΔW.
+        targets: kept site ("mlp_out", "attn_out" or "resid_post") -> [facts, d_model] targets at L.
+        facts: the edited facts, in order.
+        hparams: the hyper-parameters as a dict (``EditHyperParams.to_dict``).
+        model_hash: weights hash of the unedited model (checked by :meth:`load`).
+        prefixes: the context prefixes used (pass them again to skip re-sampling).
+        stats: per-fact optimisation figures (steps, final loss, target probability).
+    """
+
+    model: HookedTransformer
+    method: str
+    deltas: dict[str, torch.Tensor]
+    targets: dict[str, torch.Tensor]
+    facts: list[Fact]
+    hparams: dict[str, Any]
+    model_hash: str
+    prefixes: tuple[str, ...] = ()
+    stats: dict[str, list[float]] = field(default_factory=dict)
+    _originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------- weights
+    @property
+    def applied(self) -> bool:
+        """Whether the deltas are currently written into the model's weights (by this object)."""
+        return bool(self._originals)
+
+    def _param(self, name: str) -> torch.nn.Parameter:
+        from pmet_lens.editing.update import get_param
+
+        return get_param(self.model, name)
+
+    def apply(self) -> "EditResult":
+        """Write the deltas into the weights (W += ΔW), keeping the originals for :meth:`restore`."""
+        if self.applied:
+            raise RuntimeError("this edit is already applied")
+        params = {name: self._param(name) for name in self.deltas}
+        for name, delta in self.deltas.items():
+            if params[name].shape != delta.shape:
+                raise ValueError(f"delta {name} has shape {tuple(delta.shape)}, the model's is {tuple(params[name].shape)}")
+        originals = {name: p.detach().clone() for name, p in params.items()}
+        try:
+            with torch.no_grad():
+                for name, delta in self.deltas.items():
+                    params[name] += delta.to(params[name].device, params[name].dtype)
+        except BaseException:
+            with torch.no_grad():
+                for name, orig in originals.items():
+                    params[name].copy_(orig)
+            raise
+        self._originals = originals
+        return self
+
+    def restore(self) -> None:
+        """Put the original weights back, bit for bit (no-op when not applied)."""
+        with torch.no_grad():
+            for name, orig in self._originals.items():
+                self._param(name).copy_(orig)
+        self._originals = {}
+
+    def __enter__(self) -> "EditResult":
+        if not self.applied:
+            self.apply()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+    # --------------------------------------------------------------- hooks
+    def as_hooks(self) -> list[tuple[str, Callable]]:
+        """The edit as forward hooks, weights untouched: ΔW_out·k added at ``hook_mlp_out``
+        (k captured at ``mlp.hook_post`` of the same block), ΔW_O·z at ``hook_attn_out``.
+
+        Use with ``model.hooks(fwd_hooks=result.as_hooks())``. Raises if the edit is applied
+        (it would be counted twice).
+        """
+        if self.applied:
+            raise RuntimeError("the edit is applied to the weights; restore() it before previewing it as hooks")
+        arch = architecture(self.model)
+        hooks: list[tuple[str, Callable]] = []
+        for name, delta in self.deltas.items():
+            layer = int(name.split(".")[1])
+            is_attn = name.endswith("W_O")
+            key_name = arch.attn_key_hook(layer) if is_attn else arch.mlp_key_hook(layer)
+            out_name = arch.attn_out_hook(layer) if is_attn else arch.mlp_out_hook(layer)
+            flat = delta.reshape(-1, delta.shape[-1])
+            store: dict[str, torch.Tensor] = {}
+
+            def keep(act, hook, _store=store):
+                _store["k"] = act
+
+            def add(act, hook, _store=store, _d=flat):
+                k = _store.pop("k")
+                k = k.reshape(*k.shape[:2], -1)
+                return act + (k @ _d.to(k.dtype)).to(act.dtype)
+
+            hooks += [(key_name, keep), (out_name, add)]
+        return hooks
+
+    # ----------------------------------------------------------- save/load
+    def save(self, path: str | Path) -> Path:
+        """Save deltas, targets and metadata to a safetensors file (atomic write)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {f"delta/{k}": v.detach().cpu().contiguous() for k, v in self.deltas.items()}
+        tensors.update({f"target/{k}": v.detach().cpu().contiguous() for k, v in self.targets.items()})
+        meta = {
+            "format": "pmet-lens-edit/1",
+            "method": self.method,
+            "model_hash": self.model_hash,
+            "model_name": str(getattr(self.model.cfg, "model_name", "")),
+            "hparams": json.dumps(self.hparams),
+            "facts": json.dumps([f.to_counterfact() for f in self.facts]),
+            "prefixes": json.dumps(list(self.prefixes)),
+            "stats": json.dumps(self.stats),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: HookedTransformer, apply: bool = False) -> "EditResult":
+        """Load a saved edit for ``model`` (unedited), checking it is the model it was made for.
+
+        Raises:
+            ValueError: the file is not an edit file or the model's weights hash differs.
+        """
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != "pmet-lens-edit/1":
+                raise ValueError(f"{path} is not a pmet-lens edit file")
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        current = weights_hash(model)
+        if current != meta["model_hash"]:
+            raise ValueError(
+                f"{path} was made for a different model (weights hash {meta['model_hash']}, this model "
+                f"{current}; was it saved from {meta.get('model_name')!r}, or is an edit already applied?)")
+        device = model.cfg.device
+        from pmet_lens.data import as_facts
+
+        result = cls(
+            model=model, method=meta["method"],
+            deltas={k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("delta/")},
+            targets={k[7:]: v.to(device) for k, v in tensors.items() if k.startswith("target/")},
+            facts=as_facts(json.loads(meta["facts"])), hparams=json.loads(meta["hparams"]),
+            model_hash=meta["model_hash"], prefixes=tuple(json.loads(meta.get("prefixes", "[]"))),
+            stats=json.loads(meta.get("stats", "{}")),
+        )
+        return result.apply() if apply else result

@@ -1,0 +1,294 @@
+"""Batched optimisation of the target vectors (PMET eq. 9; MEMIT eq. 16), one pipeline for both.
+
+Per fact i, the rows are the context-prefixed prompts pref_j ⊕ p(s_i) ⊕ o*[:-1] (j = 0 is the
+bare prompt) and the KL prompt "{s_i} is a". The δ's of all facts of a chunk live in one
+tensor per site ([facts, d_model]) and are added by hooks at each row's lookup position (the
+subject's last token); each fact has its own Adam state, φ and stopping state, and a fact that
+has stopped leaves the batch. Savings over the official code, exact by construction:
+
+* layers before L do not depend on δ: ``resid_pre`` of block L is computed once without grad,
+  every step runs ``model(x, start_at_layer=L, stop_at_layer=n_layers)``;
+* ``ln_final`` and the unembedding run only at the target and KL positions;
+* the model's parameters do not require grad during the loop (only δ does).
+
+Loss per fact (official PMET/MEMIT code, DESIGN.md section 3):
+    φ_i · mean_j [Σ_t −log P(o*_t | pref_j ⊕ p(s_i) ⊕ o*_<t)] / |o*|
+  + μ · KL(P_orig ‖ P_edited)  at the KL prompt's lookup position (``F.kl_div(new, orig)`` as the
+    official code; DESIGN writes the arguments the other way round)
+  + wd · Σ_sites |δ| / |initial output|²   (norm over squared norm, as the official code)
+Stopping: loss < ``loss_stop``; PMET also: once every target token is the top prediction in
+every prompt, φ ← 0.1·φ and the fact stops when its KL term is ≤ ``kl_stop``. After each Adam
+step |δ| is clamped to c·|initial output| (c = ``clamp_norm_factor``). As in the official loop
+the last iteration only evaluates (``steps`` − 1 updates at most).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from pmet_lens.arch import Architecture, architecture
+from pmet_lens.data import Fact
+from pmet_lens.editing.context import context_templates
+from pmet_lens.editing.hparams import EditHyperParams, PMETHyperParams
+from pmet_lens.editing.validate import EditError
+from pmet_lens.tokens import encode, pad, subject_last_position, target_ids
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Settings", "Targets", "settings_for", "optimise_targets", "site_hook"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What distinguishes PMET from MEMIT in the shared pipeline.
+
+    Attributes:
+        delta_sites: where δ's are added at layer L ("attn_out", "mlp_out", "resid_post").
+        kept_sites: sites whose target (initial output + δ) is used by the weight update;
+            "mlp_out" targets feed W_out, "resid_post" targets (MEMIT's z) feed W_out,
+            "attn_out" targets feed W_O (PMET Table 3 ablation).
+        spread: "sqrt" (PMET eq. 11) or "even" (MEMIT eq. 15 / Table 3 ablation).
+        kl_stop: PMET's second stopping rule threshold, ``None`` for MEMIT.
+    """
+
+    delta_sites: tuple[str, ...]
+    kept_sites: tuple[str, ...]
+    spread: str
+    kl_stop: float | None
+
+
+def settings_for(hparams: EditHyperParams) -> Settings:
+    """Pipeline settings of a method's hyper-parameters (ablation switches included)."""
+    if isinstance(hparams, PMETHyperParams):
+        sites = ("attn_out", "mlp_out") if hparams.use_attn_delta else ("mlp_out",)
+        kept = ("mlp_out", "attn_out") if hparams.update_attn else ("mlp_out",)
+        return Settings(sites, kept, hparams.spread, hparams.kl_stop)
+    return Settings(("resid_post",), ("resid_post",), getattr(hparams, "spread", "even"), None)
+
+
+def site_hook(arch: Architecture, site: str, layer: int) -> str:
+    """Hook name of a site at ``layer``."""
+    return {"attn_out": arch.attn_out_hook, "mlp_out": arch.mlp_out_hook, "resid_post": arch.resid_post_hook}[site](layer)
+
+
+@dataclass
+class Targets:
+    """Optimised targets of a list of facts (row i = fact i).
+
+    Attributes:
+        init: site -> [facts, d_model] output at L, lookup position of the bare prompt, unedited.
+        delta: site -> [facts, d_model] optimised δ.
+        steps: [facts] optimisation steps taken by each fact.
+        loss: [facts] each fact's loss at its last evaluation.
+    """
+
+    init: dict[str, torch.Tensor]
+    delta: dict[str, torch.Tensor]
+    steps: torch.Tensor
+    loss: torch.Tensor
+    prob: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+    def value(self, site: str) -> Float[torch.Tensor, "facts d_model"]:
+        """Target vector v = initial output + δ at ``site``."""
+        return self.init[site] + self.delta[site]
+
+
+@dataclass
+class _Rows:
+    tokens: torch.Tensor      # [rows, pos]
+    fact: torch.Tensor        # [rows] fact index (chunk-local)
+    lookup: torch.Tensor      # [rows] subject-last position
+    bare: torch.Tensor        # [facts] row index of the bare prompt
+    kl: torch.Tensor          # [facts] row index of the KL prompt
+    nll_row: torch.Tensor     # [n_targets] row of each predicted target token
+    nll_pos: torch.Tensor     # [n_targets] position whose logits predict it
+    nll_tok: torch.Tensor     # [n_targets] the target token id
+    nll_fact: torch.Tensor    # [n_targets]
+    nll_weight: torch.Tensor  # [n_targets] 1 / (|o*| · P)
+
+
+def _rows(model: HookedTransformer, facts: Sequence[Fact], prefixes: tuple[str, ...]) -> _Rows:
+    templates = context_templates(prefixes)
+    seqs, fact_of, lookups, bare, kl = [], [], [], [], []
+    nll = []
+    for i, fact in enumerate(facts):
+        tgt = target_ids(model, fact.target_new)
+        for j, tmpl in enumerate(templates):
+            text_tmpl = tmpl.replace("{}", fact.prompt)
+            prompt_ids = encode(model, text_tmpl.format(fact.subject))
+            if j == 0:
+                bare.append(len(seqs))
+            for k, tok in enumerate(tgt):
+                nll.append((len(seqs), len(prompt_ids) - 1 + k, tok, i, 1.0 / (len(tgt) * len(templates))))
+            lookups.append(subject_last_position(model, text_tmpl, fact.subject))
+            seqs.append(prompt_ids + tgt[:-1])
+            fact_of.append(i)
+        kl.append(len(seqs))
+        lookups.append(subject_last_position(model, "{} is a", fact.subject))
+        seqs.append(encode(model, f"{fact.subject} is a"))
+        fact_of.append(i)
+    batch = pad(model, seqs)
+    dev = batch.tokens.device
+    cols = list(zip(*nll))
+    return _Rows(
+        tokens=batch.tokens, fact=torch.tensor(fact_of, device=dev), lookup=torch.tensor(lookups, device=dev),
+        bare=torch.tensor(bare, device=dev), kl=torch.tensor(kl, device=dev),
+        nll_row=torch.tensor(cols[0], device=dev), nll_pos=torch.tensor(cols[1], device=dev),
+        nll_tok=torch.tensor(cols[2], device=dev), nll_fact=torch.tensor(cols[3], device=dev),
+        nll_weight=torch.tensor(cols[4], device=dev, dtype=torch.float32),
+    )
+
+
+def _final_logprobs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
+    """log-softmax of the logits of a few residual vectors [N, d] (ln_final + unembed only there)."""
+    x = resid[:, None, :]
+    if model.cfg.normalization_type is not None:
+        x = model.ln_final(x)
+    logits = model.unembed(x)[:, 0].float()
+    softcap = getattr(model.cfg, "output_logits_soft_cap", -1.0)
+    if softcap and softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def optimise_targets(
+    model: HookedTransformer,
+    facts: Sequence[Fact],
+    hparams: EditHyperParams,
+    prefixes: tuple[str, ...],
+    progress: bool = False,
+) -> Targets:
+    """Optimise every fact's δ's at layer L = max(R), ``hparams.batch_size`` facts per forward.
+
+    Raises:
+        EditError: when a loss becomes NaN/inf.
+    """
+    settings = settings_for(hparams)
+    chunks = [list(range(s, min(s + hparams.batch_size, len(facts)))) for s in range(0, len(facts), hparams.batch_size)]
+    parts = [_optimise_chunk(model, [facts[i] for i in idx], hparams, settings, prefixes)
+             for idx in tqdm(chunks, desc="targets", disable=not progress or len(chunks) < 2)]
+    return Targets(
+        init={s: torch.cat([p.init[s] for p in parts]) for s in settings.delta_sites},
+        delta={s: torch.cat([p.delta[s] for p in parts]) for s in settings.delta_sites},
+        steps=torch.cat([p.steps for p in parts]), loss=torch.cat([p.loss for p in parts]),
+        prob=torch.cat([p.prob for p in parts]),
+    )
+
+
+def _optimise_chunk(model, facts, hparams, settings: Settings, prefixes) -> Targets:
+    arch = architecture(model)
+    L = max(hparams.layers)
+    rows = _rows(model, facts, prefixes)
+    n = len(facts)
+    n_layers = model.cfg.n_layers
+    hooks = {site: site_hook(arch, site, L) for site in settings.delta_sites}
+    grad_state = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in grad_state:
+            p.requires_grad_(False)
+        with torch.no_grad():
+            resid_L = model(rows.tokens, stop_at_layer=L)  # resid_pre of block L, computed once
+            captured: dict[str, torch.Tensor] = {}
+
+            def capture(act, hook):
+                captured[hook.name] = act[rows.bare, rows.lookup[rows.bare]].detach().clone()
+
+            with model.hooks(fwd_hooks=[(h, capture) for h in hooks.values()]):
+                final = model(resid_L, start_at_layer=L, stop_at_layer=n_layers)
+            kl_init = _final_logprobs(model, final[rows.kl, rows.lookup[rows.kl]])
+        init = {site: captured[h] for site, h in hooks.items()}
+        delta = {site: torch.zeros_like(v, requires_grad=True) for site, v in init.items()}
+        init_norm = {site: v.norm(dim=-1) for site, v in init.items()}
+        adam_m = {s: torch.zeros_like(v) for s, v in init.items()}
+        adam_v = {s: torch.zeros_like(v) for s, v in init.items()}
+        t = torch.zeros(n, device=resid_L.device)
+        phi = torch.full((n,), float(hparams.nll_factor), device=resid_L.device)
+        active = torch.ones(n, dtype=torch.bool, device=resid_L.device)
+        steps = torch.zeros(n, dtype=torch.long)
+        last_loss = torch.zeros(n)
+        last_prob = torch.zeros(n)
+        for it in range(hparams.steps):
+            act_facts = active.nonzero().flatten()
+            row_mask = active[rows.fact]
+            row_ix = row_mask.nonzero().flatten()
+            new_index = torch.full((rows.tokens.shape[0],), -1, dtype=torch.long, device=row_ix.device)
+            new_index[row_ix] = torch.arange(len(row_ix), device=row_ix.device)
+            r_fact, r_look = rows.fact[row_ix], rows.lookup[row_ix]
+            ar = torch.arange(len(row_ix), device=row_ix.device)
+
+            def add_delta(act, hook, _site_of={h: s for s, h in hooks.items()}):
+                d = delta[_site_of[hook.name]][r_fact].to(act.dtype)
+                return act.index_put((ar, r_look), d, accumulate=True)
+
+            with torch.enable_grad(), model.hooks(fwd_hooks=[(h, add_delta) for h in hooks.values()]):
+                out = model(resid_L[row_ix], start_at_layer=L, stop_at_layer=n_layers)
+                sel = row_mask[rows.nll_row]
+                nll_rows = new_index[rows.nll_row[sel]]
+                lp = _final_logprobs(model, out[nll_rows, rows.nll_pos[sel]])
+                tok = rows.nll_tok[sel]
+                tok_lp = lp.gather(1, tok[:, None])[:, 0]
+                is_top = lp.argmax(-1) == tok
+                nll = torch.zeros(n, device=lp.device).index_add(0, rows.nll_fact[sel], -tok_lp * rows.nll_weight[sel])
+                all_top = torch.zeros(n, device=lp.device).index_add(0, rows.nll_fact[sel], (~is_top).float()) == 0
+                kl_lp = _final_logprobs(model, out[new_index[rows.kl[act_facts]], rows.lookup[rows.kl[act_facts]]])
+                kl_init_a = kl_init[act_facts]
+                kl = torch.zeros(n, device=lp.device)
+                kl = kl.index_put((act_facts,), (kl_init_a.exp() * (kl_init_a - kl_lp)).sum(-1))
+                wd = torch.zeros(n, device=lp.device)
+                for site in delta:
+                    wd = wd + hparams.weight_decay * delta[site].norm(dim=-1).float() / init_norm[site].float().clamp_min(1e-12) ** 2
+                loss = phi * nll + hparams.kl_factor * kl + wd
+            if not torch.isfinite(loss[active]).all():
+                bad = [facts[int(i)].where for i in act_facts if not torch.isfinite(loss[i])]
+                raise EditError(f"the target optimisation produced NaN/inf for {bad} at step {it}")
+            with torch.no_grad():
+                la = loss.detach().cpu()
+                last_loss[active.cpu()] = la[active.cpu()]
+                prob = torch.zeros(n, device=lp.device).index_add(0, rows.nll_fact[sel], tok_lp.detach() * rows.nll_weight[sel]).exp()
+                last_prob[active.cpu()] = prob.cpu()[active.cpu()]
+                steps[active.cpu()] = it
+                stop = (loss.detach() < hparams.loss_stop) & active
+                if settings.kl_stop is not None:
+                    top = all_top & active
+                    phi = torch.where(top, 0.1 * float(hparams.nll_factor), phi)
+                    stop |= top & (kl.detach() <= settings.kl_stop)
+            if it == hparams.steps - 1:
+                break
+            still = active & ~stop
+            if not still.any():
+                active = still
+                break
+            loss[still].sum().backward()
+            with torch.no_grad():
+                t = t + still.float()
+                b1, b2, eps = 0.9, 0.999, 1e-8
+                for site, d in delta.items():
+                    g = d.grad
+                    upd = still[:, None]
+                    adam_m[site] = torch.where(upd, b1 * adam_m[site] + (1 - b1) * g, adam_m[site])
+                    adam_v[site] = torch.where(upd, b2 * adam_v[site] + (1 - b2) * g * g, adam_v[site])
+                    tt = t.clamp_min(1)[:, None]
+                    m_hat = adam_m[site] / (1 - b1 ** tt)
+                    v_hat = adam_v[site] / (1 - b2 ** tt)
+                    step = hparams.lr * m_hat / (v_hat.sqrt() + eps)
+                    d -= torch.where(upd, step, torch.zeros_like(step))
+                    max_norm = hparams.clamp_norm_factor * init_norm[site]
+                    norm = d.norm(dim=-1)
+                    scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
+                    d.mul_(scale[:, None])
+                    d.grad = None
+            active = still
+        steps += 1
+        return Targets(init=init, delta={s: d.detach() for s, d in delta.items()}, steps=steps, loss=last_loss,
+                       prob=last_prob)
+    finally:
+        for p, state in grad_state:
+            p.requires_grad_(state)
