@@ -1,0 +1,80 @@
+"""Data records and loaders: shipped files load; bad records fail loudly and name the record."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pmet_lens.data import DataError, Fact, as_facts, load_counterfact, load_known_facts, load_zsre, wikitext_path
+
+
+def test_shipped_files_load():
+    known = load_known_facts()
+    assert len(known) == 1209 and known[0].subject == "Vinson Massif"
+    cf = load_counterfact()
+    assert len(cf) == 869 and cf[0].subject == "Danielle Darrieux"
+    assert cf[0].text == "The mother tongue of Danielle Darrieux is"
+    assert (cf[0].target_new, cf[0].target_true) == ("English", "French")
+    assert len(cf[0].paraphrase_prompts) == 2 and len(cf[0].neighborhood_prompts) == 10
+    zs = load_zsre()
+    assert len(zs) == 1208 and zs[0].loc.startswith("nq question: ")
+    assert zs[0].to_fact().text == zs[0].src
+    assert all(p.is_file() for p in wikitext_path())
+
+
+def test_known_fact_to_fact_keeps_prompt():
+    k = load_known_facts(limit=3)
+    assert [f.to_fact().text for f in k] == [x.prompt for x in k]
+
+
+def test_limit_and_user_path(tmp_path):
+    cf = load_counterfact(limit=5)
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([f.to_counterfact() for f in cf]))
+    again = load_counterfact(path)
+    assert [f.text for f in again] == [f.text for f in cf]
+    with pytest.raises(ValueError):
+        load_counterfact(limit=-1)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(subject="Paris", prompt="{} is in", target_new=" "), "target_new is empty"),
+    (dict(subject="Paris", prompt="Paris is in", target_new="France"), "exactly one"),
+    (dict(subject="", prompt="{} is in", target_new="France"), "subject is empty"),
+    (dict(subject="X", prompt="{} and {}", target_new="France"), "exactly one"),
+    (dict(subject="X", prompt="{} is", target_new="Y", target_true=""), "target_true is empty"),
+])
+def test_bad_fact(bad, match):
+    with pytest.raises(DataError, match=match):
+        Fact(**bad, case_id=7)
+
+
+def test_bad_counterfact_records_named(tmp_path):
+    rec = load_counterfact(limit=1)[0].to_counterfact()
+    del rec["requested_rewrite"]["subject"]
+    with pytest.raises(DataError, match=r"case_id=0.*requested_rewrite.subject"):
+        Fact.from_counterfact(rec)
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_counterfact(path)
+    path.write_text(json.dumps([{"known_id": 3, "subject": "Zeus", "prompt": "Apollo is a", "attribute": "god",
+                                 "template": "{} is a", "relation_id": "P1"}]))
+    with pytest.raises(DataError, match=r"known_id=3.*does not occur"):
+        load_known_facts(path)
+    path.write_text(json.dumps([{"subject": "Zeus"}]))
+    with pytest.raises(DataError, match=r"zsRE record #0: missing field"):
+        load_zsre(path)
+    with pytest.raises(FileNotFoundError):
+        load_counterfact(tmp_path / "nope.json")
+
+
+def test_as_facts():
+    cf = load_counterfact(limit=2)
+    facts = as_facts([cf[0].to_counterfact(), cf[1], {"subject": "Paris", "prompt": "{} is the capital of", "target_new": "Italy"}])
+    assert [f.subject for f in facts] == ["Danielle Darrieux", cf[1].subject, "Paris"]
+    with pytest.raises(TypeError, match="single record"):
+        as_facts(cf[0])
+    with pytest.raises(DataError, match="unknown field"):
+        as_facts([{"subject": "Paris", "prompt": "{} is", "target": "x"}])
