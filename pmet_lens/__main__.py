@@ -1,0 +1,5 @@
+import sys
+
+from pmet_lens.cli import main
+
+sys.exit(main())

@@ -1,0 +1,287 @@
+"""``pmet-lens`` command line: ``similarity``, ``trace``, ``edit``, ``evaluate``.
+
+Each subcommand is a thin layer over the library (imported lazily, so ``--help`` is instant):
+``similarity`` -> :func:`pmet_lens.similarity.component_similarity` (PMET Fig. 2),
+``trace`` -> :func:`pmet_lens.tracing.trace` / ``average_traces`` (causal tracing),
+``edit`` -> :func:`pmet_lens.editing.edit` (writes a delta file),
+``evaluate`` -> :func:`pmet_lens.evaluate.evaluate_counterfact` / ``evaluate_zsre`` (optionally with a
+delta file applied). Bad input (missing file, malformed JSON record, unknown method or preset, a delta
+file made for another model) ends with ``error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser"]
+
+EXIT_BAD_INPUT = 2
+
+
+class CLIError(Exception):
+    """A user error, reported as one line on stderr with exit status 2."""
+
+
+def _existing_file(path: str | None, what: str) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"{what} not found: {p}")
+    return p
+
+
+def _load_model(name: str | None):
+    from pmet_lens.models import load_model
+
+    return load_model(name)
+
+
+def _write_table(df, out: str | None) -> None:
+    if out is None:
+        print(df.to_string(index=False))
+        return
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    print(f"wrote {out}")
+
+
+# ---------------------------------------------------------------------------- similarity
+def _cmd_similarity(args: argparse.Namespace) -> int:
+    from pmet_lens.data import load_known_facts
+    from pmet_lens.similarity import component_similarity
+
+    facts = load_known_facts(_existing_file(args.facts, "known-facts file"), limit=args.limit)
+    model = _load_model(args.model)
+    variant = ["paper", "logit_lens"] if args.variant == "both" else args.variant
+    df = component_similarity(model, [f.prompt for f in facts], k=args.k, variant=variant, progress=True)
+    _write_table(df, args.out)
+    return 0
+
+
+# ---------------------------------------------------------------------------- trace
+def _cmd_trace(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from pmet_lens import tracing
+
+    if (args.prompt is None) == (args.average is None):
+        raise CLIError("give either --prompt and --subject (one prompt) or --average N (averaged run)")
+    model = _load_model(args.model)
+    if args.prompt is not None:
+        if not args.subject:
+            raise CLIError("--prompt needs --subject")
+        result = tracing.trace(model, args.prompt, args.subject, kind=args.kind, samples=args.samples,
+                               window=args.window, target=args.target, seed=args.seed)
+        df = pd.DataFrame(result.scores.numpy(), index=result.tokens).reset_index(names="token")
+        print(f"target {result.target!r}: clean P = {result.high_score:.4f}, corrupted P = {result.low_score:.4f}")
+        _write_table(df, args.out)
+        return 0
+    try:
+        average_traces = tracing.average_traces
+    except AttributeError:
+        raise CLIError("the averaged run needs pmet_lens.tracing.average_traces, which this install lacks") from None
+    from pmet_lens.data import load_known_facts
+
+    facts = load_known_facts(limit=args.average)
+    avg = average_traces(model, facts, kind=args.kind, samples=args.samples, window=args.window)
+    table = getattr(avg, "to_frame", None)
+    df = table() if callable(table) else pd.DataFrame(getattr(avg, "scores"))
+    _write_table(df, args.out)
+    return 0
+
+
+# ---------------------------------------------------------------------------- edit
+def _read_records(path: Path) -> list[Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = [json.loads(l) for l in text.splitlines() if l.strip()] if path.suffix == ".jsonl" else json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{path} is not valid JSON: {exc}") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise CLIError(f"{path} must hold a JSON list of records")
+    return data
+
+
+def _check_preset(name: str | None) -> None:
+    from pmet_lens.editing.hparams import _presets_dir
+
+    known = [k for k in json.loads((_presets_dir() / "editing.json").read_text()) if not k.startswith("_")]
+    if name is not None and name not in known:
+        raise CLIError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
+
+
+def _hparams(args: argparse.Namespace, model_name: str):
+    from pmet_lens.editing import preset
+    from pmet_lens.editing.hparams import hparams_from_dict
+
+    _check_preset(args.preset)
+    hp = preset(args.preset or model_name, args.method)
+    if args.hparams:
+        overrides = json.loads(_existing_file(args.hparams, "hparams file").read_text())  # type: ignore[union-attr]
+        if not isinstance(overrides, dict):
+            raise CLIError(f"{args.hparams} must hold a JSON object of hyper-parameters")
+        data = {**hp.to_dict(), **overrides, "method": args.method}
+        try:
+            hp = hparams_from_dict(data)
+        except TypeError as exc:
+            raise CLIError(f"bad hyper-parameters in {args.hparams}: {exc}") from None
+        unknown = sorted(set(overrides) - set(hp.to_dict()))
+        if unknown:
+            raise CLIError(f"unknown hyper-parameter(s) in {args.hparams}: {unknown}")
+    return hp
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from pmet_lens.data import as_facts
+    from pmet_lens.editing import edit
+
+    records = _read_records(_existing_file(args.facts, "facts file"))  # type: ignore[arg-type]
+    if args.limit is not None:
+        records = records[: args.limit]
+    facts = as_facts(records)
+    _check_preset(args.preset)
+    model = _load_model(args.model)
+    hp = _hparams(args, str(model.cfg.model_name))
+    result = edit(model, facts, method=args.method, hparams=hp, apply=False, progress=True)
+    path = result.save(args.out)
+    print(f"edited {len(facts)} fact(s) with {args.method}; wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- evaluate
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pmet_lens.data import load_counterfact, load_zsre
+    from pmet_lens.evaluate import evaluate_counterfact, evaluate_zsre, format_table
+
+    records_path = _existing_file(args.records, "records file")
+    delta_path = _existing_file(args.delta, "delta file")
+    if args.dataset == "counterfact":
+        if records_path is None and args.split:
+            from pmet_lens.splits import split_facts
+
+            records = split_facts(args.split, limit=args.limit)
+        else:
+            records = load_counterfact(records_path, limit=args.limit)
+    else:
+        records = load_zsre(records_path, limit=args.limit)
+    model = _load_model(args.model)
+    result = None
+    if delta_path is not None:
+        from pmet_lens.editing import EditResult
+
+        try:
+            result = EditResult.load(delta_path, model, apply=True)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+        except Exception as exc:  # safetensors raises its own error type on a non-safetensors file
+            raise CLIError(f"{delta_path} is not a readable pmet-lens delta file ({exc})") from None
+    try:
+        if args.dataset == "counterfact":
+            per_record, summary = evaluate_counterfact(model, records, generation=not args.no_generation,
+                                                       gen_every=args.gen_every, seed=args.seed, progress=True)
+        else:
+            per_record, summary = evaluate_zsre(model, records, progress=True)
+    finally:
+        if result is not None:
+            result.restore()
+    print(format_table({"edited" if result is not None else "unedited": summary}).to_string())
+    print(json.dumps(summary, indent=1, default=float))
+    _write_table(per_record, args.out)
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(summary, indent=1, default=float))
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``pmet-lens`` (four subcommands)."""
+    parser = argparse.ArgumentParser(prog="pmet-lens", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=None, help="TransformerLens model name (default: the embedded SmolLM2-135M-Instruct)")
+
+    p = sub.add_parser("similarity", help="MHSA vs FFN similarity per layer (PMET Fig. 2)",
+                       description="Cosine and top-k Jaccard similarity of each component's input and output "
+                                   "at the last token of ROME's known facts (PMET Fig. 2).")
+    common(p)
+    p.add_argument("--facts", help="known_1000.json-format file (default: the shipped one)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    p.add_argument("-k", "--k", type=int, default=50, help="top-k tokens for the Jaccard similarity (default 50)")
+    p.add_argument("--variant", choices=["paper", "logit_lens", "both"], default="paper")
+    p.add_argument("--out", help="CSV path (default: print)")
+    p.set_defaults(func=_cmd_similarity)
+
+    p = sub.add_parser("trace", help="causal tracing of one prompt or the averaged run",
+                       description="Causal tracing (ROME; MEMIT Appendix A): restore states in a subject-corrupted run.")
+    common(p)
+    p.add_argument("--prompt", help="prompt to trace, e.g. 'The Eiffel Tower is located in the city of'")
+    p.add_argument("--subject", help="subject inside the prompt (its tokens are corrupted)")
+    p.add_argument("--target", help="answer to score (default: the model's greedy token)")
+    p.add_argument("--average", type=int, metavar="N", help="average over the first N known facts instead")
+    p.add_argument("--kind", choices=["hidden", "mlp", "attn"], default="hidden")
+    p.add_argument("--samples", type=int, default=10, help="noise samples (default 10)")
+    p.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="CSV path (default: print)")
+    p.set_defaults(func=_cmd_trace)
+
+    p = sub.add_parser("edit", help="edit facts from a JSON file; writes a delta file",
+                       description="Mass-edit facts (CounterFact records or {subject, prompt, target_new} dicts) "
+                                   "with PMET or MEMIT and save the weight deltas (safetensors).")
+    common(p)
+    p.add_argument("--facts", required=True, help="JSON list (or .jsonl) of records")
+    p.add_argument("--method", choices=["pmet", "memit"], default="pmet")
+    p.add_argument("--preset", help="hyper-parameter preset (SmolLM2-135M-Instruct, gpt-j, gpt-neox; default: the model's)")
+    p.add_argument("--hparams", help="JSON object of hyper-parameter overrides, e.g. {\"lam\": 600}")
+    p.add_argument("--limit", type=int, default=None, help="edit the first N records")
+    p.add_argument("--out", required=True, help="delta file to write (.safetensors)")
+    p.set_defaults(func=_cmd_edit)
+
+    p = sub.add_parser("evaluate", help="CounterFact / zsRE metrics, optionally with a delta file applied",
+                       description="CounterFact (efficacy, paraphrase, neighborhood, score, fluency, consistency proxy) "
+                                   "or zsRE (top-1 token accuracy) evaluation.")
+    common(p)
+    p.add_argument("--dataset", choices=["counterfact", "zsre"], default="counterfact")
+    p.add_argument("--records", help="records file (default: the shipped subset)")
+    p.add_argument("--split", choices=["tune", "report"], help="CounterFact: only this part of the shipped split")
+    p.add_argument("--delta", help="delta file from `pmet-lens edit` to apply first")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
+    p.add_argument("--no-generation", action="store_true", help="skip fluency / consistency (fast)")
+    p.add_argument("--gen-every", type=int, default=1, help="generation metrics on every k-th record")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="per-record CSV (default: print)")
+    p.add_argument("--summary", help="also write the summary as JSON here")
+    p.set_defaults(func=_cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``pmet-lens``; returns the exit status (0 ok, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from pmet_lens.data import DataError
+
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except (FileNotFoundError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except ValueError as exc:  # the library's validation errors (EditError is a ValueError)
+        print(f"error: {exc}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
