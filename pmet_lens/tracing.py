@@ -1,0 +1,387 @@
+"""Causal tracing of factual recall (ROME, Meng et al. 2022; MEMIT Appendix A and Fig. 3).
+
+A clean run of the prompt p(s, r) gives P(o) for the model's own answer o. The corrupted run adds
+Gaussian noise of std ``noise`` x sigma (sigma: empirical std of the token embeddings
+``model.W_E``) to the embeddings of the subject tokens (``hook_embed``), ``samples`` draws. Each
+cell (t, l) of the result restores one state to its clean value inside the corrupted run and
+records P(o):
+
+* ``kind="hidden"``: the residual stream h^l_t (``blocks.{l}.hook_resid_post``);
+* ``kind="mlp"`` / ``"attn"``: the ``window`` layers of MLP outputs m_t (``hook_mlp_out``) or
+  attention outputs a_t (``hook_attn_out``) centred on l, i.e. layers
+  ``max(0, l - window // 2) .. min(n_layers, l + ceil(window / 2)) - 1`` (ROME's convention).
+
+``sever="mlp"`` / ``"attn"`` (MEMIT Fig. 3, the path-dependent view): restore h^l_t as above while
+the MLP (attention) outputs of the same token t in the later layers are held at their corrupted
+values, so the restored state cannot act through them.
+
+Speed: restoring a state at (t, l) changes nothing before layer l and nothing at positions before
+t. The corrupted run is computed once, caching its residual streams and attention keys/values.
+For each position t only positions t.. are recomputed (the corrupted keys/values of positions < t
+are fed in as a frozen key/value cache), starting at the first block a restoration can change;
+all (layer, sample) rows of one position run as one batch that grows block by block, and logits
+are computed at the scored positions only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+from transformer_lens.hook_points import HookPoint
+
+from pmet_lens.arch import Architecture, architecture
+from pmet_lens.tokens import encode, subject_range, target_ids
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "KINDS",
+    "SEVER",
+    "TraceResult",
+    "trace",
+    "embedding_std",
+    "target_probability",
+    "window_layers",
+    "average_traces",
+    "critical_layers",
+    "AverageTrace",
+]
+
+Kind = Literal["hidden", "mlp", "attn"]
+KINDS: tuple[str, ...] = ("hidden", "mlp", "attn")
+"""Trace kinds: restore h^l_t, a window of m_t, or a window of a_t."""
+SEVER: tuple[str, ...] = ("mlp", "attn")
+"""Components that can be severed (held at their corrupted value) in a hidden-state trace."""
+
+@dataclass(frozen=True)
+class TraceResult:
+    """The causal trace of one prompt.
+
+    Attributes:
+        scores: ``[n_tokens, n_layers]`` P(target) with that cell restored (mean over noise
+            samples); NaN for positions that were not traced (see ``positions`` of :func:`trace`).
+        low_score: P(target) in the corrupted run (mean over noise samples).
+        high_score: P(target) in the clean run.
+        tokens: the prompt's tokens as text (one per row of ``scores``).
+        token_ids: the prompt's token ids.
+        subject_range: ``(start, end)`` token positions of the subject (end exclusive).
+        kind: "hidden", "mlp" or "attn".
+        target: the scored answer text (the model's greedy token when not given).
+        target_ids: token ids of ``target``.
+        window: restored window of layers (``kind`` "mlp"/"attn"; 1 for "hidden").
+        samples: number of noise draws.
+        noise: noise level in units of the embedding std.
+        sever: "mlp" / "attn" when that path of the restored token was severed, else None.
+        prompt: the prompt text.
+        subject: the subject text.
+    """
+
+    scores: Float[torch.Tensor, "n_tokens n_layers"]
+    low_score: float
+    high_score: float
+    tokens: list[str]
+    token_ids: list[int]
+    subject_range: tuple[int, int]
+    kind: str
+    target: str
+    target_ids: list[int]
+    window: int = 1
+    samples: int = 10
+    noise: float = 3.0
+    sever: str | None = None
+    prompt: str = ""
+    subject: str = ""
+    positions: list[int] = field(default_factory=list)
+
+    @property
+    def effect(self) -> Float[torch.Tensor, "n_tokens n_layers"]:
+        """Indirect effect of each cell: ``scores - low_score`` (ROME's plotted quantity)."""
+        return self.scores - self.low_score
+
+    @property
+    def n_layers(self) -> int:
+        """Number of layers (columns of ``scores``)."""
+        return int(self.scores.shape[1])
+
+
+def embedding_std(model: HookedTransformer) -> float:
+    """Empirical std sigma of the token embeddings (all entries of ``model.W_E``).
+
+    ROME measures sigma over the embeddings of the subjects of its data set; the brief of this
+    project (and MEMIT Appendix A: "the empirically observed variance of embedding activations")
+    is served by the std over the whole embedding matrix, which needs no data.
+    """
+    return float(model.W_E.detach().float().std())
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> range:
+    """Layers of the window of ``window`` layers centred on ``layer`` (ROME's ``trace_important_window``)."""
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
+
+
+def target_probability(
+    logits: Float[torch.Tensor, "batch n_target d_vocab"], target: Sequence[int]
+) -> Float[torch.Tensor, "batch"]:
+    """P(target) per row: ``exp(mean_i log P(target_i | prefix))``.
+
+    ``logits[:, i]`` must be the logits predicting ``target[i]``. A single-token target gives its
+    plain probability; a multi-token target gets the geometric mean of its token probabilities
+    (its mean token log-probability turned into a probability).
+    """
+    ids = torch.as_tensor(list(target), device=logits.device)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, ids.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1)
+    return picked.mean(dim=-1).exp()
+
+
+def _final_logits(
+    model: HookedTransformer, resid: Float[torch.Tensor, "batch pos d_model"], positions: Sequence[int]
+) -> Float[torch.Tensor, "batch n d_vocab"]:
+    """The tail of ``HookedTransformer.forward`` (final norm, unembed, soft-cap) at ``positions`` only."""
+    x = resid[:, list(positions)]
+    if model.cfg.normalization_type is not None:
+        x = model.ln_final(x)
+    logits = model.unembed(x)
+    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0)
+    if cap is not None and cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+def _validate(
+    model: HookedTransformer, prompt: str, kind: str, window: int, samples: int, noise: float, sever: str | None
+) -> Architecture:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"cannot trace an empty prompt (got {prompt!r})")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if sever is not None:
+        if sever not in SEVER:
+            raise ValueError(f"sever must be None or one of {SEVER}, got {sever!r}")
+        if kind != "hidden":
+            raise ValueError(f"severing applies to hidden-state traces (MEMIT Fig. 3), not kind={kind!r}")
+    arch = architecture(model)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    if kind != "hidden" and window > arch.n_layers:
+        raise ValueError(f"window {window} is larger than the model: it has {arch.n_layers} layers")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+    if not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    return arch
+
+
+def _restore_hook(
+    values: Float[torch.Tensor, "rows d_model"], rows: Int[torch.Tensor, "rows"], pos: Int[torch.Tensor, "rows"]
+) -> Callable[[torch.Tensor, HookPoint], torch.Tensor]:
+    """Hook fn writing ``values[i]`` into ``activation[rows[i], pos[i]]``."""
+
+    def hook(activation: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        activation[rows, pos] = values
+        return activation
+
+    return hook
+
+
+def _noise_hook(
+    eps: Float[torch.Tensor, "samples n_subject d_model"], start: int, end: int
+) -> Callable[[torch.Tensor, HookPoint], torch.Tensor]:
+    def hook(activation: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        activation[:, start:end] = activation[:, start:end] + eps
+        return activation
+
+    return hook
+
+
+def trace(
+    model: HookedTransformer,
+    prompt: str,
+    subject: str,
+    *,
+    kind: Kind = "hidden",
+    window: int = 10,
+    samples: int = 10,
+    noise: float = 3.0,
+    seed: int = 0,
+    target: str | None = None,
+    sever: Literal["mlp", "attn"] | None = None,
+    positions: Sequence[int] | None = None,
+) -> TraceResult:
+    """Causal trace of ``prompt`` (ROME Fig. 1; MEMIT Fig. 8, and Fig. 3 with ``sever``).
+
+    Args:
+        model: a hooked model (sequential or parallel blocks).
+        prompt: the fact prompt p(s, r), e.g. "The Eiffel Tower is located in the city of".
+        subject: the subject s, a substring of ``prompt`` (its last occurrence is corrupted).
+        kind: "hidden" (restore h^l_t, ``hook_resid_post``), "mlp" (``hook_mlp_out``) or "attn"
+            (``hook_attn_out``) windows, see :func:`window_layers`.
+        window: layers restored together for "mlp"/"attn" (ROME/MEMIT: 10); ignored for "hidden".
+        samples: noise draws; every score is the mean probability over them (ROME).
+        noise: noise std in units of :func:`embedding_std` (ROME/MEMIT: 3).
+        seed: seeds a private ``torch.Generator`` (the global RNG is untouched); the same seed
+            gives the same noise and scores.
+        target: the answer to score (a leading space is added as in ROME, see
+            :func:`pmet_lens.tokens.target_ids`); default the model's greedy next token. A
+            multi-token target is scored as ``exp(mean token log-probability)`` of its tokens
+            (teacher-forced after the prompt), see :func:`target_probability`.
+        sever: "mlp" / "attn": hold the MLP / attention outputs of the restored token at all
+            later layers at their corrupted values (MEMIT Fig. 3). Only with ``kind="hidden"``.
+        positions: prompt positions to trace (default all); rows not traced are NaN.
+
+    Returns:
+        a :class:`TraceResult` (``scores`` [n_tokens, n_layers] over the prompt's tokens).
+
+    Raises:
+        ValueError: empty prompt, subject not in the prompt, unknown kind / sever, window larger
+            than the model, samples < 1, noise < 0, a position out of range.
+    """
+    arch = _validate(model, prompt, kind, window, samples, noise, sever)
+    n_layers = arch.n_layers
+    prompt_ids = encode(model, prompt)
+    subj = subject_range(model, prompt, subject)
+    n_prompt = len(prompt_ids)
+    if positions is None:
+        pos_list = list(range(n_prompt))
+    else:
+        pos_list = sorted({int(p) for p in positions})
+        bad = [p for p in pos_list if not 0 <= p < n_prompt]
+        if bad or not pos_list:
+            raise ValueError(f"positions {bad or list(positions)} are out of range: the prompt has {n_prompt} tokens")
+    device = model.cfg.device
+    tgt = target_ids(model, target) if target is not None else None
+
+    with torch.inference_mode():
+        # ---- clean run: every state a restoration may need --------------------------------
+        input_ids = prompt_ids + (tgt[:-1] if tgt is not None else [])
+        tokens = torch.tensor([input_ids], device=device)
+        names = {arch.resid_post_hook(l) for l in range(n_layers)}
+        comp_hook = {"mlp": arch.mlp_out_hook, "attn": arch.attn_out_hook}
+        if kind != "hidden":
+            names |= {comp_hook[kind](l) for l in range(n_layers)}
+        logits, clean = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        if tgt is None:
+            tgt = [int(logits[0, n_prompt - 1].argmax())]
+        score_pos = list(range(n_prompt - 1, n_prompt - 1 + len(tgt)))
+        high = float(target_probability(logits[:, score_pos], tgt)[0])
+
+        # ---- corrupted run: noise on the subject embeddings, one row per sample -----------
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        eps = torch.randn(samples, subj[1] - subj[0], model.cfg.d_model, generator=gen)
+        eps = (eps * (noise * embedding_std(model))).to(device=device, dtype=model.cfg.dtype)
+        noise_hooks = [("hook_embed", _noise_hook(eps, *subj))]
+        corrupt_names = set()
+        for l in range(n_layers):
+            corrupt_names |= {f"blocks.{l}.hook_resid_pre", f"blocks.{l}.attn.hook_k", f"blocks.{l}.attn.hook_v"}
+        if sever is not None:
+            corrupt_names |= {comp_hook[sever](l) for l in range(n_layers)}
+        store: dict[str, torch.Tensor] = {}
+
+        def keep(activation: torch.Tensor, hook: HookPoint) -> None:
+            store[hook.name] = activation.clone()
+
+        with model.hooks(fwd_hooks=noise_hooks + [(n, keep) for n in sorted(corrupt_names)]):
+            final = model(tokens.expand(samples, -1), stop_at_layer=n_layers)
+        low = float(target_probability(_final_logits(model, final, score_pos), tgt).mean())
+        store["final"] = final
+
+        # ---- restorations: one growing batch of (layer, sample) rows per position ----------
+        scores = torch.full((n_prompt, n_layers), float("nan"))
+        for t in pos_list:
+            scores[t] = _trace_position(
+                model, arch, t, kind, window, sever, clean, store, samples, score_pos, tgt
+            ).cpu()
+
+    decoded = [model.tokenizer.decode([i]) for i in prompt_ids]
+    return TraceResult(
+        scores=scores, low_score=low, high_score=high, tokens=decoded, token_ids=prompt_ids,
+        subject_range=subj, kind=kind, target=model.tokenizer.decode(tgt), target_ids=list(tgt),
+        window=window if kind != "hidden" else 1, samples=samples, noise=float(noise), sever=sever,
+        prompt=prompt, subject=subject, positions=pos_list,
+    )
+
+
+def _trace_position(
+    model: HookedTransformer,
+    arch: Architecture,
+    t: int,
+    kind: str,
+    window: int,
+    sever: str | None,
+    clean: dict,
+    corrupt: dict[str, torch.Tensor],
+    samples: int,
+    score_pos: list[int],
+    tgt: list[int],
+) -> Float[torch.Tensor, "n_layers"]:
+    """Mean P(target) over samples for position ``t`` restored at every layer.
+
+    Only positions ``t..`` are recomputed: earlier positions are unchanged by a restoration at
+    ``t`` (causal attention), so their keys and values are those of the corrupted run and are
+    fed in as a frozen key/value cache. Rows (layer l, sample s) are ordered by the first block
+    they change; at block j the active rows are a prefix of that order, so each block runs once
+    per position on one batch that grows as restorations come in.
+    """
+    n_layers = arch.n_layers
+    device = corrupt["final"].device
+    layers = list(range(n_layers))
+    spans = [window_layers(l, window, n_layers) for l in layers]
+    starts = [l + 1 for l in layers] if kind == "hidden" else [sp.start for sp in spans]
+    comp_hook = {"mlp": arch.mlp_out_hook, "attn": arch.attn_out_hook}
+
+    def entering(l: int) -> torch.Tensor:
+        start = starts[l]
+        base = corrupt[f"blocks.{start}.hook_resid_pre"] if start < n_layers else corrupt["final"]
+        rows = base[:, t:].clone()
+        if kind == "hidden":
+            rows[:, 0] = clean[arch.resid_post_hook(l)][0, t]
+        return rows
+
+    x = corrupt["final"].new_zeros((0, corrupt["final"].shape[1] - t, model.cfg.d_model))
+    active: list[int] = []
+    for j in range(n_layers + 1):
+        new = [l for l in layers if starts[l] == j]
+        if new:
+            x = torch.cat([x] + [entering(l) for l in new])
+            active += new
+        if j == n_layers or not active:
+            continue
+        sample_idx = torch.arange(samples, device=device).repeat(len(active))
+        hooks: list[tuple[str, Callable]] = []
+        if kind != "hidden":
+            mine = [i for i, l in enumerate(active) if j in spans[l]]
+            if mine:
+                rows = (torch.as_tensor(mine, device=device)[:, None] * samples
+                        + torch.arange(samples, device=device)).flatten()
+                name = comp_hook[kind](j)
+                hooks.append((name, _restore_hook(clean[name][0, t], rows, torch.zeros_like(rows))))
+        elif sever is not None:
+            name = comp_hook[sever](j)  # every active row restored h at a layer l < j
+            rows = torch.arange(x.shape[0], device=device)
+            hooks.append((name, _restore_hook(corrupt[name][sample_idx, t], rows, torch.zeros_like(rows))))
+        entry = TransformerLensKeyValueCacheEntry(
+            past_keys=corrupt[f"blocks.{j}.attn.hook_k"][sample_idx, :t],
+            past_values=corrupt[f"blocks.{j}.attn.hook_v"][sample_idx, :t],
+            frozen=True,
+        )
+        with model.hooks(fwd_hooks=hooks):
+            x = model.blocks[j](x, past_kv_cache_entry=entry)
+    probs = target_probability(_final_logits(model, x, [p - t for p in score_pos]), tgt)
+    out = torch.empty(n_layers, device=device)
+    out[torch.as_tensor(active, device=device)] = probs.view(len(active), samples).mean(dim=1)
+    return out
+
+
+def __getattr__(name: str):  # PEP 562: the averaged traces live in their own module
+    if name in {"average_traces", "critical_layers", "AverageTrace", "TOKEN_CLASSES"}:
+        from pmet_lens import tracing_summary
+
+        return getattr(tracing_summary, name)
+    raise AttributeError(f"module 'pmet_lens.tracing' has no attribute {name!r}")
