@@ -1,0 +1,279 @@
+"""An interactive dashboard of one edit (plotly + circuitsvis), shown in Jupyter and written as a
+self-contained HTML report.
+
+For a chosen fact and (optionally) its :class:`pmet_lens.editing.EditResult`:
+
+* **probabilities**: P(o*) and P(o^c) before / after the edit on the edit prompt, the paraphrase
+  prompts and the neighborhood prompts (the quantities behind Efficacy, Paraphrase and
+  Neighborhood Success, MEMIT Appendix C; multi-token objects by mean token log-probability);
+* **logit lens** at the subject's last token (the edit's lookup position): each layer's residual
+  stream ``hook_resid_post`` projected through the final norm and unembedding, P of the first token
+  of o* and of o^c per layer, before / after;
+* **ΔW norms** per edited layer and weight (PMET Appendix A, Fig. 4), absolute and relative to ‖W‖;
+* **attention from the last token**: per layer, the attention the last token pays to the subject's
+  tokens (mean over heads) before / after, and circuitsvis attention patterns of the layer that
+  attends most to the subject. PMET argues MHSA *extracts* rather than stores knowledge, so an FFN
+  edit should leave these patterns nearly unchanged downstream of the edit's lookup;
+* **batch view** (``batch=`` a per-record DataFrame of :func:`pmet_lens.evaluate_counterfact`, or a
+  dict of them by editor): the distributions of the per-record metrics.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from transformer_lens import HookedTransformer
+
+from pmet_lens.arch import architecture
+from pmet_lens.data import Fact, as_facts
+from pmet_lens.scoring import score_continuations
+from pmet_lens.tokens import encode, subject_range, target_ids
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Dashboard", "dashboard", "logit_lens", "last_token_attention"]
+
+BATCH_COLUMNS = ("efficacy_success", "paraphrase_success", "neighborhood_success", "efficacy_magnitude",
+                 "paraphrase_magnitude", "neighborhood_magnitude", "fluency", "consistency", "consistency_proxy")
+
+
+@dataclass
+class Dashboard:
+    """The dashboard's parts.
+
+    Attributes:
+        title: heading of the report.
+        figures: name -> plotly figure.
+        attention: name -> circuitsvis rendering (``RenderedHTML``).
+        tables: name -> DataFrame behind the figures.
+    """
+
+    title: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    attention: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def to_html(self) -> str:
+        """One self-contained HTML page (plotly.js and circuitsvis bundles inline, no network)."""
+        parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title></head><body>",
+                 f"<h1>{html.escape(self.title)}</h1>"]
+        first = True
+        for name, fig in self.figures.items():
+            parts.append(f"<h2>{html.escape(name)}</h2>")
+            parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if first else False))
+            first = False
+        for name, rendered in self.attention.items():
+            parts.append(f"<h2>{html.escape(name)}</h2>")
+            parts.append(rendered.local_src)
+        parts.append("</body></html>")
+        return "\n".join(parts)
+
+    def write_html(self, path: str | Path) -> Path:
+        """Write :meth:`to_html` to ``path`` and return it."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_html(), encoding="utf-8")
+        return path
+
+    def show(self) -> None:
+        """Display every part in Jupyter (figures, then attention patterns)."""
+        from IPython.display import HTML, display
+
+        display(HTML(f"<h3>{html.escape(self.title)}</h3>"))
+        for fig in self.figures.values():
+            fig.show()
+        for name, rendered in self.attention.items():
+            display(HTML(f"<h4>{html.escape(name)}</h4>"))
+            display(rendered)
+
+
+def logit_lens(
+    model: HookedTransformer, text: str, position: int, token_ids: list[int]
+) -> Float[torch.Tensor, "n_layers n_tokens"]:
+    """P of each of ``token_ids`` read from ``hook_resid_post`` of every layer at ``position``
+    (final norm + unembedding applied to the intermediate stream, nostalgebraist's logit lens)."""
+    names = [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(torch.tensor([encode(model, text)], device=model.cfg.device),
+                                        names_filter=lambda n: n in names)
+        resid = torch.stack([cache[n][0, position] for n in names])[None]  # [1, n_layers, d]
+        if getattr(model, "ln_final", None) is not None:
+            resid = model.ln_final(resid)
+        probs = model.unembed(resid)[0].float().softmax(-1)
+    return probs[:, token_ids].cpu()
+
+
+def last_token_attention(model: HookedTransformer, text: str) -> Float[torch.Tensor, "n_layers n_heads query key"]:
+    """All attention patterns of ``text`` ([layer, head, query, key])."""
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(torch.tensor([encode(model, text)], device=model.cfg.device),
+                                        names_filter=lambda n: n in names)
+    return torch.stack([cache[n][0] for n in names]).float().cpu()
+
+
+class _EditState:
+    """Run code before / after the edit, whatever state ``edit_result`` is in (weights restored after)."""
+
+    def __init__(self, model: HookedTransformer, edit_result: Any | None):
+        self.model, self.result = model, edit_result
+
+    def run(self, fn, after: bool):
+        res = self.result
+        if res is None:
+            return fn()
+        if res.applied:
+            if after:
+                return fn()
+            res.restore()
+            try:
+                return fn()
+            finally:
+                res.apply()
+        if not after:
+            return fn()
+        with self.model.hooks(fwd_hooks=res.as_hooks()):
+            return fn()
+
+
+def dashboard(
+    model: HookedTransformer,
+    fact: Fact | Mapping[str, Any],
+    edit_result: Any | None = None,
+    *,
+    batch: pd.DataFrame | Mapping[str, pd.DataFrame] | None = None,
+    html_path: str | Path | None = None,
+    show: bool = False,
+) -> Dashboard:
+    """Build the dashboard of ``fact`` before / after ``edit_result`` (see the module docstring).
+
+    Args:
+        model: the model (unedited, or with ``edit_result`` applied; either works).
+        fact: the edited fact (a :class:`Fact` or CounterFact dict) with ``target_new``; its
+            ``target_true``, paraphrase and neighborhood prompts are used when present.
+        edit_result: the :class:`pmet_lens.editing.EditResult`; ``None`` shows the model alone.
+        batch: per-record metrics of a batch (one DataFrame, or ``{editor: DataFrame}``).
+        html_path: also write the self-contained HTML report here.
+        show: display in Jupyter.
+    """
+    import plotly.express as px
+    import plotly.graph_objects as go
+
+    fact = as_facts([fact])[0]
+    if fact.target_new is None:
+        raise ValueError(f"{fact.where}: the dashboard needs target_new")
+    state = _EditState(model, edit_result)
+    phases = ["before", "after"] if edit_result is not None else ["model"]
+    board = Dashboard(title=f"{fact.text} → {fact.target_new}" + (f" (was {fact.target_true})" if fact.target_true else ""))
+
+    # -- probabilities on the evaluation prompts
+    groups = [("edit", fact.text)] + [("paraphrase", p) for p in fact.paraphrase_prompts] + \
+             [("neighborhood", p) for p in fact.neighborhood_prompts]
+    objects = [("o* " + fact.target_new, fact.target_new)] + ([("o^c " + fact.target_true, fact.target_true)] if fact.target_true else [])
+    rows = []
+    for phase in phases:
+        prompts = [p for _, p in groups for _ in objects]
+        targets = [o for _ in groups for _, o in objects]
+        probs = state.run(lambda: score_continuations(model, prompts, targets).prob, after=phase == "after").numpy()
+        k = 0
+        for i, (kind, prompt) in enumerate(groups):
+            for label, _ in objects:
+                rows.append({"phase": phase, "kind": kind, "prompt": f"{kind} {i}: {prompt[:60]}", "object": label, "p": float(probs[k])})
+                k += 1
+    probs_df = pd.DataFrame(rows)
+    board.tables["probabilities"] = probs_df
+    fig = px.bar(probs_df, x="prompt", y="p", color="object", barmode="group", facet_row="phase",
+                 hover_data=["kind"], title="P(object | prompt) before / after the edit")
+    fig.update_layout(height=350 * len(phases), xaxis_tickangle=-40)
+    board.figures["Probabilities on edit, paraphrase and neighborhood prompts"] = fig
+
+    # -- logit lens at the subject's last token
+    text = fact.text
+    start, end = subject_range(model, text, fact.subject)
+    lookup = end - 1
+    first_ids = [target_ids(model, o)[0] for _, o in objects]
+    lens_rows = []
+    for phase in phases:
+        lens = state.run(lambda: logit_lens(model, text, lookup, first_ids), after=phase == "after")
+        for (label, _), col in zip(objects, lens.T):
+            for layer, p in enumerate(col.tolist()):
+                lens_rows.append({"phase": phase, "object": label, "layer": layer, "p": p})
+    lens_df = pd.DataFrame(lens_rows)
+    board.tables["logit_lens"] = lens_df
+    fig = px.line(lens_df, x="layer", y="p", color="object", line_dash="phase", markers=True,
+                  title=f"Logit lens at the subject's last token ({model.to_str_tokens(text)[lookup]!r}): P(first token)")
+    board.figures["Logit lens at the subject's last token"] = fig
+
+    # -- ΔW norms
+    if edit_result is not None:
+        arch = architecture(model)
+        norm_rows = []
+        for name, delta in edit_result.deltas.items():
+            layer = int(name.split(".")[1])
+            weight = arch.w_o(model, layer) if name.endswith("W_O") else arch.w_out(model, layer)
+            d = delta.float().norm().item()
+            norm_rows.append({"layer": layer, "weight": name.split(".")[-1], "delta_norm": d,
+                              "relative": d / max(weight.float().norm().item(), 1e-12)})
+        norms = pd.DataFrame(norm_rows)
+        board.tables["delta_norms"] = norms
+        fig = px.bar(norms, x="layer", y="delta_norm", color="weight", barmode="group", hover_data=["relative"],
+                     title="‖ΔW‖ (Frobenius) per edited layer")
+        board.figures["Per-layer ΔW norms"] = fig
+
+    # -- attention from the last token
+    tokens = model.to_str_tokens(text)
+    att_rows, patterns = [], {}
+    for phase in phases:
+        pat = state.run(lambda: last_token_attention(model, text), after=phase == "after")
+        patterns[phase] = pat
+        to_subject = pat[:, :, -1, start:end].sum(-1).mean(-1)  # [layer]
+        for layer, v in enumerate(to_subject.tolist()):
+            att_rows.append({"phase": phase, "layer": layer, "attention_to_subject": v})
+    att_df = pd.DataFrame(att_rows)
+    board.tables["attention_to_subject"] = att_df
+    board.figures["Attention from the last token to the subject"] = px.line(
+        att_df, x="layer", y="attention_to_subject", color="phase", markers=True,
+        title="Attention mass from the last token to the subject tokens (mean over heads)")
+    base = patterns[phases[0]]
+    top_layer = int(base[:, :, -1, start:end].sum(-1).mean(-1).argmax())
+    try:
+        import circuitsvis as cv
+
+        for phase in phases:
+            board.attention[f"Attention patterns, layer {top_layer} ({phase})"] = cv.attention.attention_patterns(
+                tokens=tokens, attention=patterns[phase][top_layer])
+    except ImportError:  # pragma: no cover - circuitsvis is a declared dependency
+        logger.warning("circuitsvis is not installed; attention patterns are shown as heat maps only")
+    for phase in phases:
+        fig = go.Figure(go.Heatmap(z=patterns[phase][:, :, -1].mean(1).numpy(), x=[f"{i}:{t}" for i, t in enumerate(tokens)],
+                                   colorscale="Blues", colorbar={"title": "attn"}))
+        fig.update_layout(title=f"Last-token attention per layer (mean over heads), {phase}", yaxis_title="layer")
+        board.figures[f"Last-token attention heat map ({phase})"] = fig
+
+    # -- batch view
+    if batch is not None:
+        frames = {"batch": batch} if isinstance(batch, pd.DataFrame) else dict(batch)
+        long = []
+        for editor, df in frames.items():
+            for col in BATCH_COLUMNS:
+                if col in df:
+                    long += [{"editor": editor, "metric": col, "value": v} for v in df[col].dropna().tolist()]
+        long_df = pd.DataFrame(long)
+        board.tables["batch"] = long_df
+        if not long_df.empty:
+            fig = px.box(long_df, x="metric", y="value", color="editor", points="outliers",
+                         title="Per-record metric distributions")
+            board.figures["Batch: metric distributions"] = fig
+
+    if html_path is not None:
+        board.write_html(html_path)
+    if show:
+        board.show()
+    return board
