@@ -1,0 +1,266 @@
+"""PMET Tables 1-3 and Figures 3-4 on the default model (SmolLM2-135M-Instruct), from one command.
+
+On the REPORT part of the fixed CounterFact split (``pmet_lens/data_files/counterfact_split.json``;
+the presets were tuned on the TUNE part only):
+
+* Table 1: the unedited model, MEMIT and PMET, all cases edited in ONE mass edit (the papers' 10K
+  setting), Score / Efficacy / Generalization (paraphrase) / Specificity (neighborhood) / Fluency /
+  consistency proxy, x100 with 95% CIs;
+* Table 3: PMET's ablations (w/o δ_a; + W_O^MHSA update; even spread) on the same cases;
+* Figure 3: metrics vs the number of simultaneous edits n_i = exp(ln(N)·i/(S-1)) (log scale, up to
+  all N cases; PMET uses 17 points up to 10K, here ``--scaling-points``);
+* Figure 4: per-layer ‖ΔW‖ of PMET and each ablation (W_out; and W_O for the W_O ablation);
+* Table 2: MEMIT / PMET mass edits on the shipped zsRE subset, top-1 token accuracy.
+
+Generation metrics (Fluency, consistency proxy) use every ``--gen-every``-th case (cases 0, k, 2k...
+of the report list) to keep the run within the CPU budget; the scaling curve uses probability metrics
+only. Consistency is the documented offline proxy (:mod:`pmet_lens.consistency`), never comparable
+with the papers' column. Outputs go to ``--out`` (default ``figures/``): CSV, interactive HTML,
+matplotlib PNG, and ``edit_benchmark.md`` with the tables beside the papers' GPT-J numbers.
+
+    python analyses/edit_benchmark.py --limit 50 --gen-every 10 --methods memit,pmet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pmet_lens import load_model, load_zsre
+from pmet_lens.editing import CovarianceStore, edit, preset
+from pmet_lens.evaluate import PAPER_TABLE1_GPTJ, PAPER_TABLE2_GPTJ, evaluate_counterfact, evaluate_zsre, format_table
+from pmet_lens.splits import split_facts
+
+logger = logging.getLogger("edit_benchmark")
+
+ABLATIONS = {
+    "PMET w/o δ_a": {"use_attn_delta": False},
+    "PMET + W_O^MHSA": {"update_attn": True},
+    "PMET even spread": {"spread": "even"},
+}
+PAPER_TABLE3_10K = {  # PMET Table 3, 10K edits on GPT-J
+    "PMET": {"score": 86.2, "efficacy": 99.5, "paraphrase": 92.8, "neighborhood": 71.4, "fluency": 620.0, "consistency": 40.6},
+    "PMET w/o δ_a": {"score": 85.0, "efficacy": 98.9, "paraphrase": 89.0, "neighborhood": 71.6, "fluency": 621.2, "consistency": 40.0},
+    "PMET + W_O^MHSA": {"score": 84.9, "efficacy": 99.5, "paraphrase": 93.5, "neighborhood": 68.6, "fluency": 619.0, "consistency": 40.5},
+    "PMET even spread": {"score": 83.3, "efficacy": 96.7, "paraphrase": 78.4, "neighborhood": 77.3, "fluency": 621.8, "consistency": 37.4},
+}
+METRICS = ["score", "efficacy", "paraphrase", "neighborhood"]
+
+
+def delta_norms(result, label: str) -> list[dict[str, Any]]:
+    """Per-layer Frobenius norms of an edit's ΔW (PMET Appendix A, Fig. 4)."""
+    return [{"editor": label, "layer": int(name.split(".")[1]), "weight": name.split(".")[-1],
+             "delta_norm": float(d.float().norm())} for name, d in result.deltas.items()]
+
+
+def run_edit(model, facts, hparams, label, store, args, generation=True):
+    t0 = time.perf_counter()
+    result = edit(model, facts, hparams=hparams, cov_store=store, apply=True, progress=True)
+    t_edit = time.perf_counter() - t0
+    try:
+        per_record, summary = evaluate_counterfact(model, facts, generation=generation, gen_every=args.gen_every)
+    finally:
+        norms = delta_norms(result, label)
+        result.restore()
+    summary["edit_seconds"] = t_edit
+    logger.info("%s: %d facts edited in %.0f s; efficacy %.3f", label, len(facts), t_edit, summary["efficacy"])
+    return per_record, summary, norms
+
+
+def paper_side_by_side(ours: dict[str, dict], paper: dict[str, dict], columns: list[str], cons_key: str) -> pd.DataFrame:
+    rows = []
+    for editor, s in ours.items():
+        row = {"source": "SmolLM2-135M (this run)", "editor": editor}
+        for c in columns:
+            key = cons_key if c == "consistency" else c
+            value = s.get(key, float("nan"))
+            half = s.get(f"{key}_ci95")
+            row[c if c != "consistency" else cons_key] = (f"{100 * value:.1f}" + (f" ({100 * half:.1f})" if half is not None and not math.isnan(half) else "")
+                                                          if value == value else "")
+        rows.append(row)
+    for editor, s in paper.items():
+        row = {"source": "GPT-J 6B (paper)", "editor": editor}
+        for c in columns:
+            row[c if c != "consistency" else cons_key] = f"{s[c]:.1f}" + (" (paper's RS)" if c == "consistency" else "")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--limit", type=int, default=None, help="first N cases of the report split (default: all)")
+    parser.add_argument("--methods", default="memit,pmet", help="comma-separated editors for Tables 1-2 and Fig. 3")
+    parser.add_argument("--out", default="figures", help="output directory")
+    parser.add_argument("--gen-every", type=int, default=10, help="generation metrics on every k-th case")
+    parser.add_argument("--scaling-points", type=int, default=5, help="number of edit counts on the log scale")
+    parser.add_argument("--zsre-limit", type=int, default=None, help="zsRE records (default: same as --limit)")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: table1,ablations,scaling,zsre")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in ("pmet", "memit"):
+            parser.error(f"unknown method {m!r} (pmet, memit)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model = load_model()
+    name = str(model.cfg.model_name)
+    store = CovarianceStore(progress=True)
+    facts = split_facts("report", limit=args.limit)
+    logger.info("report split: %d cases; generation on every %d-th", len(facts), args.gen_every)
+    label = {"pmet": "PMET", "memit": "MEMIT"}
+    summaries: dict[str, dict] = {}
+    per_records: dict[str, pd.DataFrame] = {}
+    norms: list[dict] = []
+    meta: dict[str, Any] = {"n_cases": len(facts), "gen_every": args.gen_every, "model": name,
+                            "hparams": {m: preset(name, m).to_dict() for m in ("pmet", "memit")}}
+
+    if "table1" not in skip or "ablations" not in skip:
+        per_records["SmolLM2 (unedited)"], summaries["SmolLM2 (unedited)"] = evaluate_counterfact(model, facts, gen_every=args.gen_every)
+    if "table1" not in skip:
+        for m in methods:
+            pr, s, nm = run_edit(model, facts, preset(name, m), label[m], store, args)
+            per_records[label[m]], summaries[label[m]] = pr, s
+            norms += nm
+    if "ablations" not in skip:
+        base = preset(name, "pmet")
+        if "PMET" not in summaries:
+            pr, s, nm = run_edit(model, facts, base, "PMET", store, args)
+            per_records["PMET"], summaries["PMET"] = pr, s
+            norms += nm
+        for abl, change in ABLATIONS.items():
+            pr, s, nm = run_edit(model, facts, base.with_(**change), abl, store, args)
+            per_records[abl], summaries[abl] = pr, s
+            norms += nm
+
+    cons_key = "consistency_proxy"
+    if summaries:
+        table = format_table(summaries)
+        table.to_csv(out / "edit_benchmark_table1_3.csv")
+        pd.concat({k: v.assign(editor=k) for k, v in per_records.items()}).to_csv(out / "edit_benchmark_per_record.csv", index=False)
+        (out / "edit_benchmark_summaries.json").write_text(json.dumps({"meta": meta, "summaries": summaries}, indent=1, default=float))
+    if norms:
+        pd.DataFrame(norms).to_csv(out / "edit_benchmark_fig4_delta_norms.csv", index=False)
+
+    scaling_rows = []
+    if "scaling" not in skip and len(facts) > 1:
+        n_max = len(facts)
+        counts = sorted({max(1, round(math.exp(math.log(n_max) * i / (args.scaling_points - 1)))) for i in range(args.scaling_points)})
+        for n in counts:
+            for m in methods:
+                _, s, _ = run_edit(model, facts[:n], preset(name, m), label[m], store, args, generation=False)
+                scaling_rows.append({"n_edits": n, "editor": label[m], **{k: s[k] for k in METRICS},
+                                     **{f"{k}_ci95": s.get(f"{k}_ci95") for k in METRICS[1:]}})
+        pd.DataFrame(scaling_rows).to_csv(out / "edit_benchmark_fig3_scaling.csv", index=False)
+
+    zsre_summaries: dict[str, dict] = {}
+    if "zsre" not in skip:
+        records = load_zsre(limit=args.zsre_limit if args.zsre_limit is not None else args.limit)
+        _, zsre_summaries["SmolLM2 (unedited)"] = evaluate_zsre(model, records)
+        for m in methods:
+            result = edit(model, records, hparams=preset(name, m), cov_store=store, apply=True, progress=True)
+            try:
+                _, zsre_summaries[label[m]] = evaluate_zsre(model, records)
+            finally:
+                result.restore()
+        format_table(zsre_summaries).to_csv(out / "edit_benchmark_table2_zsre.csv")
+
+    write_report(out, summaries, norms, scaling_rows, zsre_summaries, meta, cons_key)
+    return 0
+
+
+def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta, cons_key) -> None:
+    """Markdown tables beside the papers' numbers, interactive HTML and PNG figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import plotly.express as px
+
+    md = [f"# Edit benchmark on {meta['model']} ({meta['n_cases']} report-split cases, one mass edit each)\n",
+          f"Generation metrics on every {meta['gen_every']}-th case; `{cons_key}` is the offline proxy "
+          "(attribute prompts + WikiText-2 paragraphs, TF-IDF fitted on WikiText-2), not the papers' Consistency.\n"]
+    html_parts = []
+    cols = ["score", "efficacy", "paraphrase", "neighborhood", "fluency", "consistency"]
+    main_rows = {k: v for k, v in summaries.items() if k in ("SmolLM2 (unedited)", "MEMIT", "PMET")}
+    if main_rows:
+        t1 = paper_side_by_side(main_rows, PAPER_TABLE1_GPTJ, cols, cons_key)
+        t1.to_csv(out / "edit_benchmark_table1_vs_paper.csv", index=False)
+        md += ["## Table 1 (CounterFact, x100, 95% CI)\n", to_markdown(t1), ""]
+    abl_rows = {k: v for k, v in summaries.items() if k.startswith("PMET")}
+    if len(abl_rows) > 1:
+        t3 = paper_side_by_side(abl_rows, PAPER_TABLE3_10K, cols, cons_key)
+        t3.to_csv(out / "edit_benchmark_table3_vs_paper.csv", index=False)
+        md += ["## Table 3 (PMET ablations; paper: 10K edits on GPT-J)\n", to_markdown(t3), ""]
+    if zsre_summaries:
+        rows = []
+        for editor, s in zsre_summaries.items():
+            rows.append({"source": "SmolLM2-135M (this run)", "editor": editor,
+                         **{c: f"{100 * s[c]:.1f} ({100 * s[c + '_ci95']:.1f})" for c in ("efficacy", "paraphrase", "specificity")}})
+        for editor, s in PAPER_TABLE2_GPTJ.items():
+            rows.append({"source": "GPT-J 6B (paper)", "editor": editor, **{c: f"{v:.1f}" for c, v in s.items()}})
+        t2 = pd.DataFrame(rows)
+        t2.to_csv(out / "edit_benchmark_table2_vs_paper.csv", index=False)
+        md += ["## Table 2 (zsRE, top-1 token accuracy x100)\n", to_markdown(t2), ""]
+
+    if scaling_rows:
+        df = pd.DataFrame(scaling_rows)
+        long = df.melt(id_vars=["n_edits", "editor"], value_vars=METRICS, var_name="metric", value_name="value")
+        fig = px.line(long, x="n_edits", y="value", color="editor", facet_col="metric", markers=True, log_x=True,
+                      title="Fig. 3: metrics vs number of simultaneous edits")
+        html_parts.append(fig.to_html(full_html=False, include_plotlyjs="inline"))
+        fig_m, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2), sharex=True)
+        for ax, metric in zip(axes, METRICS):
+            for editor, g in df.groupby("editor"):
+                ax.plot(g["n_edits"], g[metric], marker="o", label=editor)
+                if f"{metric}_ci95" in g and g[f"{metric}_ci95"].notna().all():
+                    ax.fill_between(g["n_edits"], g[metric] - g[f"{metric}_ci95"], g[metric] + g[f"{metric}_ci95"], alpha=0.2)
+            ax.set_xscale("log")
+            ax.set_title(metric)
+            ax.set_xlabel("number of edits")
+        axes[0].legend()
+        fig_m.tight_layout()
+        fig_m.savefig(out / "edit_benchmark_fig3_scaling.png", dpi=120)
+        plt.close(fig_m)
+    if norms:
+        nd = pd.DataFrame(norms)
+        nd["series"] = nd["editor"] + " (" + nd["weight"] + ")"
+        fig = px.line(nd, x="layer", y="delta_norm", color="series", markers=True, title="Fig. 4: per-layer ‖ΔW‖")
+        html_parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if not html_parts else False))
+        fig_m, ax = plt.subplots(figsize=(6, 3.5))
+        for series, g in nd.groupby("series"):
+            ax.plot(g["layer"], g["delta_norm"], marker="o", label=series)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("‖ΔW‖ (Frobenius)")
+        ax.legend(fontsize=7)
+        fig_m.tight_layout()
+        fig_m.savefig(out / "edit_benchmark_fig4_delta_norms.png", dpi=120)
+        plt.close(fig_m)
+    (out / "edit_benchmark.md").write_text("\n".join(md) + "\n")
+    page = ["<html><head><meta charset='utf-8'><title>Edit benchmark</title></head><body>"]
+    for table_name in ("table1_vs_paper", "table3_vs_paper", "table2_vs_paper"):
+        path = out / f"edit_benchmark_{table_name}.csv"
+        if path.is_file():
+            page += [f"<h2>{table_name}</h2>", pd.read_csv(path).to_html(index=False)]
+    page += html_parts + ["</body></html>"]
+    (out / "edit_benchmark.html").write_text("\n".join(page), encoding="utf-8")
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub markdown table (no tabulate dependency)."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+if __name__ == "__main__":
+    raise SystemExit(main())
