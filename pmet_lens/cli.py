@@ -82,17 +82,24 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         print(f"target {result.target!r}: clean P = {result.high_score:.4f}, corrupted P = {result.low_score:.4f}")
         _write_table(df, args.out)
         return 0
-    try:
-        average_traces = tracing.average_traces
-    except AttributeError:
-        raise CLIError("the averaged run needs pmet_lens.tracing.average_traces, which this install lacks") from None
     from pmet_lens.data import load_known_facts
+    from pmet_lens.tracing_summary import TOKEN_CLASSES, average_traces
 
     facts = load_known_facts(limit=args.average)
-    avg = average_traces(model, facts, kind=args.kind, samples=args.samples, window=args.window)
-    table = getattr(avg, "to_frame", None)
-    df = table() if callable(table) else pd.DataFrame(getattr(avg, "scores"))
-    _write_table(df, args.out)
+    avg = average_traces(model, facts, kinds=(args.kind,), severed=not args.no_sever, samples=args.samples,
+                         window=args.window, seed=args.seed, progress=True)
+    rows = []
+    for kind in avg.kinds:
+        for c, cls in enumerate(TOKEN_CLASSES):
+            for layer in range(avg.mean[kind].shape[1]):
+                rows.append({"curve": kind, "token_class": cls, "layer": layer,
+                             "effect": float(avg.mean[kind][c, layer]), "ci95": float(avg.ci[kind][c, layer])})
+    for name, values in avg.severed_mean.items():
+        for layer, v in enumerate(values.tolist()):
+            rows.append({"curve": f"last subject token, severed={name}", "token_class": "last subject token",
+                         "layer": layer, "effect": v, "ci95": float(avg.severed_ci[name][layer])})
+    print(f"averaged over {avg.n_facts} known facts (of {avg.n_seen} examined)")
+    _write_table(pd.DataFrame(rows), args.out)
     return 0
 
 
@@ -231,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["hidden", "mlp", "attn"], default="hidden")
     p.add_argument("--samples", type=int, default=10, help="noise samples (default 10)")
     p.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn (default 10)")
+    p.add_argument("--no-sever", action="store_true", help="averaged run: skip the severed MLP/attention curves")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="CSV path (default: print)")
     p.set_defaults(func=_cmd_trace)

@@ -102,3 +102,6 @@ def test_similarity_and_trace(workdir):
               "--out", "trace.csv", cwd=workdir)
     assert out.returncode == 0, out.stderr
     assert "clean P" in out.stdout and (workdir / "trace.csv").is_file()
+    out = run("trace", "--average", "2", "--samples", "2", "--no-sever", "--out", "avg.csv", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    assert "averaged over" in out.stdout and "token_class" in (workdir / "avg.csv").read_text()
