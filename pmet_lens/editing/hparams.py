@@ -121,7 +121,7 @@ class EditHyperParams:
         """JSON-ready dict (with the method name), inverse of :func:`hparams_from_dict`."""
         out = asdict(self)
         out["method"] = self.method
-        return out
+        return json.loads(json.dumps(out))
 
     def with_(self, **changes: Any) -> "EditHyperParams":
         """A copy with some fields changed (validated again)."""

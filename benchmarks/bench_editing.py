@@ -1,0 +1,192 @@
+"""Edit the same N CounterFact facts three ways and compare speed, memory and success.
+
+(a) baseline, written here with plain hooks the way the official PMET/MEMIT code computes the
+    targets: one fact at a time, every optimisation step a full forward of all layers and all
+    positions with the unembedding at every position (torch Adam, same loss and stops);
+(b) the package, one fact per ``edit`` call;
+(c) the package, all N facts in one ``edit`` call.
+The weight update (keys + solve) of (a) reuses the package's, so the comparison isolates the
+target optimisation, which dominates. Covariance is built (and timed) once, then cached.
+
+    python benchmarks/bench_editing.py --n 32 --method pmet
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+import tracemalloc
+
+import torch
+
+from pmet_lens import load_model
+from pmet_lens.editing import CovarianceStore, context_prefixes, edit, preset
+from pmet_lens.editing.context import context_templates
+from pmet_lens.editing.targets import Targets, settings_for, site_hook
+from pmet_lens.arch import architecture
+from pmet_lens.splits import split_facts
+from pmet_lens.tokens import encode, pad, subject_last_position, target_ids
+
+
+def baseline_targets(model, fact, hp, prefixes) -> Targets:
+    """Official-style compute_z / compute_zs for ONE fact (full forward, full unembedding)."""
+    arch = architecture(model)
+    settings = settings_for(hp)
+    L = max(hp.layers)
+    tgt = target_ids(model, fact.target_new)
+    seqs, looks, tpos = [], [], []
+    for tmpl in context_templates(prefixes):
+        tt = tmpl.replace("{}", fact.prompt)
+        ids = encode(model, tt.format(fact.subject))
+        looks.append(subject_last_position(model, tt, fact.subject))
+        tpos.append([len(ids) - 1 + k for k in range(len(tgt))])
+        seqs.append(ids + tgt[:-1])
+    looks.append(subject_last_position(model, "{} is a", fact.subject))
+    seqs.append(encode(model, f"{fact.subject} is a"))
+    batch = pad(model, seqs)
+    rows = torch.arange(len(seqs))
+    hooks = {s: site_hook(arch, s, L) for s in settings.delta_sites}
+    init = {}
+
+    def cap(act, hook):
+        init[hook.name] = act[0, looks[0]].detach().clone()
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(h, cap) for h in hooks.values()]):
+        logits = model(batch.tokens)
+        kl_init = logits[-1, looks[-1]].log_softmax(-1)
+    deltas = {s: torch.zeros_like(init[h], requires_grad=True) for s, h in hooks.items()}
+    opt = torch.optim.Adam(list(deltas.values()), lr=hp.lr)
+    phi = hp.nll_factor
+    look_t = torch.tensor(looks)
+    steps = 0
+    for it in range(hp.steps):
+        steps = it + 1
+        opt.zero_grad()
+
+        def add(act, hook, _site={h: s for s, h in hooks.items()}):
+            return act.index_put((rows, look_t), deltas[_site[hook.name]].expand(len(rows), -1), accumulate=True)
+
+        with model.hooks(fwd_hooks=[(h, add) for h in hooks.values()]):
+            logits = model(batch.tokens)  # all layers, all positions, unembedding everywhere
+        lp = logits.log_softmax(-1)
+        nll, top = 0.0, True
+        for j, pos in enumerate(tpos):
+            tok_lp = lp[j, pos, tgt]
+            nll = nll + (-tok_lp.sum() / len(tgt))
+            top = top and bool((lp[j, pos].argmax(-1) == torch.tensor(tgt)).all())
+        nll = nll / len(tpos)
+        kl_lp = lp[-1, looks[-1]]
+        kl = (kl_init.exp() * (kl_init - kl_lp)).sum()
+        wd = sum(hp.weight_decay * deltas[s].norm() / init[h].norm() ** 2 for s, h in hooks.items())
+        loss = phi * nll + hp.kl_factor * kl + wd
+        if loss.item() < hp.loss_stop:
+            break
+        if settings.kl_stop is not None and top:
+            phi = 0.1 * hp.nll_factor
+            if kl.item() <= settings.kl_stop:
+                break
+        if it == hp.steps - 1:
+            break
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for s, h in hooks.items():
+                mx = hp.clamp_norm_factor * init[h].norm()
+                if deltas[s].norm() > mx:
+                    deltas[s].mul_(mx / deltas[s].norm())
+    return Targets(init={s: init[h][None] for s, h in hooks.items()},
+                   delta={s: d.detach()[None] for s, d in deltas.items()},
+                   steps=torch.tensor([steps]), loss=torch.tensor([loss.item()]))
+
+
+def success(model, facts) -> list[bool]:
+    out = []
+    with torch.no_grad():
+        for f in facts:
+            ids = encode(model, f.text)
+            scores = []
+            for t in (f.target_new, f.target_true):
+                tg = target_ids(model, t)
+                lp = model(torch.tensor([ids + tg[:-1]]))[0].log_softmax(-1)
+                scores.append(sum(lp[len(ids) - 1 + k, tok].item() for k, tok in enumerate(tg)) / len(tg))
+            out.append(scores[0] > scores[1])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--method", default="pmet")
+    ap.add_argument("--skip-baseline", action="store_true")
+    args = ap.parse_args()
+    torch.set_grad_enabled(True)
+    tracemalloc.start()
+    model = load_model()
+    facts = split_facts("tune", limit=args.n)
+    hp = preset("SmolLM2-135M-Instruct", args.method)
+    store = CovarianceStore(progress=False)
+    t0 = time.perf_counter()
+    from pmet_lens.editing.update import key_hook
+
+    store.get(model, [key_hook(model, s, l) for l in hp.layers for s in settings_for(hp).kept_sites],
+              hp.cov_tokens, hp.cov_dtype, hp.cov_seq_len)
+    cov_time = time.perf_counter() - t0
+    prefixes = context_prefixes(model, hp)
+    hp = hp.with_(context_prefixes=prefixes)
+    print(f"model SmolLM2-135M-Instruct, method {args.method}, N={args.n}, layers {hp.layers}, "
+          f"cov_tokens {hp.cov_tokens}, threads {torch.get_num_threads()}")
+    print(f"covariance (build or cache read): {cov_time:.1f}s (build time this run: {store.last_build_seconds:.1f}s)")
+    results = {}
+
+    if not args.skip_baseline:
+        from pmet_lens.editing.update import compute_and_apply_updates
+        from pmet_lens.editing import EditResult
+
+        t0 = time.perf_counter()
+        targets = []
+        for f in facts:
+            targets.append(baseline_targets(model, f, hp, prefixes))
+        t_opt = time.perf_counter() - t0
+        settings = settings_for(hp)
+        tv = {s: torch.cat([t.value(s) for t in targets]) for s in settings.kept_sites}
+        covs = store.get(model, [key_hook(model, s, l) for l in hp.layers for s in settings.kept_sites],
+                         hp.cov_tokens, hp.cov_dtype, hp.cov_seq_len)
+        orig = {}
+        compute_and_apply_updates(model, facts, tv, hp.layers, hp.lam, settings, prefixes, covs,
+                                  lambda n, d: orig.setdefault(n, model.get_parameter(n).detach().clone()))
+        t_a = time.perf_counter() - t0
+        results["a"] = (t_a, success(model, facts))
+        with torch.no_grad():
+            for n, o in orig.items():
+                model.get_parameter(n).copy_(o)
+        print(f"(a) baseline one-at-a-time full forward: {t_a / len(facts):.2f} s/fact "
+              f"(targets {t_opt / len(facts):.2f} s/fact), success {sum(results['a'][1])}/{len(facts)}")
+
+    t0 = time.perf_counter()
+    ok_b = []
+    for f in facts:
+        with edit(model, [f], hparams=hp, cov_store=store, progress=False):
+            ok_b += success(model, [f])
+    t_b = time.perf_counter() - t0
+    print(f"(b) package one fact per call: {t_b / len(facts):.2f} s/fact, success {sum(ok_b)}/{len(facts)} "
+          "(each fact edited alone)")
+
+    t0 = time.perf_counter()
+    with edit(model, facts, hparams=hp, cov_store=store, progress=False) as r:
+        t_c = time.perf_counter() - t0
+        ok_c = success(model, facts)
+    print(f"(c) package all {len(facts)} in one call: {t_c / len(facts):.2f} s/fact, success {sum(ok_c)}/{len(facts)}, "
+          f"mean steps {sum(r.stats['steps']) / len(facts):.1f}")
+    if "a" in results:
+        t_a = results["a"][0]
+        print(f"ratios per fact: (a)/(b) {t_a / t_b:.2f}x, (a)/(c) {t_a / t_c:.2f}x")
+        agree = sum(x == y for x, y in zip(results["a"][1], ok_c))
+        print(f"success agreement (a) vs (c): {agree}/{len(facts)}")
+    _, peak_py = tracemalloc.get_traced_memory()
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:.2f} GB; "
+          f"tracemalloc peak (python objects) {peak_py / 1024 ** 2:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()

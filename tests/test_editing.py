@@ -1,0 +1,209 @@
+"""PMET / MEMIT editors on tiny random models (every block layout and norm)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from pmet_lens.data import DataError
+from pmet_lens.editing import (CovarianceStore, EditError, EditResult, MEMITHyperParams, PMETHyperParams, edit)
+from pmet_lens.editing.covariance import CovarianceStore as _Store
+from pmet_lens.editing.update import solve_update, spread
+
+FACT = {"subject": "Danielle Darrieux", "prompt": "The mother tongue of {} is", "target_new": "English",
+        "target_true": "French"}
+FACT2 = {"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome", "target_true": "Paris"}
+
+
+def _hp(cls=PMETHyperParams, **kw):
+    base = dict(layers=(1, 2), cov_tokens=1500, cov_seq_len=64, steps=8, prefix_len=3, lam=0.5,
+                context_prefixes=("Once upon a time", "I think"))
+    base.update(kw)
+    return cls(**base)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return CovarianceStore(tmp_path_factory.mktemp("cov"), progress=False)
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _no_hooks(model):
+    return all(not hp.fwd_hooks and not hp.bwd_hooks for hp in model.hook_dict.values())
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("cls", [PMETHyperParams, MEMITHyperParams])
+def test_edit_restore_untouched_and_no_hooks(tiny_model, store, cls):
+    before = _snapshot(tiny_model)
+    hp = _hp(cls)
+    result = edit(tiny_model, [FACT, FACT2], hparams=hp, cov_store=store, progress=False)
+    assert _no_hooks(tiny_model)
+    assert set(result.deltas) == {"blocks.1.mlp.W_out", "blocks.2.mlp.W_out"}
+    after = tiny_model.state_dict()
+    for k in before:
+        if k in result.deltas:
+            assert not torch.equal(before[k], after[k])
+        else:
+            assert torch.equal(before[k], after[k]), k
+    result.restore()
+    assert _same(before, _snapshot(tiny_model))
+    # context manager: applied inside, restored on exit
+    with result:
+        assert not torch.equal(before["blocks.2.mlp.W_out"], tiny_model.blocks[2].mlp.W_out)
+    assert _same(before, _snapshot(tiny_model))
+
+
+def test_key_maps_to_target_at_L(tiny_model, store):
+    """After the update the last layer's FFN output for the bare prompt is close to v (tiny λ)."""
+    hp = _hp(layers=(2,), lam=1e-4)
+    result = edit(tiny_model, [FACT], hparams=hp, cov_store=store, progress=False)
+    from pmet_lens.tokens import encode, subject_last_position
+
+    text = FACT["prompt"].format(FACT["subject"])
+    pos = subject_last_position(tiny_model, FACT["prompt"], FACT["subject"])
+    _, cache = tiny_model.run_with_cache(torch.tensor([encode(tiny_model, text)]), names_filter="blocks.2.hook_mlp_out")
+    got = cache["blocks.2.hook_mlp_out"][0, pos]
+    target = result.targets["mlp_out"][0]
+    init = got - (got - target)  # noqa: just for readability
+    # keys are averaged over prefixes; with one layer the bare prompt's key is close to the mean
+    err = (got - target).norm() / target.norm()
+    assert err < 0.35, err
+    result.restore()
+
+
+def test_key_maps_exactly_without_prefixes(tiny_model, store):
+    hp = _hp(layers=(2,), lam=1e-6, context_prefixes=())
+    result = edit(tiny_model, [FACT, FACT2], hparams=hp, cov_store=store, progress=False)
+    from pmet_lens.tokens import encode, subject_last_position
+
+    for i, f in enumerate([FACT, FACT2]):
+        pos = subject_last_position(tiny_model, f["prompt"], f["subject"])
+        _, cache = tiny_model.run_with_cache(torch.tensor([encode(tiny_model, f["prompt"].format(f["subject"]))]),
+                                             names_filter="blocks.2.hook_mlp_out")
+        got = cache["blocks.2.hook_mlp_out"][0, pos]
+        torch.testing.assert_close(got, result.targets["mlp_out"][i], atol=1e-3, rtol=1e-3)
+    result.restore()
+
+
+def test_zero_residual_gives_zero_delta():
+    keys = torch.randn(3, 8)
+    cov = torch.eye(8)
+    delta = solve_update(keys, torch.zeros(3, 5), cov, 10.0)
+    assert torch.count_nonzero(delta) == 0
+    assert spread(5, 3, "sqrt") == pytest.approx(1 / 3 ** 0.5) and spread(5, 3, "even") == pytest.approx(1 / 3)
+
+
+def test_as_hooks_equals_weight_edit(tiny_model, store):
+    hp = _hp(update_attn=True)
+    tokens = torch.tensor([[504, 3164, 11209, 282, 314, 1120, 2344, 2362, 94, 35303, 314]])
+    result = edit(tiny_model, [FACT, FACT2], hparams=hp, cov_store=store, progress=False)
+    assert any(k.endswith("W_O") for k in result.deltas)
+    with torch.no_grad():
+        edited = tiny_model(tokens)
+    result.restore()
+    before = _snapshot(tiny_model)
+    with torch.no_grad(), tiny_model.hooks(fwd_hooks=result.as_hooks()):
+        hooked = tiny_model(tokens)
+    assert _no_hooks(tiny_model) and _same(before, _snapshot(tiny_model))
+    torch.testing.assert_close(hooked, edited, atol=1e-4, rtol=1e-4)
+
+
+def test_apply_false_and_save_load(tiny_model, store, tmp_path):
+    before = _snapshot(tiny_model)
+    result = edit(tiny_model, [FACT], hparams=_hp(), cov_store=store, progress=False, apply=False)
+    assert _same(before, _snapshot(tiny_model)) and not result.applied
+    path = result.save(tmp_path / "edit.safetensors")
+    loaded = EditResult.load(path, tiny_model)
+    for k in result.deltas:
+        assert torch.equal(loaded.deltas[k], result.deltas[k])
+    assert loaded.facts[0].subject == FACT["subject"] and loaded.hparams == result.hparams
+    with loaded:
+        with pytest.raises(ValueError, match="different model"):
+            EditResult.load(path, tiny_model)  # an applied edit changes the identity
+    assert _same(before, _snapshot(tiny_model))
+    other = tiny_model.__class__(tiny_model.cfg, tokenizer=tiny_model.tokenizer)
+    with pytest.raises(ValueError, match="different model"):
+        EditResult.load(path, other)
+
+
+BAD = [
+    ({**FACT, "prompt": "The mother tongue of X is"}, DataError),          # no {} -> subject not in prompt
+    ({**FACT, "target_new": "   "}, DataError),
+    ({**FACT, "target_new": ""}, DataError),
+    ({**FACT, "target_new": "French"}, DataError),                         # equals the true target
+]
+
+
+@pytest.mark.parametrize("bad,exc", BAD)
+def test_bad_input_raises_before_weights_change(tiny_model, store, bad, exc):
+    before = _snapshot(tiny_model)
+    with pytest.raises(exc):
+        edit(tiny_model, [FACT2, bad], hparams=_hp(), cov_store=store, progress=False)
+    assert _same(before, _snapshot(tiny_model)) and _no_hooks(tiny_model)
+
+
+def test_conflicts_layers_and_nan(tiny_model, store, monkeypatch):
+    before = _snapshot(tiny_model)
+    with pytest.raises(DataError, match="conflicting"):
+        edit(tiny_model, [FACT, {**FACT, "target_new": "German"}], hparams=_hp(), cov_store=store, progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        edit(tiny_model, [FACT], hparams=_hp(layers=(2, 9)), cov_store=store, progress=False)
+    with pytest.raises(DataError, match="empty"):
+        edit(tiny_model, [], hparams=_hp(), cov_store=store, progress=False)
+    # NaN in the solve (after the first layer was written): everything is rolled back
+    import pmet_lens.editing.update as upd
+
+    calls = {"n": 0}
+    real = upd.solve_update
+
+    def flaky(keys, resid, cov, lam):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            return real(keys, resid * float("nan"), cov, lam)
+        return real(keys, resid, cov, lam)
+
+    monkeypatch.setattr(upd, "solve_update", flaky)
+    with pytest.raises(EditError):
+        edit(tiny_model, [FACT], hparams=_hp(), cov_store=store, progress=False)
+    monkeypatch.undo()
+    # NaN during the optimisation
+    with pytest.raises(EditError, match="NaN"):
+        edit(tiny_model, [FACT], hparams=_hp(lr=float("inf")) if False else _hp(weight_decay=0.5, lr=1e30),
+             cov_store=store, progress=False)
+    assert _same(before, _snapshot(tiny_model)) and _no_hooks(tiny_model)
+
+
+def test_hparams_validation():
+    with pytest.raises(ValueError):
+        PMETHyperParams(layers=(3, 2))
+    with pytest.raises(ValueError):
+        PMETHyperParams(lam=-1)
+    with pytest.raises(ValueError):
+        PMETHyperParams(use_attn_delta=False, update_attn=True)
+    with pytest.raises(ValueError):
+        MEMITHyperParams(spread="cubic")
+    assert PMETHyperParams(layers=[1, 2]).layers == (1, 2)
+
+
+def test_covariance_cache_corrupt_rebuilt(tiny_model, tmp_path, caplog):
+    store = _Store(tmp_path, progress=False)
+    hook = "blocks.1.mlp.hook_post"
+    c1 = store.get(tiny_model, [hook], 500, "float32", 64)[hook]
+    path = store.path_for(tiny_model, hook, 500, "float32", 64)
+    assert path.is_file() and torch.allclose(c1, c1.T)
+    path.write_bytes(path.read_bytes()[:50])  # truncate
+    fresh = _Store(tmp_path, progress=False)
+    with caplog.at_level("WARNING"):
+        c2 = fresh.get(tiny_model, [hook], 500, "float32", 64)[hook]
+    assert "corrupt" in caplog.text
+    torch.testing.assert_close(c1, c2)
+    assert _Store(tmp_path, progress=False)._read(path.stem) is not None  # rebuilt file is valid
