@@ -1,0 +1,280 @@
+"""Averaged causal traces by ROME token class, severed-path curves (MEMIT Fig. 3) and the rule
+that turns them into the critical layer range R.
+
+ROME (Meng et al. 2022, Fig. 2 / `read_knowledge`) averages the indirect effect of each restored
+state over facts the model knows, grouping prompt positions into six classes; MEMIT section 3 and
+Appendix A pick R where restoring the last subject token's hidden state loses most of its effect
+once that token's later MLPs are severed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from pmet_lens.data import KnownFact
+from pmet_lens.tokens import encode, subject_range, target_ids
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TOKEN_CLASSES", "AverageTrace", "average_traces", "critical_layers", "token_class_rows", "knows_fact"]
+
+TOKEN_CLASSES: tuple[str, ...] = (
+    "first subject token",
+    "middle subject tokens",
+    "last subject token",
+    "first subsequent token",
+    "further tokens",
+    "last token",
+)
+"""ROME's token classes, in plotting order."""
+
+SEVERED: tuple[str, ...] = ("none", "mlp", "attn")
+
+
+def token_class_rows(subject: tuple[int, int], n_tokens: int) -> dict[str, list[int]]:
+    """Prompt positions of each ROME token class (a class may be empty and is then skipped).
+
+    first/last subject token: ``start`` / ``end - 1``; middle: strictly between them; first
+    subsequent token: ``end`` (if the prompt continues); further tokens: ``end + 1 .. n - 2``;
+    last token: ``n - 1`` (it can coincide with another class, as in ROME).
+    """
+    start, end = subject
+    last = n_tokens - 1
+    return {
+        "first subject token": [start],
+        "middle subject tokens": list(range(start + 1, end - 1)),
+        "last subject token": [end - 1],
+        "first subsequent token": [end] if end <= last else [],
+        "further tokens": list(range(end + 1, last)),
+        "last token": [last],
+    }
+
+
+@dataclass(frozen=True)
+class AverageTrace:
+    """Causal traces averaged over facts the model knows.
+
+    Attributes:
+        kinds: trace kinds computed ("hidden", "mlp", "attn").
+        mean: kind -> ``[6, n_layers]`` mean indirect effect (score - low score) per token class.
+        ci: kind -> ``[6, n_layers]`` half-width of the 95% normal confidence interval.
+        count: kind -> ``[6]`` number of facts contributing to each class.
+        severed_mean: "none" / "mlp" / "attn" -> ``[n_layers]`` mean indirect effect of restoring
+            the hidden state of the last subject token at each layer, plain or with that token's
+            later MLP / attention outputs severed (MEMIT Fig. 3).
+        severed_ci: same keys, 95% half-widths.
+        n_facts: facts used (known by the model); n_seen: facts examined.
+        fact_ids: ``known_id`` of the facts used.
+        low_score, high_score: mean corrupted / clean probability of the facts used.
+        samples, noise, window: tracing settings.
+    """
+
+    kinds: tuple[str, ...]
+    mean: dict[str, torch.Tensor]
+    ci: dict[str, torch.Tensor]
+    count: dict[str, torch.Tensor]
+    severed_mean: dict[str, torch.Tensor]
+    severed_ci: dict[str, torch.Tensor]
+    n_facts: int
+    n_seen: int
+    fact_ids: list[int] = field(default_factory=list)
+    low_score: float = float("nan")
+    high_score: float = float("nan")
+    samples: int = 10
+    noise: float = 3.0
+    window: int = 10
+
+    @property
+    def n_layers(self) -> int:
+        """Number of layers."""
+        return int(next(iter(self.severed_mean.values())).shape[0])
+
+    def class_frame(self) -> pd.DataFrame:
+        """Long table: kind, token_class, layer, mean, ci, count."""
+        rows = []
+        for kind in self.kinds:
+            for c, name in enumerate(TOKEN_CLASSES):
+                for layer in range(self.mean[kind].shape[1]):
+                    rows.append({"kind": kind, "token_class": name, "layer": layer,
+                                 "mean": float(self.mean[kind][c, layer]), "ci": float(self.ci[kind][c, layer]),
+                                 "count": int(self.count[kind][c])})
+        return pd.DataFrame(rows)
+
+    def severed_frame(self) -> pd.DataFrame:
+        """Long table: severed ("none"/"mlp"/"attn"), layer, mean, ci."""
+        return pd.DataFrame([
+            {"severed": k, "layer": l, "mean": float(v[l]), "ci": float(self.severed_ci[k][l])}
+            for k, v in self.severed_mean.items() for l in range(v.shape[0])
+        ])
+
+
+def knows_fact(model: HookedTransformer, fact: KnownFact) -> tuple[bool, int]:
+    """Whether the model gets ``fact`` right, and its greedy next token.
+
+    Rule: the model's greedy next token after ``fact.prompt`` equals the first token of
+    ``" " + fact.attribute`` (ROME's known facts are those whose prediction starts the attribute;
+    with a different tokenizer we compare token ids, so " Paris" for "Paris" counts).
+    """
+    tokens = torch.tensor([encode(model, fact.prompt)], device=model.cfg.device)
+    with torch.inference_mode():
+        greedy = int(model(tokens)[0, -1].argmax())
+    return greedy == target_ids(model, fact.attribute)[0], greedy
+
+
+def _mean_ci(stack: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.stack(stack).double()
+    n = x.shape[0]
+    mean = x.mean(0)
+    ci = 1.96 * x.std(0, unbiased=True) / math.sqrt(n) if n > 1 else torch.full_like(mean, float("nan"))
+    return mean.float(), ci.float()
+
+
+def average_traces(
+    model: HookedTransformer,
+    facts: Sequence[KnownFact],
+    *,
+    kinds: Sequence[str] = ("hidden", "mlp", "attn"),
+    severed: bool = True,
+    samples: int = 10,
+    noise: float = 3.0,
+    window: int = 10,
+    seed: int = 0,
+    limit: int | None = None,
+    progress: bool = True,
+) -> AverageTrace:
+    """Average causal traces over the facts the model knows (ROME Fig. 2; MEMIT Fig. 3 and 8).
+
+    Facts the model gets wrong (see :func:`knows_fact`) are skipped. For each kept fact, traces
+    of every ``kind`` are computed at the positions from the first subject token on (positions
+    before the subject belong to no class), the indirect effect (score - low score) is grouped by
+    :data:`TOKEN_CLASSES` (mean over the positions of a class), and with ``severed`` the last
+    subject token is traced again with its later MLP / attention outputs severed. Fact ``i``
+    (in input order) uses noise seed ``seed + i``.
+
+    Args:
+        model, facts: the hooked model and ROME known facts.
+        kinds: trace kinds for the token-class heat maps ("hidden" is always traced when
+            ``severed`` is set, since the plain curve is its last-subject-token row).
+        severed: also compute the MEMIT Fig. 3 curves.
+        samples, noise, window: see :func:`pmet_lens.tracing.trace`.
+        limit: stop after this many known facts.
+        progress: show a tqdm progress bar.
+    """
+    from pmet_lens.tracing import trace
+
+    need = list(dict.fromkeys(list(kinds) + (["hidden"] if severed else [])))
+    per_kind: dict[str, dict[str, list[torch.Tensor]]] = {k: {c: [] for c in TOKEN_CLASSES} for k in need}
+    sev: dict[str, list[torch.Tensor]] = {k: [] for k in SEVERED}
+    used: list[int] = []
+    lows, highs = [], []
+    seen = 0
+    bar = tqdm(total=limit if limit is not None else len(facts), disable=not progress, desc="causal traces")
+    for i, fact in enumerate(facts):
+        if limit is not None and len(used) >= limit:
+            break
+        seen += 1
+        ok, _ = knows_fact(model, fact)
+        if not ok:
+            if limit is None:
+                bar.update(1)
+            continue
+        subj = subject_range(model, fact.prompt, fact.subject)
+        n_tok = len(encode(model, fact.prompt))
+        classes = token_class_rows(subj, n_tok)
+        positions = list(range(subj[0], n_tok))
+        low = high = float("nan")
+        for kind in need:
+            r = trace(model, fact.prompt, fact.subject, kind=kind, window=window, samples=samples,
+                      noise=noise, seed=seed + i, positions=positions)
+            effect = r.effect
+            low, high = r.low_score, r.high_score
+            for c, rows in classes.items():
+                if rows:
+                    per_kind[kind][c].append(effect[rows].mean(0))
+            if kind == "hidden":
+                sev["none"].append(effect[subj[1] - 1])
+        if severed:
+            for what in ("mlp", "attn"):
+                r = trace(model, fact.prompt, fact.subject, kind="hidden", samples=samples, noise=noise,
+                          seed=seed + i, sever=what, positions=[subj[1] - 1])
+                sev[what].append(r.effect[subj[1] - 1])
+        used.append(fact.known_id)
+        lows.append(low)
+        highs.append(high)
+        bar.update(1)
+        bar.set_postfix(known=len(used), seen=seen)
+    bar.close()
+    if not used:
+        raise ValueError(f"the model knows none of the {seen} facts examined: nothing to average")
+    n_layers = model.cfg.n_layers
+    nan = torch.full((n_layers,), float("nan"))
+    mean, ci, count = {}, {}, {}
+    for kind in kinds:
+        ms, cs = [], []
+        for c in TOKEN_CLASSES:
+            m, h = _mean_ci(per_kind[kind][c]) if per_kind[kind][c] else (nan, nan)
+            ms.append(m)
+            cs.append(h)
+        mean[kind], ci[kind] = torch.stack(ms), torch.stack(cs)
+        count[kind] = torch.tensor([len(per_kind[kind][c]) for c in TOKEN_CLASSES])
+    sev_mean, sev_ci = {}, {}
+    for k in (SEVERED if severed else ()):
+        sev_mean[k], sev_ci[k] = _mean_ci(sev[k])
+    logger.info("averaged traces over %d known facts (of %d seen)", len(used), seen)
+    return AverageTrace(
+        kinds=tuple(kinds), mean=mean, ci=ci, count=count, severed_mean=sev_mean, severed_ci=sev_ci,
+        n_facts=len(used), n_seen=seen, fact_ids=used, low_score=sum(lows) / len(lows),
+        high_score=sum(highs) / len(highs), samples=samples, noise=noise, window=window,
+    )
+
+
+def critical_layers(
+    plain: AverageTrace | Float[torch.Tensor, "n_layers"],
+    mlp_severed: Float[torch.Tensor, "n_layers"] | None = None,
+    *,
+    size: int = 5,
+) -> tuple[list[int], int]:
+    """The critical MLP range R and its last layer L = max(R) (MEMIT section 3, Appendix A, Fig. 3).
+
+    Rule: gap(l) = mean indirect effect of restoring the last subject token's hidden state at
+    layer l (plain) minus the same with that token's later MLP outputs severed. R is the run of
+    ``size`` consecutive layers with the largest total gap, sum(gap[s : s + size]) (earliest run on
+    ties); L = max(R). ``size`` defaults to 5, the size of the papers' ranges (GPT-NeoX {6..10};
+    GPT-J {3..8} has 6).
+
+    Args:
+        plain: an :class:`AverageTrace` with severed curves, or the plain curve ``[n_layers]``.
+        mlp_severed: the MLP-severed curve when ``plain`` is a tensor.
+        size: number of layers in R.
+
+    Returns:
+        ``(R, L)`` with R sorted ascending.
+    """
+    if isinstance(plain, AverageTrace):
+        if "mlp" not in plain.severed_mean:
+            raise ValueError("the AverageTrace has no severed curves: run average_traces(..., severed=True)")
+        base, severed = plain.severed_mean["none"], plain.severed_mean["mlp"]
+    else:
+        if mlp_severed is None:
+            raise ValueError("pass the MLP-severed curve with a plain curve tensor")
+        base, severed = plain, mlp_severed
+    base, severed = torch.as_tensor(base).double(), torch.as_tensor(severed).double()
+    if base.shape != severed.shape or base.ndim != 1:
+        raise ValueError(f"curves must be 1-D of equal length, got {tuple(base.shape)} and {tuple(severed.shape)}")
+    n = base.shape[0]
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= n:
+        raise ValueError(f"size must be an int in 1..{n}, got {size!r}")
+    gap = base - severed
+    sums = torch.stack([gap[s : s + size].sum() for s in range(n - size + 1)])
+    start = int(torch.argmax(sums))  # first maximum
+    layers = list(range(start, start + size))
+    return layers, max(layers)
