@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pmet_lens.layers import default_critical_layers
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -200,18 +202,16 @@ def _presets_dir() -> Path:
 
 
 def critical_layers_for(model_name: str) -> tuple[int, ...] | None:
-    """Critical layers R found by causal tracing (``presets/critical_layers.json``), or None."""
-    path = _presets_dir() / "critical_layers.json"
-    if not path.is_file():
-        return None
+    """Critical layers R found by causal tracing (``presets/critical_layers.json``), or None.
+
+    Thin wrapper over :func:`pmet_lens.layers.default_critical_layers`, the one reader of that file.
+    """
     try:
-        entry = json.loads(path.read_text()).get(model_name)
+        layers = default_critical_layers(model_name)
     except (json.JSONDecodeError, AttributeError) as exc:
         logger.warning("presets/critical_layers.json is unreadable (%s); ignoring it", exc)
         return None
-    if not entry or "layers" not in entry:
-        return None
-    return tuple(int(l) for l in entry["layers"])
+    return None if layers is None else tuple(layers)
 
 
 def preset(model_name: str, method: str = "pmet") -> EditHyperParams:
