@@ -85,9 +85,10 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     from pmet_lens.data import load_known_facts
     from pmet_lens.tracing_summary import TOKEN_CLASSES, average_traces
 
-    facts = load_known_facts(limit=args.average)
-    avg = average_traces(model, facts, kinds=(args.kind,), severed=not args.no_sever, samples=args.samples,
-                         window=args.window, seed=args.seed, progress=True)
+    # --average N means N facts the model KNOWS: examine the known-facts file in order until N are found
+    avg = average_traces(model, load_known_facts(), kinds=(args.kind,), severed=not args.no_sever,
+                         samples=args.samples, window=args.window, seed=args.seed, limit=args.average,
+                         progress=True)
     rows = []
     for kind in avg.kinds:
         for c, cls in enumerate(TOKEN_CLASSES):

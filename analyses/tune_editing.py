@@ -1,0 +1,110 @@
+"""Choose the SmolLM2 editing λ on the TUNE part of the CounterFact split (never the report part).
+
+For each method (PMET, MEMIT) with its preset (critical layers R from causal tracing, steps, lr,
+clamp), the targets of all tune facts are optimised ONCE (they do not depend on λ), then for
+every λ of the grid the weight update (MEMIT eq. 14 / PMET eq. 10) is solved, written, the
+probability metrics of ROME/MEMIT (efficacy, paraphrase, neighborhood and their harmonic mean,
+the Score) are computed on the tune facts, and the weights are restored bit-for-bit. The λ with
+the best Score is reported, and with ``--write`` stored in ``pmet_lens/presets/editing.json``.
+All tune facts are edited in one mass edit, as in the benchmark (PMET Table 1).
+
+    python analyses/tune_editing.py --limit 100 --write
+
+Writes ``<out>/tune_editing.csv`` (one row per method and λ) and ``<out>/tune_editing.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from pmet_lens import load_model
+from pmet_lens.editing import CovarianceStore, preset
+from pmet_lens.editing.context import context_prefixes
+from pmet_lens.editing.hparams import _presets_dir
+from pmet_lens.editing.targets import optimise_targets, settings_for
+from pmet_lens.editing.update import compute_and_apply_updates, get_param, key_hook
+from pmet_lens.evaluate import evaluate_counterfact
+from pmet_lens.splits import split_facts
+
+logger = logging.getLogger("tune_editing")
+
+DEFAULT_GRID = (100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0)
+
+
+def sweep(model, facts, hparams, lams, store) -> list[dict]:
+    """Targets once, then one update + evaluation + exact restore per λ."""
+    settings = settings_for(hparams)
+    hooks = [key_hook(model, site, l) for l in hparams.layers for site in settings.kept_sites]
+    covs = store.get(model, hooks, hparams.cov_tokens, hparams.cov_dtype, hparams.cov_seq_len)
+    prefixes = context_prefixes(model, hparams)
+    t0 = time.perf_counter()
+    targets = optimise_targets(model, facts, hparams, prefixes, progress=True)
+    t_targets = time.perf_counter() - t0
+    values = {s: targets.value(s) for s in settings.kept_sites}
+    rows = []
+    for lam in lams:
+        originals: dict[str, torch.Tensor] = {}
+
+        def keep(name, delta):
+            originals.setdefault(name, get_param(model, name).detach().clone())
+
+        try:
+            compute_and_apply_updates(model, facts, values, hparams.layers, lam, settings, prefixes, covs, keep)
+            _, summary = evaluate_counterfact(model, facts, generation=False, progress=False)
+        finally:
+            with torch.no_grad():
+                for name, orig in originals.items():
+                    get_param(model, name).copy_(orig)
+        row = {"method": hparams.method, "lam": lam, "n_facts": len(facts), "layers": list(hparams.layers),
+               "target_seconds": round(t_targets, 1), "mean_target_prob": float(targets.prob.mean())}
+        row.update({k: summary[k] for k in ("score", "efficacy", "paraphrase", "neighborhood")})
+        logger.info("%s λ=%g: score %.3f efficacy %.3f paraphrase %.3f neighborhood %.3f", hparams.method, lam,
+                    row["score"], row["efficacy"], row["paraphrase"], row["neighborhood"])
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=100, help="tune facts to edit (at most 100)")
+    parser.add_argument("--methods", default="pmet,memit")
+    parser.add_argument("--lams", default=",".join(str(x) for x in DEFAULT_GRID), help="comma-separated λ grid")
+    parser.add_argument("--out", type=Path, default=Path("figures"))
+    parser.add_argument("--write", action="store_true", help="store the best λ in presets/editing.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    model = load_model()
+    name = model.cfg.model_name
+    facts = split_facts("tune", limit=args.limit)
+    lams = [float(x) for x in args.lams.split(",")]
+    store = CovarianceStore()
+    rows = []
+    for method in args.methods.split(","):
+        rows += sweep(model, facts, preset(name, method), lams, store)
+    df = pd.DataFrame(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.out / "tune_editing.csv", index=False)
+    best = {m: df[df.method == m].sort_values("score", ascending=False).iloc[0].to_dict() for m in df.method.unique()}
+    (args.out / "tune_editing.json").write_text(json.dumps(best, indent=2, default=str) + "\n")
+    for m, row in best.items():
+        logger.info("best %s: λ=%g (score %.3f on %d tune facts)", m, row["lam"], row["score"], row["n_facts"])
+    if args.write:
+        path = _presets_dir() / "editing.json"
+        table = json.loads(path.read_text())
+        for m, row in best.items():
+            table["SmolLM2-135M-Instruct"][m]["lam"] = float(row["lam"])
+        path.write_text(json.dumps(table, indent=2) + "\n")
+        logger.info("wrote %s", path)
+    print(df.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
