@@ -6,7 +6,8 @@ Writes into --out (default figures/):
   causal_trace_{hidden,mlp,attn}.html/.png   token class x layer heat maps
   causal_trace_severed.html/.png             severed-path line plot, R shaded
   causal_trace_summary.json     settings, facts used, R, L, per-layer gap
-and stores R in pmet_lens/presets/critical_layers.json (for the default model, unless --no-preset).
+and stores R under the model's cfg.model_name in pmet_lens/presets/critical_layers.json (unless --no-preset),
+where pmet_lens.editing.preset reads it.
 
 Usage: python analyses/causal_trace.py [--model NAME] [--limit N] [--samples 10] [--seed 0] [--out figures]
 """
@@ -22,7 +23,6 @@ import torch
 
 from pmet_lens import load_known_facts, load_model
 from pmet_lens.layers import write_critical_layers
-from pmet_lens.models import DEFAULT_MODEL
 from pmet_lens.plots.tracing import average_heatmap, save_average_png, save_severed_png, severed_plot
 from pmet_lens.tracing_summary import average_traces, critical_layers
 
@@ -45,7 +45,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     args.out.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model)
-    name = model.cfg.model_name if args.model is None else args.model
+    name = str(model.cfg.model_name)
     facts = load_known_facts()
     t0 = time.time()
     avg = average_traces(model, facts, limit=args.limit, samples=args.samples, noise=args.noise,
@@ -70,7 +70,7 @@ def main() -> None:
         "attn_severed": avg.severed_mean["attn"].tolist(), "seconds": round(elapsed, 1),
     }
     (args.out / "causal_trace_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if not args.no_preset and name == DEFAULT_MODEL:
+    if not args.no_preset:
         write_critical_layers(name, R, f"analyses/causal_trace.py, {avg.n_facts} facts")
 
     print(f"{avg.n_facts} known facts of {avg.n_seen} examined, {args.samples} samples, {elapsed:.0f} s")

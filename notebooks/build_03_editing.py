@@ -26,6 +26,13 @@ cells = [
         "after = table('after')\nboth = before.merge(after, on=['case', 'kind', 'prompt'])\n"
         "both['new wins'] = both['P(new) after'] > both['P(true) after']\nboth"),
     nbformat.v4.new_code_cell("both.groupby('kind')['new wins'].mean()  # prompt/paraphrase should be high, neighbour low"),
+    nbformat.v4.new_code_cell("import plotly.express as px\n"
+        "long = both.melt(id_vars=['case', 'kind', 'prompt'], value_vars=['P(new) before', 'P(new) after', 'P(true) before', 'P(true) after'],\n"
+        "                 var_name='quantity', value_name='probability')\n"
+        "px.box(long, x='kind', y='probability', color='quantity', points='all', hover_data=['case', 'prompt'],\n"
+        "       title='P(new object) and P(true object) before / after the PMET edit')"),
+    nbformat.v4.new_code_cell("pd.DataFrame({'fact': [f.where for f in result.facts], 'steps': result.stats['steps'],\n"
+        "              'P(o*) at L after optimisation': result.stats['prob']})  # per-fact target optimisation"),
     nbformat.v4.new_markdown_cell("## Preview as hooks\nRestore the weights, then apply the same edit as forward hooks "
         "(ΔW·k added at `hook_mlp_out`): the logits match the weight edit, and no hook survives the `with` block."),
     nbformat.v4.new_code_cell("tokens = torch.tensor([encode(model, facts[0].text)])\nwith torch.no_grad():\n    edited = model(tokens)[0, -1]\n"

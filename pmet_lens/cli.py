@@ -119,9 +119,9 @@ def _read_records(path: Path) -> list[Any]:
 
 
 def _check_preset(name: str | None) -> None:
-    from pmet_lens.editing.hparams import _presets_dir
+    from pmet_lens.editing.hparams import preset_names
 
-    known = [k for k in json.loads((_presets_dir() / "editing.json").read_text()) if not k.startswith("_")]
+    known = preset_names()
     if name is not None and name not in known:
         raise CLIError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
 

@@ -211,3 +211,19 @@ def test_covariance_cache_corrupt_rebuilt(tiny_model, tmp_path, caplog):
     assert "corrupt" in caplog.text
     torch.testing.assert_close(c1, c2)
     assert _Store(tmp_path, progress=False)._read(path.stem) is not None  # rebuilt file is valid
+
+
+def test_preset_lookup_is_by_exact_name():
+    from pmet_lens.editing import preset
+
+    assert preset("EleutherAI/gpt-j-6B", "pmet").layers == (3, 4, 5, 6, 7, 8)   # hub name -> cfg.model_name
+    assert preset("GPT-J-6B", "memit").lam == 15000.0
+    assert preset("gpt-neox-20b", "memit").layers == (6, 7, 8, 9, 10)
+    smol = preset("SmolLM2-135M-Instruct", "pmet")
+    assert isinstance(smol, PMETHyperParams) and smol.layers == (3, 4, 5, 6, 7)
+    # no substring guessing: a name that merely contains "gpt-j" or "neox" has no preset and no R
+    for name in ("my-gpt-j-finetune", "pythia-neox-70m", "gpt2"):
+        with pytest.raises(ValueError, match="no critical layers R are known"):
+            preset(name, "pmet")
+    with pytest.raises(ValueError, match="method must be"):
+        preset("gpt-j-6B", "rome")

@@ -26,12 +26,14 @@ __all__ = [
     "PROVISIONAL_SMOLLM2_LAYERS",
     "critical_layers_for",
     "preset",
+    "preset_names",
 ]
 
 PROVISIONAL_SMOLLM2_LAYERS: tuple[int, ...] = (3, 4, 5, 6, 7)
-"""Provisional critical range R for SmolLM2-135M-Instruct (30 layers), used until causal tracing
-writes ``pmet_lens/presets/critical_layers.json``: GPT-J's R = {3..8} of 28 layers, scaled to a
-5-layer run ending a quarter of the way into the model."""
+"""Default R of the dataclasses: SmolLM2-135M-Instruct's critical range. It was first a provisional
+guess (GPT-J's R = {3..8} of 28 layers scaled to a 5-layer run); causal tracing over 30 known facts
+(``analyses/causal_trace.py``, ``figures/causal_trace_summary.json``) then chose the same {3..7}.
+:func:`preset` always reads R from ``presets/critical_layers.json``."""
 
 
 @dataclass(frozen=True)
@@ -214,37 +216,57 @@ def critical_layers_for(model_name: str) -> tuple[int, ...] | None:
     return None if layers is None else tuple(layers)
 
 
-def preset(model_name: str, method: str = "pmet") -> EditHyperParams:
-    """Hyper-parameters for a known model family.
+def preset_names() -> list[str]:
+    """Model names that have an editing preset in ``presets/editing.json``."""
+    return [k for k in _preset_table() if not k.startswith("_")]
 
-    * SmolLM2-135M-Instruct: layers from ``presets/critical_layers.json`` when causal tracing
-      has written it, else the provisional :data:`PROVISIONAL_SMOLLM2_LAYERS` (with a warning);
-      λ, steps, lr and clamp from ``presets/editing.json`` (chosen on the ``tune`` part of the
-      CounterFact split, see :mod:`pmet_lens.splits`).
-    * GPT-J (``gpt-j``): PMET Appendix D / MEMIT Appendix B: R = {3..8}; PMET λ 6000, 30 steps,
-      lr 0.2, c = 3/4; MEMIT λ 15000, 25 steps, lr 0.5, c = 3/4; 100k Wikitext samples.
-    * GPT-NeoX (``neox``): R = {6..10}; PMET λ 15000, 30 steps, lr 0.5, c = 4/5, 5k samples;
+
+def _preset_table() -> dict[str, Any]:
+    return json.loads((_presets_dir() / "editing.json").read_text())
+
+
+def _preset_key(model_name: str) -> str | None:
+    """The ``editing.json`` key of ``model_name``: exact match, case-insensitive; a hub-style
+    ``org/name`` matches its last part (TransformerLens's ``cfg.model_name`` drops the org)."""
+    wanted = {model_name.lower(), model_name.rsplit("/", 1)[-1].lower()}
+    return next((k for k in preset_names() if k.lower() in wanted), None)
+
+
+def preset(model_name: str, method: str = "pmet") -> EditHyperParams:
+    """Hyper-parameters for ``model_name`` (exact names, no substring guessing).
+
+    * ``SmolLM2-135M-Instruct``: layers R from ``presets/critical_layers.json`` (written by
+      ``analyses/causal_trace.py``); λ, steps, lr and clamp from ``presets/editing.json`` (λ chosen
+      by ``analyses/tune_editing.py`` on the ``tune`` part of the CounterFact split, see
+      :mod:`pmet_lens.splits`).
+    * ``gpt-j-6B``: PMET Appendix D / MEMIT Appendix B: R = {3..8}; PMET λ 6000, 30 steps,
+      lr 0.2, c = 3/4; MEMIT λ 15000, 25 steps, lr 0.5, c = 3/4.
+    * ``gpt-neox-20b``: R = {6..10}; PMET λ 15000, 30 steps, lr 0.5, c = 4/5, 5k samples;
       MEMIT λ 20000, 20 steps, lr 0.5, c = 3/10, 50k samples.
-    Other names get the class defaults with the provisional layers (and a warning).
+    * any other model whose R is stored in ``presets/critical_layers.json``: the class defaults
+      with that R (and a warning: λ and the optimisation settings were not tuned for it).
+
+    Raises:
+        ValueError: unknown ``method``, or a model with neither a preset nor stored critical
+            layers (the message says how to find R or pass it).
     """
     method = method.lower()
     if method not in ("pmet", "memit"):
         raise ValueError(f"method must be 'pmet' or 'memit', got {method!r}")
     cls = PMETHyperParams if method == "pmet" else MEMITHyperParams
-    name = model_name.lower()
-    table = json.loads((_presets_dir() / "editing.json").read_text())
-    if "gpt-j" in name or "gptj" in name:
-        return cls(**_tuplify(table["gpt-j"][method]))
-    if "neox" in name:
-        return cls(**_tuplify(table["gpt-neox"][method]))
-    values = _tuplify(table["SmolLM2-135M-Instruct"][method]) if "smollm2" in name else {}
-    layers = critical_layers_for("SmolLM2-135M-Instruct" if "smollm2" in name else model_name)
-    if layers is None:
-        layers = PROVISIONAL_SMOLLM2_LAYERS
-        logger.warning(
-            "No causal-tracing layers for %s in presets/critical_layers.json; using the provisional "
-            "range %s", model_name, list(layers))
-    values["layers"] = layers
+    key = _preset_key(model_name)
+    values = _tuplify(_preset_table()[key][method]) if key is not None else {}
+    if "layers" not in values:
+        layers = critical_layers_for(key or model_name)
+        if layers is None:
+            raise ValueError(
+                f"no critical layers R are known for model {model_name!r} (presets: {', '.join(preset_names())}). "
+                f"Find them with `python analyses/causal_trace.py --model {model_name}` (pmet_lens.average_traces + "
+                f"pmet_lens.critical_layers), or pass hparams={cls.__name__}(layers=(...), ...).")
+        values["layers"] = layers
+    if key is None:
+        logger.warning("no tuned editing preset for %s: using %s defaults with R = %s from causal tracing",
+                       model_name, cls.__name__, list(values["layers"]))
     return cls(**values)
 
 
