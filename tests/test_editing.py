@@ -227,3 +227,34 @@ def test_preset_lookup_is_by_exact_name():
             preset(name, "pmet")
     with pytest.raises(ValueError, match="method must be"):
         preset("gpt-j-6B", "rome")
+
+
+def test_suffix_run_equals_full_forward(tiny_model):
+    """The target loop recomputes only positions >= each row's lookup position (frozen keys and
+    values before it, left-padded with a mask): outputs there equal the full forward's, with a δ."""
+    from pmet_lens.data import as_facts
+    from pmet_lens.editing.targets import _rows, _Suffix
+
+    facts = as_facts([FACT, FACT2])
+    rows = _rows(tiny_model, facts, ("Once upon a time there was", "I"))
+    L, n = 1, tiny_model.cfg.n_layers
+    delta = torch.randn(len(rows.fact), tiny_model.cfg.d_model)
+    ar = torch.arange(len(rows.fact))
+    with torch.no_grad():
+        resid_L = tiny_model(rows.tokens, stop_at_layer=L)
+        kv = {}
+        names = [f"blocks.{j}.attn.hook_{c}" for j in range(L, n) for c in "kv"]
+        with tiny_model.hooks(fwd_hooks=[(h, lambda a, hook: kv.__setitem__(hook.name, a.detach())) for h in names]):
+            tiny_model(resid_L, start_at_layer=L, stop_at_layer=n)
+        suffix = _Suffix.build(resid_L, kv, rows, L, n)
+        assert len(set(rows.lookup.tolist())) > 1  # rows really differ in their cut
+        add_full = lambda a, hook: a.index_put((ar, rows.lookup), delta, accumulate=True)
+        add_suffix = lambda a, hook: a.index_put((ar, torch.zeros_like(ar)), delta, accumulate=True)
+        with tiny_model.hooks(fwd_hooks=[(f"blocks.{L}.hook_mlp_out", add_full)]):
+            full = tiny_model(resid_L, start_at_layer=L, stop_at_layer=n)
+        with tiny_model.hooks(fwd_hooks=[(f"blocks.{L}.hook_mlp_out", add_suffix)]):
+            part = suffix.run(tiny_model, ar)
+    for r in range(len(ar)):
+        lo, hi = int(rows.lookup[r]), int(rows.lengths[r])
+        torch.testing.assert_close(part[r, : hi - lo], full[r, lo:hi], rtol=1e-5, atol=1e-5)
+    assert _no_hooks(tiny_model)

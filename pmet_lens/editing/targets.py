@@ -6,8 +6,11 @@ tensor per site ([facts, d_model]) and are added by hooks at each row's lookup p
 subject's last token); each fact has its own Adam state, φ and stopping state, and a fact that
 has stopped leaves the batch. Savings over the official code, exact by construction:
 
-* layers before L do not depend on δ: ``resid_pre`` of block L is computed once without grad,
-  every step runs ``model(x, start_at_layer=L, stop_at_layer=n_layers)``;
+* layers before L do not depend on δ: ``resid_pre`` of block L is computed once without grad;
+* positions before a row's lookup position do not depend on δ either (causal attention): their
+  keys and values at blocks L.. are taken once from the unedited run and fed in as a frozen
+  key/value cache, so every step recomputes only the positions from the lookup on (the subject's
+  last token, the rest of the prompt and the target), see :class:`_Suffix`;
 * ``ln_final`` and the unembedding run only at the target and KL positions;
 * the model's parameters do not require grad during the loop (only δ does).
 
@@ -40,6 +43,7 @@ from pmet_lens.editing.context import context_templates
 from pmet_lens.editing.hparams import EditHyperParams, PMETHyperParams
 from pmet_lens.editing.validate import EditError
 from pmet_lens.tokens import encode, pad, subject_last_position, target_ids
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +108,7 @@ class Targets:
 @dataclass
 class _Rows:
     tokens: torch.Tensor      # [rows, pos]
+    lengths: torch.Tensor     # [rows] unpadded length
     fact: torch.Tensor        # [rows] fact index (chunk-local)
     lookup: torch.Tensor      # [rows] subject-last position
     bare: torch.Tensor        # [facts] row index of the bare prompt
@@ -139,12 +144,60 @@ def _rows(model: HookedTransformer, facts: Sequence[Fact], prefixes: tuple[str, 
     dev = batch.tokens.device
     cols = list(zip(*nll))
     return _Rows(
-        tokens=batch.tokens, fact=torch.tensor(fact_of, device=dev), lookup=torch.tensor(lookups, device=dev),
+        tokens=batch.tokens, lengths=batch.lengths, fact=torch.tensor(fact_of, device=dev), lookup=torch.tensor(lookups, device=dev),
         bare=torch.tensor(bare, device=dev), kl=torch.tensor(kl, device=dev),
         nll_row=torch.tensor(cols[0], device=dev), nll_pos=torch.tensor(cols[1], device=dev),
         nll_tok=torch.tensor(cols[2], device=dev), nll_fact=torch.tensor(cols[3], device=dev),
         nll_weight=torch.tensor(cols[4], device=dev, dtype=torch.float32),
     )
+
+
+@dataclass
+class _Suffix:
+    """The run from block L on, restricted to each row's positions from its lookup position on.
+
+    Row r keeps positions ``lookup_r .. length_r - 1`` (right-padded to a common width S); the keys
+    and values of its positions ``0 .. lookup_r - 1`` at every block j >= L come from the unedited
+    run and are left-padded to a common length P, with an attention mask that hides the padding.
+    Rotary position ids follow from the mask (the real tokens keep their own positions), so the
+    result at the kept positions equals the full forward's.
+    """
+
+    x: Float[torch.Tensor, "rows S d_model"]
+    keys: dict[int, torch.Tensor]     # block -> [rows, P, kv_heads, d_head]
+    values: dict[int, torch.Tensor]
+    mask: torch.Tensor                # [rows, P + S]
+    start: torch.Tensor               # [rows] lookup position (suffix position 0)
+
+    @classmethod
+    def build(cls, resid_L: torch.Tensor, kv: dict[str, torch.Tensor], rows: "_Rows", L: int, n_layers: int) -> "_Suffix":
+        look, lengths = rows.lookup, rows.lengths
+        dev = resid_L.device
+        P = int(look.max())
+        S = int((lengths - look).max())
+        src = look[:, None] + torch.arange(S, device=dev)[None]                   # [rows, S]
+        keep = src < lengths[:, None]
+        x = resid_L.gather(1, src.clamp(max=resid_L.shape[1] - 1)[..., None].expand(-1, -1, resid_L.shape[-1]))
+        x = x * keep[..., None].to(x.dtype)
+        psrc = torch.arange(P, device=dev)[None] - (P - look)[:, None]              # [rows, P]
+        pkeep = psrc >= 0
+
+        def past(t: torch.Tensor) -> torch.Tensor:
+            idx = psrc.clamp(min=0)[:, :, None, None].expand(-1, -1, *t.shape[2:])
+            return t.gather(1, idx) * pkeep[:, :, None, None].to(t.dtype)
+
+        keys = {j: past(kv[f"blocks.{j}.attn.hook_k"]) for j in range(L, n_layers)}
+        values = {j: past(kv[f"blocks.{j}.attn.hook_v"]) for j in range(L, n_layers)}
+        return cls(x=x, keys=keys, values=values, mask=torch.cat([pkeep, keep], 1).long(), start=look)
+
+    def run(self, model: HookedTransformer, rows: torch.Tensor) -> Float[torch.Tensor, "rows S d_model"]:
+        """Blocks L.. on the suffix of ``rows`` (hooks of ``model.hooks`` fire as usual)."""
+        x, mask = self.x[rows], self.mask[rows]
+        for j in sorted(self.keys):
+            entry = TransformerLensKeyValueCacheEntry(
+                past_keys=self.keys[j][rows], past_values=self.values[j][rows], frozen=True)
+            x = model.blocks[j](x, past_kv_cache_entry=entry, attention_mask=mask)
+        return x
 
 
 def _final_logprobs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
@@ -198,12 +251,20 @@ def _optimise_chunk(model, facts, hparams, settings: Settings, prefixes) -> Targ
             resid_L = model(rows.tokens, stop_at_layer=L)  # resid_pre of block L, computed once
             captured: dict[str, torch.Tensor] = {}
 
+            kv: dict[str, torch.Tensor] = {}
+
             def capture(act, hook):
                 captured[hook.name] = act[rows.bare, rows.lookup[rows.bare]].detach().clone()
 
-            with model.hooks(fwd_hooks=[(h, capture) for h in hooks.values()]):
+            def keep_kv(act, hook):
+                kv[hook.name] = act.detach()
+
+            kv_hooks = [(f"blocks.{j}.attn.hook_{c}", keep_kv) for j in range(L, n_layers) for c in "kv"]
+            with model.hooks(fwd_hooks=[(h, capture) for h in hooks.values()] + kv_hooks):
                 final = model(resid_L, start_at_layer=L, stop_at_layer=n_layers)
             kl_init = _final_logprobs(model, final[rows.kl, rows.lookup[rows.kl]])
+            suffix = _Suffix.build(resid_L, kv, rows, L, n_layers)
+            del kv, final
         init = {site: captured[h] for site, h in hooks.items()}
         delta = {site: torch.zeros_like(v, requires_grad=True) for site, v in init.items()}
         init_norm = {site: v.norm(dim=-1) for site, v in init.items()}
@@ -221,24 +282,25 @@ def _optimise_chunk(model, facts, hparams, settings: Settings, prefixes) -> Targ
             row_ix = row_mask.nonzero().flatten()
             new_index = torch.full((rows.tokens.shape[0],), -1, dtype=torch.long, device=row_ix.device)
             new_index[row_ix] = torch.arange(len(row_ix), device=row_ix.device)
-            r_fact, r_look = rows.fact[row_ix], rows.lookup[row_ix]
+            r_fact = rows.fact[row_ix]
             ar = torch.arange(len(row_ix), device=row_ix.device)
+            zero = torch.zeros_like(ar)
 
             def add_delta(act, hook, _site_of={h: s for s, h in hooks.items()}):
                 d = delta[_site_of[hook.name]][r_fact].to(act.dtype)
-                return act.index_put((ar, r_look), d, accumulate=True)
+                return act.index_put((ar, zero), d, accumulate=True)  # suffix position 0 = lookup
 
             with torch.enable_grad(), model.hooks(fwd_hooks=[(h, add_delta) for h in hooks.values()]):
-                out = model(resid_L[row_ix], start_at_layer=L, stop_at_layer=n_layers)
+                out = suffix.run(model, row_ix)
                 sel = row_mask[rows.nll_row]
                 nll_rows = new_index[rows.nll_row[sel]]
-                lp = _final_logprobs(model, out[nll_rows, rows.nll_pos[sel]])
+                lp = _final_logprobs(model, out[nll_rows, rows.nll_pos[sel] - rows.lookup[rows.nll_row[sel]]])
                 tok = rows.nll_tok[sel]
                 tok_lp = lp.gather(1, tok[:, None])[:, 0]
                 is_top = lp.argmax(-1) == tok
                 nll = torch.zeros(n, device=lp.device).index_add(0, rows.nll_fact[sel], -tok_lp * rows.nll_weight[sel])
                 all_top = torch.zeros(n, device=lp.device).index_add(0, rows.nll_fact[sel], (~is_top).float()) == 0
-                kl_lp = _final_logprobs(model, out[new_index[rows.kl[act_facts]], rows.lookup[rows.kl[act_facts]]])
+                kl_lp = _final_logprobs(model, out[new_index[rows.kl[act_facts]], 0])
                 kl_init_a = kl_init[act_facts]
                 kl = torch.zeros(n, device=lp.device)
                 kl = kl.index_put((act_facts,), (kl_init_a.exp() * (kl_init_a - kl_lp)).sum(-1))
