@@ -15,8 +15,9 @@ records P(o):
 the MLP (attention) outputs of the same token t in the later layers are held at their corrupted
 values, so the restored state cannot act through them.
 
-Speed: restoring a state at (t, l) changes nothing before layer l and nothing at positions before
-t. The corrupted run is computed once, caching its residual streams and attention keys/values.
+Speed: positions before the subject are not recomputed (the corrupted run equals the clean run
+there, so their score is the corrupted score, exactly). Restoring a state at (t, l) changes nothing
+before layer l and nothing at positions before t. The corrupted run is computed once, caching its residual streams and attention keys/values.
 For each position t only positions t.. are recomputed (the corrupted keys/values of positions < t
 are fed in as a frozen key/value cache), starting at the first block a restoration can change;
 all (layer, sample) rows of one position run as one batch that grows block by block, and logits
@@ -295,6 +296,11 @@ def trace(
         # ---- restorations: one growing batch of (layer, sample) rows per position ----------
         scores = torch.full((n_prompt, n_layers), float("nan"))
         for t in pos_list:
+            if t < subj[0]:
+                # noise enters at the subject and attention is causal: before the subject the clean
+                # and corrupted states agree, so any restoration (windowed or severed) is a no-op
+                scores[t] = low
+                continue
             scores[t] = _trace_position(
                 model, arch, t, kind, window, sever, clean, store, samples, score_pos, tgt
             ).cpu()

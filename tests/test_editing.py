@@ -258,3 +258,25 @@ def test_suffix_run_equals_full_forward(tiny_model):
         lo, hi = int(rows.lookup[r]), int(rows.lengths[r])
         torch.testing.assert_close(part[r, : hi - lo], full[r, lo:hi], rtol=1e-5, atol=1e-5)
     assert _no_hooks(tiny_model)
+
+
+def test_reused_targets_give_the_same_edit(tiny_model, store):
+    """edit(targets=earlier.targets) skips the optimisation and reproduces the edit exactly; the
+    spread / W_O ablations can reuse PMET's targets; bad targets raise before weights change."""
+    hp = _hp()
+    first = edit(tiny_model, [FACT, FACT2], hparams=hp, cov_store=store, progress=False, apply=False)
+    assert set(first.targets) == {"attn_out", "mlp_out"}
+    again = edit(tiny_model, [FACT, FACT2], hparams=hp, cov_store=store, progress=False, apply=False,
+                 targets=first.targets)
+    assert again.stats == {"targets": "given"}
+    assert all(torch.equal(first.deltas[k], again.deltas[k]) for k in first.deltas)
+    sliced = edit(tiny_model, [FACT], hparams=hp.with_(update_attn=True, spread="even"), cov_store=store,
+                  progress=False, apply=False, targets={k: v[:1] for k, v in first.targets.items()})
+    assert any(k.endswith("W_O") for k in sliced.deltas)
+    before = _snapshot(tiny_model)
+    with pytest.raises(ValueError, match="expected"):
+        edit(tiny_model, [FACT], hparams=hp, cov_store=store, progress=False, targets=first.targets)
+    with pytest.raises(ValueError, match="lack the site"):
+        edit(tiny_model, [FACT, FACT2], hparams=_hp(MEMITHyperParams), cov_store=store,
+             progress=False, targets=first.targets)
+    assert _same(before, _snapshot(tiny_model)) and _no_hooks(tiny_model)

@@ -67,7 +67,9 @@ def test_matches_naive_reference_tiny(tiny_model):
     gen = torch.Generator().manual_seed(3)
     s0, s1 = r.subject_range
     eps = torch.randn(1, s1 - s0, tiny_model.cfg.d_model, generator=gen) * 3.0 * embedding_std(tiny_model)
-    for t, layer in [(s0, 0), (s1 - 1, 1), (len(r.tokens) - 1, 2)]:
+    # (0, 1): before the subject trace() returns the corrupted score without computing; the plain
+    # full forward must agree
+    for t, layer in [(0, 1), (s0, 0), (s1 - 1, 1), (len(r.tokens) - 1, 2)]:
         assert _close(r.scores[t, layer], _naive_cell(tiny_model, PROMPT, SUBJECT, r, t, layer, eps[0]), rel=1e-3)
 
 

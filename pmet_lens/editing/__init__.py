@@ -40,6 +40,7 @@ def edit(
     cov_store: CovarianceStore | None = None,
     apply: bool = True,
     progress: bool = True,
+    targets: dict[str, torch.Tensor] | None = None,
 ) -> EditResult:
     """Edit ``facts`` into ``model`` with PMET (default) or MEMIT.
 
@@ -53,6 +54,11 @@ def edit(
         apply: leave the edit written into the weights (otherwise the weights are restored and
             the result can be previewed with :meth:`EditResult.as_hooks` or applied later).
         progress: show progress bars.
+        targets: precomputed target vectors (site -> [facts, d_model]), e.g. ``earlier.targets``
+            of an edit of the same facts with the same optimisation settings (method, layer L,
+            steps, lr, loss weights, prefixes), or row slices of it. The targets (PMET eq. 9,
+            MEMIT eq. 16) do not depend on λ, the residual spread or which weights are updated, so
+            λ sweeps and the spread / W_O ablations can skip the optimisation.
 
     Returns:
         The :class:`EditResult` (applied if ``apply``).
@@ -75,8 +81,14 @@ def edit(
     key_hooks = [key_hook(model, site, l) for l in hparams.layers for site in settings.kept_sites]
     covs = store.get(model, key_hooks, hparams.cov_tokens, hparams.cov_dtype, hparams.cov_seq_len)
     prefixes = context_prefixes(model, hparams)
-    targets = optimise_targets(model, facts, hparams, prefixes, progress=progress)
-    logger.info("targets: mean steps %.1f, mean P(o*) %.3f", targets.steps.float().mean(), targets.prob.mean())
+    if targets is None:
+        optimised = optimise_targets(model, facts, hparams, prefixes, progress=progress)
+        logger.info("targets: mean steps %.1f, mean P(o*) %.3f", optimised.steps.float().mean(), optimised.prob.mean())
+        values = {s: optimised.value(s).detach() for s in settings.delta_sites}
+        stats = {"steps": optimised.steps.tolist(), "loss": optimised.loss.tolist(), "prob": optimised.prob.tolist()}
+    else:
+        values = _check_targets(targets, settings.kept_sites, len(facts), model.cfg.d_model)
+        stats = {"targets": "given"}
 
     originals: dict[str, torch.Tensor] = {}
 
@@ -86,7 +98,7 @@ def edit(
 
     try:
         deltas = compute_and_apply_updates(
-            model, facts, {s: targets.value(s) for s in settings.kept_sites}, hparams.layers, hparams.lam,
+            model, facts, {s: values[s] for s in settings.kept_sites}, hparams.layers, hparams.lam,
             settings, prefixes, covs, keep_original)
     except BaseException:
         with torch.no_grad():
@@ -95,11 +107,26 @@ def edit(
         raise
     result = EditResult(
         model=model, method=hparams.method, deltas=deltas,
-        targets={s: targets.value(s).detach() for s in settings.kept_sites}, facts=list(facts),
-        hparams=hparams.to_dict(), model_hash=model_hash, prefixes=prefixes,
-        stats={"steps": targets.steps.tolist(), "loss": targets.loss.tolist(), "prob": targets.prob.tolist()},
-        _originals=originals,
+        targets=values, facts=list(facts), hparams=hparams.to_dict(), model_hash=model_hash, prefixes=prefixes,
+        stats=stats, _originals=originals,
     )
     if not apply:
         result.restore()
     return result
+
+
+def _check_targets(targets: dict[str, torch.Tensor], sites: Sequence[str], n_facts: int, d_model: int) -> dict[str, torch.Tensor]:
+    """Validate precomputed targets: every kept site present, shape [facts, d_model], finite."""
+    if not isinstance(targets, dict):
+        raise TypeError(f"targets must be a dict site -> tensor (EditResult.targets), got {type(targets).__name__}")
+    missing = [s for s in sites if s not in targets]
+    if missing:
+        raise ValueError(f"targets lack the site(s) {missing} this method updates from (given: {sorted(targets)}); "
+                         "reuse targets of an edit with the same method and δ sites")
+    for s in sites:
+        t = targets[s]
+        if tuple(t.shape) != (n_facts, d_model):
+            raise ValueError(f"targets[{s!r}] has shape {tuple(t.shape)}, expected ({n_facts}, {d_model}) for {n_facts} fact(s)")
+        if not torch.isfinite(t).all():
+            raise EditError(f"targets[{s!r}] contains NaN/inf")
+    return {s: t.detach() for s, t in targets.items()}

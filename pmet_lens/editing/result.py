@@ -35,7 +35,8 @@ class EditResult:
         model: the model the edit belongs to.
         method: "pmet" or "memit".
         deltas: parameter name -> ΔW.
-        targets: kept site ("mlp_out", "attn_out" or "resid_post") -> [facts, d_model] targets at L.
+        targets: δ site ("mlp_out" and "attn_out" for PMET, "resid_post" for MEMIT) -> [facts, d_model]
+            target vectors v = initial output + δ at L (reusable with ``edit(..., targets=...)``).
         facts: the edited facts, in order.
         hparams: the hyper-parameters as a dict (``EditHyperParams.to_dict``).
         model_hash: weights hash of the unedited model (checked by :meth:`load`).
