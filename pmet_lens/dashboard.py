@@ -34,6 +34,7 @@ from transformer_lens import HookedTransformer
 from pmet_lens.arch import architecture
 from pmet_lens.data import Fact, as_facts
 from pmet_lens.scoring import score_continuations
+from pmet_lens.readout import final_logits
 from pmet_lens.tokens import encode, subject_range, target_ids
 
 logger = logging.getLogger(__name__)
@@ -103,10 +104,8 @@ def logit_lens(
     with torch.no_grad():
         _, cache = model.run_with_cache(torch.tensor([encode(model, text)], device=model.cfg.device),
                                         names_filter=lambda n: n in names)
-        resid = torch.stack([cache[n][0, position] for n in names])[None]  # [1, n_layers, d]
-        if getattr(model, "ln_final", None) is not None:
-            resid = model.ln_final(resid)
-        probs = model.unembed(resid)[0].float().softmax(-1)
+        resid = torch.stack([cache[n][0, position] for n in names])  # [n_layers, d]
+        probs = final_logits(model, resid).float().softmax(-1)
     return probs[:, token_ids].cpu()
 
 

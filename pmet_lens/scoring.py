@@ -23,6 +23,7 @@ from jaxtyping import Bool, Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from pmet_lens.readout import final_logits
 from pmet_lens.tokens import encode, pad, target_ids
 
 logger = logging.getLogger(__name__)
@@ -154,9 +155,5 @@ def score_token_ids(
 
 
 def _unembed(model: HookedTransformer, resid: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "n d_vocab"]:
-    """Final norm (when the model has one) and unembedding of gathered residual rows."""
-    x = resid[None]
-    ln_final = getattr(model, "ln_final", None)
-    if ln_final is not None:
-        x = ln_final(x)
-    return model.unembed(x)[0]
+    """The model's read-out of gathered residual rows (:func:`pmet_lens.readout.final_logits`)."""
+    return final_logits(model, resid)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from pmet_lens.arch import Architecture, apply_ln_affine, architecture
+from pmet_lens.readout import final_logits
 from pmet_lens.tokens import tokenize
 
 logger = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def vocab_projector(model: HookedTransformer, variant: str) -> Callable[[torch.T
         W_E = model.W_E
         return lambda h: h @ W_E.T
     if variant == "logit_lens":
-        return lambda h: model.unembed(model.ln_final(h.unsqueeze(1))).squeeze(1)
+        return lambda h: final_logits(model, h)
     raise ValueError(f"unknown variant {variant!r}: choose from {VARIANTS}")
 
 

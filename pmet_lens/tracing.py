@@ -38,6 +38,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from transformer_lens.hook_points import HookPoint
 
 from pmet_lens.arch import Architecture, architecture
+from pmet_lens.readout import final_logits
 from pmet_lens.tokens import encode, subject_range, target_ids
 
 logger = logging.getLogger(__name__)
@@ -145,15 +146,8 @@ def target_probability(
 def _final_logits(
     model: HookedTransformer, resid: Float[torch.Tensor, "batch pos d_model"], positions: Sequence[int]
 ) -> Float[torch.Tensor, "batch n d_vocab"]:
-    """The tail of ``HookedTransformer.forward`` (final norm, unembed, soft-cap) at ``positions`` only."""
-    x = resid[:, list(positions)]
-    if model.cfg.normalization_type is not None:
-        x = model.ln_final(x)
-    logits = model.unembed(x)
-    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0)
-    if cap is not None and cap > 0:
-        logits = cap * torch.tanh(logits / cap)
-    return logits
+    """The model's read-out (:func:`pmet_lens.readout.final_logits`) at ``positions`` only."""
+    return final_logits(model, resid[:, list(positions)])
 
 
 def _validate(

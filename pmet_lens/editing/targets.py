@@ -42,6 +42,7 @@ from pmet_lens.data import Fact
 from pmet_lens.editing.context import context_templates
 from pmet_lens.editing.hparams import EditHyperParams, PMETHyperParams
 from pmet_lens.editing.validate import EditError
+from pmet_lens.readout import final_logits
 from pmet_lens.tokens import encode, pad, subject_last_position, target_ids
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
@@ -202,14 +203,7 @@ class _Suffix:
 
 def _final_logprobs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
     """log-softmax of the logits of a few residual vectors [N, d] (ln_final + unembed only there)."""
-    x = resid[:, None, :]
-    if model.cfg.normalization_type is not None:
-        x = model.ln_final(x)
-    logits = model.unembed(x)[:, 0].float()
-    softcap = getattr(model.cfg, "output_logits_soft_cap", -1.0)
-    if softcap and softcap > 0:
-        logits = softcap * torch.tanh(logits / softcap)
-    return torch.log_softmax(logits, dim=-1)
+    return torch.log_softmax(final_logits(model, resid).float(), dim=-1)
 
 
 def optimise_targets(
