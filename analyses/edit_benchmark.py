@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling-points", type=int, default=5, help="number of edit counts on the log scale")
     parser.add_argument("--zsre-limit", type=int, default=None, help="zsRE records (default: same as --limit)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: table1,ablations,scaling,zsre")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the results already in --out (same cases) and compute only what is missing, "
+                             "e.g. run --methods pmet first and --methods memit --resume later")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -130,11 +133,19 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {"n_cases": len(facts), "gen_every": args.gen_every, "model": name,
                             "hparams": {m: preset(name, m).to_dict() for m in ("pmet", "memit")}}
 
-    if "table1" not in skip or "ablations" not in skip:
+    scaling_rows: list[dict] = []
+    zsre_summaries: dict[str, dict] = {}
+    if args.resume:
+        summaries, per_records, norms, scaling_rows, zsre_summaries = load_previous(out, meta)
+        logger.info("resuming: kept %s, %d scaling rows, zsRE %s", sorted(summaries), len(scaling_rows),
+                    sorted(zsre_summaries))
+    if ("table1" not in skip or "ablations" not in skip) and "SmolLM2 (unedited)" not in summaries:
         per_records["SmolLM2 (unedited)"], summaries["SmolLM2 (unedited)"] = evaluate_counterfact(model, facts, gen_every=args.gen_every)
     targets: dict[str, dict] = {}  # method -> optimised targets of all report cases (reused below)
     if "table1" not in skip:
         for m in methods:
+            if label[m] in summaries:
+                continue
             pr, s, nm, targets[m] = run_edit(model, facts, preset(name, m), label[m], store, args)
             per_records[label[m]], summaries[label[m]] = pr, s
             norms += nm
@@ -144,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             pr, s, nm, targets["pmet"] = run_edit(model, facts, base, "PMET", store, args)
             per_records["PMET"], summaries["PMET"] = pr, s
             norms += nm
+        elif "pmet" not in targets and any(a not in summaries for a in ABLATIONS):  # resumed: targets only
+            targets["pmet"] = edit(model, facts, hparams=base, cov_store=store, apply=False).targets
         for abl, change in ABLATIONS.items():
+            if abl in summaries:
+                continue
             # w/o δ_a changes the optimisation; even spread and + W_O reuse PMET's targets (v^m, v^a)
             reuse = None if "use_attn_delta" in change else targets["pmet"]
             pr, s, nm, _ = run_edit(model, facts, base.with_(**change), abl, store, args, targets=reuse)
@@ -160,12 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     if norms:
         pd.DataFrame(norms).to_csv(out / "edit_benchmark_fig4_delta_norms.csv", index=False)
 
-    scaling_rows = []
     if "scaling" not in skip and len(facts) > 1:
         n_max = len(facts)
         counts = sorted({max(1, round(math.exp(math.log(n_max) * i / (args.scaling_points - 1)))) for i in range(args.scaling_points)})
+        done = {(r["n_edits"], r["editor"]) for r in scaling_rows}
         for n in counts:
             for m in methods:
+                if (n, label[m]) in done:
+                    continue
                 if n == n_max and label[m] in summaries:
                     s = summaries[label[m]]  # the Table 1 mass edit of all cases
                 else:  # each fact's target is optimised independently: the first n rows are its targets
@@ -176,20 +193,43 @@ def main(argv: list[str] | None = None) -> int:
                                      **{f"{k}_ci95": s.get(f"{k}_ci95") for k in METRICS[1:]}})
         pd.DataFrame(scaling_rows).to_csv(out / "edit_benchmark_fig3_scaling.csv", index=False)
 
-    zsre_summaries: dict[str, dict] = {}
     if "zsre" not in skip:
         records = load_zsre(limit=args.zsre_limit if args.zsre_limit is not None else args.limit)
-        _, zsre_summaries["SmolLM2 (unedited)"] = evaluate_zsre(model, records)
+        if "SmolLM2 (unedited)" not in zsre_summaries:
+            _, zsre_summaries["SmolLM2 (unedited)"] = evaluate_zsre(model, records)
         for m in methods:
+            if label[m] in zsre_summaries:
+                continue
             result = edit(model, records, hparams=preset(name, m), cov_store=store, apply=True, progress=True)
             try:
                 _, zsre_summaries[label[m]] = evaluate_zsre(model, records)
             finally:
                 result.restore()
         format_table(zsre_summaries).to_csv(out / "edit_benchmark_table2_zsre.csv")
+        (out / "edit_benchmark_zsre_summaries.json").write_text(json.dumps(zsre_summaries, indent=1, default=float))
 
     write_report(out, summaries, norms, scaling_rows, zsre_summaries, meta, cons_key)
     return 0
+
+
+def load_previous(out: Path, meta: dict[str, Any]):
+    """Results of an earlier run in ``out`` (for ``--resume``); refuses a run on other cases."""
+    path = out / "edit_benchmark_summaries.json"
+    if not path.is_file():
+        return {}, {}, [], [], {}
+    saved = json.loads(path.read_text())
+    if saved["meta"]["n_cases"] != meta["n_cases"] or saved["meta"]["gen_every"] != meta["gen_every"]:
+        raise SystemExit(f"--resume: {path} holds a run on {saved['meta']['n_cases']} cases (gen every "
+                         f"{saved['meta']['gen_every']}); this run has {meta['n_cases']} ({meta['gen_every']})")
+    summaries = saved["summaries"]
+    per = pd.read_csv(out / "edit_benchmark_per_record.csv")
+    per_records = {k: g.drop(columns="editor") for k, g in per.groupby("editor", sort=False)}
+    norms_path, scaling_path = out / "edit_benchmark_fig4_delta_norms.csv", out / "edit_benchmark_fig3_scaling.csv"
+    norms = pd.read_csv(norms_path).to_dict("records") if norms_path.is_file() else []
+    scaling = pd.read_csv(scaling_path).to_dict("records") if scaling_path.is_file() else []
+    zsre_path = out / "edit_benchmark_zsre_summaries.json"
+    zsre = json.loads(zsre_path.read_text()) if zsre_path.is_file() else {}
+    return summaries, per_records, norms, scaling, zsre
 
 
 def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta, cons_key) -> None:
@@ -201,7 +241,7 @@ def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta
     import plotly.express as px
 
     md = [f"# Edit benchmark on {meta['model']} ({meta['n_cases']} report-split cases, one mass edit each)\n",
-          f"Generation metrics on every {meta['gen_every']}-th case; `{cons_key}` is the offline proxy "
+          f"Generation metrics on every case i with i % {meta['gen_every']} == 0; `{cons_key}` is the offline proxy "
           "(attribute prompts + WikiText-2 paragraphs, TF-IDF fitted on WikiText-2), not the papers' Consistency.\n"]
     html_parts = []
     cols = ["score", "efficacy", "paraphrase", "neighborhood", "fluency", "consistency"]
