@@ -70,7 +70,8 @@ def run_edit(model, facts, hparams, label, store, args, generation=True, targets
     result = edit(model, facts, hparams=hparams, cov_store=store, apply=True, progress=True, targets=targets)
     t_edit = time.perf_counter() - t0
     try:
-        per_record, summary = evaluate_counterfact(model, facts, generation=generation, gen_every=args.gen_every)
+        per_record, summary = evaluate_counterfact(model, facts, generation=generation and args.gen_every > 0,
+                                                   gen_every=max(1, args.gen_every))
     finally:
         norms = delta_norms(result, label)
         result.restore()
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N cases of the report split (default: all)")
     parser.add_argument("--methods", default="memit,pmet", help="comma-separated editors for Tables 1-2 and Fig. 3")
     parser.add_argument("--out", default="figures", help="output directory")
-    parser.add_argument("--gen-every", type=int, default=10, help="generation metrics on every k-th case")
+    parser.add_argument("--gen-every", type=int, default=10,
+                        help="generation metrics (fluency, consistency proxy) on every k-th case; 0: none")
     parser.add_argument("--scaling-points", type=int, default=5, help="number of edit counts on the log scale")
     parser.add_argument("--zsre-limit", type=int, default=None, help="zsRE records (default: same as --limit)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: table1,ablations,scaling,zsre")
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("resuming: kept %s, %d scaling rows, zsRE %s", sorted(summaries), len(scaling_rows),
                     sorted(zsre_summaries))
     if ("table1" not in skip or "ablations" not in skip) and "SmolLM2 (unedited)" not in summaries:
-        per_records["SmolLM2 (unedited)"], summaries["SmolLM2 (unedited)"] = evaluate_counterfact(model, facts, gen_every=args.gen_every)
+        per_records["SmolLM2 (unedited)"], summaries["SmolLM2 (unedited)"] = evaluate_counterfact(
+            model, facts, generation=args.gen_every > 0, gen_every=max(1, args.gen_every))
     targets: dict[str, dict] = {}  # method -> optimised targets of all report cases (reused below)
     if "table1" not in skip:
         for m in methods:
@@ -240,9 +243,10 @@ def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta
     import matplotlib.pyplot as plt
     import plotly.express as px
 
-    md = [f"# Edit benchmark on {meta['model']} ({meta['n_cases']} report-split cases, one mass edit each)\n",
-          f"Generation metrics on every case i with i % {meta['gen_every']} == 0; `{cons_key}` is the offline proxy "
-          "(attribute prompts + WikiText-2 paragraphs, TF-IDF fitted on WikiText-2), not the papers' Consistency.\n"]
+    gen_note = (f"Generation metrics on every case i with i % {meta['gen_every']} == 0; `{cons_key}` is the offline proxy "
+                "(attribute prompts + WikiText-2 paragraphs, TF-IDF fitted on WikiText-2), not the papers' Consistency.\n"
+                if meta["gen_every"] > 0 else "Generation metrics (fluency, consistency) were not run (`--gen-every 0`).\n")
+    md = [f"# Edit benchmark on {meta['model']} ({meta['n_cases']} report-split cases, one mass edit each)\n", gen_note]
     html_parts = []
     cols = ["score", "efficacy", "paraphrase", "neighborhood", "fluency", "consistency"]
     main_rows = {k: v for k, v in summaries.items() if k in ("SmolLM2 (unedited)", "MEMIT", "PMET")}
