@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="keep the results already in --out (same cases) and compute only what is missing, "
                              "e.g. run --methods pmet first and --methods memit --resume later")
+    parser.add_argument("--merge", action="append", default=[], metavar="DIR",
+                        help="with --resume: also take the results of a run made in DIR (same cases), e.g. "
+                             "--methods memit run at the same time with its own --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -139,6 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     zsre_summaries: dict[str, dict] = {}
     if args.resume:
         summaries, per_records, norms, scaling_rows, zsre_summaries = load_previous(out, meta)
+        for other in args.merge:
+            s2, p2, n2, sc2, z2 = load_previous(Path(other), meta)
+            new = [k for k in s2 if k not in summaries]
+            summaries.update({k: s2[k] for k in new})
+            per_records.update({k: p2[k] for k in new if k in p2})
+            norms += [r for r in n2 if r["editor"] in new]
+            have = {(r["n_edits"], r["editor"]) for r in scaling_rows}
+            scaling_rows += [r for r in sc2 if (r["n_edits"], r["editor"]) not in have]
+            zsre_summaries.update({k: v for k, v in z2.items() if k not in zsre_summaries})
         logger.info("resuming: kept %s, %d scaling rows, zsRE %s", sorted(summaries), len(scaling_rows),
                     sorted(zsre_summaries))
     if ("table1" not in skip or "ablations" not in skip) and "SmolLM2 (unedited)" not in summaries:
