@@ -21,15 +21,12 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-import torch
 
 from pmet_lens import load_model
-from pmet_lens.editing import CovarianceStore, preset
-from pmet_lens.editing.context import context_prefixes
+from pmet_lens.editing import CovarianceStore, edit, preset
 from pmet_lens.editing.hparams import _presets_dir
-from pmet_lens.editing.targets import optimise_targets, settings_for
-from pmet_lens.editing.update import compute_and_apply_updates, get_param, key_hook
 from pmet_lens.evaluate import evaluate_counterfact
 from pmet_lens.splits import split_facts
 
@@ -39,31 +36,18 @@ DEFAULT_GRID = (100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0)
 
 
 def sweep(model, facts, hparams, lams, store) -> list[dict]:
-    """Targets once, then one update + evaluation + exact restore per λ."""
-    settings = settings_for(hparams)
-    hooks = [key_hook(model, site, l) for l in hparams.layers for site in settings.kept_sites]
-    covs = store.get(model, hooks, hparams.cov_tokens, hparams.cov_dtype, hparams.cov_seq_len)
-    prefixes = context_prefixes(model, hparams)
+    """Targets once (``edit(apply=False)``), then per λ an edit that reuses them
+    (``edit(targets=...)``, same prefixes), the evaluation, and the exact restore on exiting it."""
     t0 = time.perf_counter()
-    targets = optimise_targets(model, facts, hparams, prefixes, progress=True)
+    first = edit(model, facts, hparams=hparams, cov_store=store, apply=False)
     t_targets = time.perf_counter() - t0
-    values = {s: targets.value(s) for s in settings.kept_sites}
     rows = []
     for lam in lams:
-        originals: dict[str, torch.Tensor] = {}
-
-        def keep(name, delta):
-            originals.setdefault(name, get_param(model, name).detach().clone())
-
-        try:
-            compute_and_apply_updates(model, facts, values, hparams.layers, lam, settings, prefixes, covs, keep)
+        hp = hparams.with_(lam=lam, context_prefixes=first.prefixes)
+        with edit(model, facts, hparams=hp, cov_store=store, targets=first.targets, progress=False):
             _, summary = evaluate_counterfact(model, facts, generation=False, progress=False)
-        finally:
-            with torch.no_grad():
-                for name, orig in originals.items():
-                    get_param(model, name).copy_(orig)
         row = {"method": hparams.method, "lam": lam, "n_facts": len(facts), "layers": list(hparams.layers),
-               "target_seconds": round(t_targets, 1), "mean_target_prob": float(targets.prob.mean())}
+               "target_seconds": round(t_targets, 1), "mean_target_prob": float(np.mean(first.stats["prob"]))}
         row.update({k: summary[k] for k in ("score", "efficacy", "paraphrase", "neighborhood")})
         logger.info("%s λ=%g: score %.3f efficacy %.3f paraphrase %.3f neighborhood %.3f", hparams.method, lam,
                     row["score"], row["efficacy"], row["paraphrase"], row["neighborhood"])

@@ -76,6 +76,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     eps = torch.randn(args.samples, subj[1] - subj[0], model.cfg.d_model, generator=gen) * 3.0 * embedding_std(model)
     n_cells = len(r.tokens) * n_layers
+    naive_cell(model, ids, subj, clean, target, "hidden", 0, 0, eps[:1], 10)  # warm-up, not timed
     naive_total = 0.0
     for kind in ("hidden", "mlp", "attn"):
         cells = [(t, l) for t in range(len(r.tokens)) for l in range(n_layers)][:: max(1, n_cells // args.naive_cells)]
