@@ -29,16 +29,16 @@ def main() -> None:
     model = load_model()
     hp = preset("SmolLM2-135M-Instruct", "pmet")
     L = max(hp.layers)
-    hook = f"blocks.{L}.mlp.hook_post"
+    key_name = f"blocks.{L}.mlp.hook_post"
     store = CovarianceStore(cache_dir=False, progress=False)
     chunks = store._chunks(model, max(checkpoints), hp.cov_seq_len)
     facts = split_facts("tune", limit=16)
     keys = []
     with torch.no_grad():
         for f in facts:
-            _, cache = model.run_with_cache(torch.tensor([encode(model, f.text)]), names_filter=hook,
+            _, cache = model.run_with_cache(torch.tensor([encode(model, f.text)]), names_filter=key_name,
                                             stop_at_layer=L + 1)
-            keys.append(cache[hook][0, subject_last_position(model, f.prompt, f.subject)])
+            keys.append(cache[key_name][0, subject_last_position(model, f.prompt, f.subject)])
     K = torch.stack(keys).double()
     R = torch.randn(len(facts), model.cfg.d_model, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     acc = torch.zeros(model.cfg.d_mlp, model.cfg.d_mlp, dtype=torch.float64)
@@ -46,16 +46,14 @@ def main() -> None:
     snaps = {}
     todo = list(checkpoints)
 
-    def grab(act, hook_):
+    def grab(act, hook):
         nonlocal acc
-        flat = act.reshape(-1, act.shape[-1])[grab.mask]
+        flat = act.reshape(-1, act.shape[-1])  # one unpadded chunk per forward: every row is a real token
         acc += (flat.T @ flat).double()
 
-    with torch.no_grad(), model.hooks(fwd_hooks=[(hook, grab)]):
+    with torch.no_grad(), model.hooks(fwd_hooks=[(key_name, grab)]):
         for c in chunks:
-            batch = pad(model, [c])
-            grab.mask = torch.ones(len(c), dtype=torch.bool)
-            model(batch.tokens, stop_at_layer=L + 1)
+            model(pad(model, [c]).tokens, stop_at_layer=L + 1)
             count += len(c)
             while todo and count >= todo[0]:
                 snaps[todo.pop(0)] = acc / count
