@@ -62,6 +62,12 @@ def delta_norms(result, label: str) -> list[dict[str, Any]]:
              "delta_norm": float(d.float().norm())} for name, d in result.deltas.items()]
 
 
+def evaluate_cf(model, facts, args, generation=True):
+    """``evaluate_counterfact`` with this run's generation setting (``--gen-every 0``: no generation)."""
+    return evaluate_counterfact(model, facts, generation=generation and args.gen_every > 0,
+                                gen_every=max(1, args.gen_every))
+
+
 def run_edit(model, facts, hparams, label, store, args, generation=True, targets=None):
     """Edit ``facts`` (one mass edit), evaluate, restore. ``targets``: reuse optimised targets (exact:
     they do not depend on λ, the spread or which weights are updated). Returns the evaluation, the
@@ -70,8 +76,7 @@ def run_edit(model, facts, hparams, label, store, args, generation=True, targets
     result = edit(model, facts, hparams=hparams, cov_store=store, apply=True, progress=True, targets=targets)
     t_edit = time.perf_counter() - t0
     try:
-        per_record, summary = evaluate_counterfact(model, facts, generation=generation and args.gen_every > 0,
-                                                   gen_every=max(1, args.gen_every))
+        per_record, summary = evaluate_cf(model, facts, args, generation)
     finally:
         norms = delta_norms(result, label)
         result.restore()
@@ -154,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("resuming: kept %s, %d scaling rows, zsRE %s", sorted(summaries), len(scaling_rows),
                     sorted(zsre_summaries))
     if ("table1" not in skip or "ablations" not in skip) and "SmolLM2 (unedited)" not in summaries:
-        per_records["SmolLM2 (unedited)"], summaries["SmolLM2 (unedited)"] = evaluate_counterfact(
-            model, facts, generation=args.gen_every > 0, gen_every=max(1, args.gen_every))
+        per_records["SmolLM2 (unedited)"], summaries["SmolLM2 (unedited)"] = evaluate_cf(model, facts, args)
     targets: dict[str, dict] = {}  # method -> optimised targets of all report cases (reused below)
     if "table1" not in skip:
         for m in methods:
