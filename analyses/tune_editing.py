@@ -1,14 +1,18 @@
-"""Choose the SmolLM2 editing λ on the TUNE part of the CounterFact split (never the report part).
+"""Choose the SmolLM2 editing λ and clamp c on the TUNE part of the CounterFact split (never the
+report part).
 
-For each method (PMET, MEMIT) with its preset (critical layers R from causal tracing, steps, lr,
-clamp), the targets of all tune facts are optimised ONCE (they do not depend on λ), then for
-every λ of the grid the weight update (MEMIT eq. 14 / PMET eq. 10) is solved, written, the
-probability metrics of ROME/MEMIT (efficacy, paraphrase, neighborhood and their harmonic mean,
-the Score) are computed on the tune facts, and the weights are restored bit-for-bit. The λ with
-the best Score is reported, and with ``--write`` stored in ``pmet_lens/presets/editing.json``.
-All tune facts are edited in one mass edit, as in the benchmark (PMET Table 1).
+For each method (PMET, MEMIT) with its preset (critical layers R from causal tracing, steps, lr)
+and each clamp factor c of ``--clamps`` (|δ| ≤ c·|initial output| after every step; default: the
+preset's c only), the targets of all tune facts are optimised ONCE (they depend on c but not on
+λ), then for every λ of the grid the weight update (MEMIT eq. 14 / PMET eq. 10) is solved,
+written, the probability metrics of ROME/MEMIT (efficacy, paraphrase, neighborhood and their
+harmonic mean, the Score) are computed on the tune facts, and the weights are restored
+bit-for-bit. The (c, λ) with the best Score is reported, and with ``--write`` stored in
+``pmet_lens/presets/editing.json``. All tune facts are edited in one mass edit, as in the
+benchmark (PMET Table 1).
 
     python analyses/tune_editing.py --limit 100 --write
+    python analyses/tune_editing.py --clamps 0.75,1.5,3 --lams 30,300 --out figures/tune_clamp
 
 Writes ``<out>/tune_editing.csv`` (one row per method and λ) and ``<out>/tune_editing.json``.
 """
@@ -46,11 +50,13 @@ def sweep(model, facts, hparams, lams, store) -> list[dict]:
         hp = hparams.with_(lam=lam, context_prefixes=first.prefixes)
         with edit(model, facts, hparams=hp, cov_store=store, targets=first.targets, progress=False):
             _, summary = evaluate_counterfact(model, facts, generation=False, progress=False)
-        row = {"method": hparams.method, "lam": lam, "n_facts": len(facts), "layers": list(hparams.layers),
-               "target_seconds": round(t_targets, 1), "mean_target_prob": float(np.mean(first.stats["prob"]))}
+        row = {"method": hparams.method, "clamp": hparams.clamp_norm_factor, "lam": lam, "n_facts": len(facts),
+               "layers": list(hparams.layers), "target_seconds": round(t_targets, 1),
+               "mean_target_prob": float(np.mean(first.stats["prob"])),
+               "mean_steps": float(np.mean(first.stats["steps"]))}
         row.update({k: summary[k] for k in ("score", "efficacy", "paraphrase", "neighborhood")})
-        logger.info("%s λ=%g: score %.3f efficacy %.3f paraphrase %.3f neighborhood %.3f", hparams.method, lam,
-                    row["score"], row["efficacy"], row["paraphrase"], row["neighborhood"])
+        logger.info("%s c=%g λ=%g: score %.3f efficacy %.3f paraphrase %.3f neighborhood %.3f", hparams.method,
+                    hparams.clamp_norm_factor, lam, row["score"], row["efficacy"], row["paraphrase"], row["neighborhood"])
         rows.append(row)
     return rows
 
@@ -60,8 +66,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100, help="tune facts to edit (at most 100)")
     parser.add_argument("--methods", default="pmet,memit")
     parser.add_argument("--lams", default=",".join(str(x) for x in DEFAULT_GRID), help="comma-separated λ grid")
+    parser.add_argument("--clamps", default=None,
+                        help="comma-separated clamp factors c (targets are re-optimised per c); default: the preset's")
     parser.add_argument("--out", type=Path, default=Path("figures"))
-    parser.add_argument("--write", action="store_true", help="store the best λ in presets/editing.json")
+    parser.add_argument("--write", action="store_true", help="store the best (c, λ) in presets/editing.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -72,19 +80,24 @@ def main() -> None:
     store = CovarianceStore()
     rows = []
     for method in args.methods.split(","):
-        rows += sweep(model, facts, preset(name, method), lams, store)
+        base = preset(name, method)
+        clamps = [float(x) for x in args.clamps.split(",")] if args.clamps else [base.clamp_norm_factor]
+        for c in clamps:
+            rows += sweep(model, facts, base.with_(clamp_norm_factor=c), lams, store)
     df = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "tune_editing.csv", index=False)
     best = {m: df[df.method == m].sort_values("score", ascending=False).iloc[0].to_dict() for m in df.method.unique()}
     (args.out / "tune_editing.json").write_text(json.dumps(best, indent=2, default=str) + "\n")
     for m, row in best.items():
-        logger.info("best %s: λ=%g (score %.3f on %d tune facts)", m, row["lam"], row["score"], row["n_facts"])
+        logger.info("best %s: c=%g λ=%g (score %.3f on %d tune facts)", m, row["clamp"], row["lam"], row["score"],
+                    row["n_facts"])
     if args.write:
         path = _presets_dir() / "editing.json"
         table = json.loads(path.read_text())
         for m, row in best.items():
             table["SmolLM2-135M-Instruct"][m]["lam"] = float(row["lam"])
+            table["SmolLM2-135M-Instruct"][m]["clamp_norm_factor"] = float(row["clamp"])
         path.write_text(json.dumps(table, indent=2) + "\n")
         logger.info("wrote %s", path)
     print(df.to_string(index=False))

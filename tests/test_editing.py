@@ -15,6 +15,8 @@ from pmet_lens.editing.update import solve_update, spread
 FACT = {"subject": "Danielle Darrieux", "prompt": "The mother tongue of {} is", "target_new": "English",
         "target_true": "French"}
 FACT2 = {"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome", "target_true": "Paris"}
+FACT3 = {"subject": "Toko Yasuda", "prompt": "{}, who plays the instrument called the", "target_new": "electric piano",
+         "target_true": "guitar"}
 
 
 def _hp(cls=PMETHyperParams, **kw):
@@ -280,3 +282,22 @@ def test_reused_targets_give_the_same_edit(tiny_model, store):
         edit(tiny_model, [FACT, FACT2], hparams=_hp(MEMITHyperParams), cov_store=store,
              progress=False, targets=first.targets)
     assert _same(before, _snapshot(tiny_model)) and _no_hooks(tiny_model)
+
+
+def test_targets_do_not_depend_on_chunking(tiny_model):
+    """Facts are grouped into chunks by suffix length, yet each fact keeps the targets it gets when
+    optimised alone, returned in input order."""
+    from pmet_lens.data import as_facts
+    from pmet_lens.editing.targets import _suffix_length, optimise_targets
+
+    facts = as_facts([FACT3, FACT, FACT2])
+    lengths = [_suffix_length(tiny_model, f) for f in facts]
+    assert lengths != sorted(lengths)  # the grouping really reorders these facts
+    hp = _hp(steps=4, batch_size=2)
+    grouped = optimise_targets(tiny_model, facts, hp, hp.context_prefixes)
+    for i, fact in enumerate(facts):
+        alone = optimise_targets(tiny_model, [fact], hp, hp.context_prefixes)
+        for site in alone.delta:
+            torch.testing.assert_close(grouped.init[site][i], alone.init[site][0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(grouped.delta[site][i], alone.delta[site][0], rtol=1e-4, atol=1e-4)
+        assert grouped.steps[i] == alone.steps[0]
