@@ -301,3 +301,13 @@ def test_targets_do_not_depend_on_chunking(tiny_model):
             torch.testing.assert_close(grouped.init[site][i], alone.init[site][0], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(grouped.delta[site][i], alone.delta[site][0], rtol=1e-4, atol=1e-4)
         assert grouped.steps[i] == alone.steps[0]
+
+
+def test_edit_works_with_grad_disabled(tiny_model, store):
+    """TransformerLens notebooks often start with torch.set_grad_enabled(False): the target
+    optimisation turns grad on for itself, and the caller's grad mode is left as it was."""
+    hp = _hp(steps=3)
+    with torch.no_grad():
+        r = edit(tiny_model, [FACT], hparams=hp, cov_store=store, progress=False, apply=False)
+        assert not torch.is_grad_enabled()
+    assert r.stats["steps"][0] >= 1 and all(torch.isfinite(d).all() for d in r.deltas.values())

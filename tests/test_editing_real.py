@@ -10,9 +10,11 @@ from pmet_lens.editing import CovarianceStore, edit, preset
 from pmet_lens.tokens import encode, target_ids
 
 EIFFEL = "The Eiffel Tower is located in the city of"
-# Measured on SmolLM2 with the presets (PMET λ 30, MEMIT likewise): neither editor moves this
-# paraphrase (log P English ≈ -10.5 vs French ≈ -9.2 after the edit, -10.7 vs -8.9 before); the
-# model predicts " of" after "spoke the language" and the edited subject state does not reach it.
+# Measured on SmolLM2 with the presets (PMET λ 30, c 1.5; MEMIT λ 300, c 0.75; 8192 covariance
+# tokens as below): neither editor moves this paraphrase (log P English / French: -10.73 / -8.85
+# before; PMET -10.18 / -9.28, MEMIT -10.57 / -9.10 after, although P(o*) on the edit prompt's
+# targets is 0.95 / 0.99); the model predicts " of" after "spoke the language" and the edited
+# subject state does not reach it.
 HARD_PARAPHRASE = "An album was recorded for Capitol Nashville but never released. Danielle Darrieux spoke the language"
 
 

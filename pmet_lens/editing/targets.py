@@ -336,7 +336,8 @@ def _optimise_chunk(model, facts, hparams, settings: Settings, prefixes) -> Targ
             if not still.any():
                 active = still
                 break
-            loss[still].sum().backward()
+            with torch.enable_grad():  # callers often run under torch.no_grad() / set_grad_enabled(False)
+                loss[still].sum().backward()
             with torch.no_grad():
                 t = t + still.float()
                 b1, b2, eps = 0.9, 0.999, 1e-8
