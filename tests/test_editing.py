@@ -311,3 +311,50 @@ def test_edit_works_with_grad_disabled(tiny_model, store):
         r = edit(tiny_model, [FACT], hparams=hp, cov_store=store, progress=False, apply=False)
         assert not torch.is_grad_enabled()
     assert r.stats["steps"][0] >= 1 and all(torch.isfinite(d).all() for d in r.deltas.values())
+
+
+def test_one_pass_hashes_equal_separate_hashes(tiny_model):
+    """weights_hashes reads the weights once; each hash equals one computed on its own."""
+    import hashlib
+
+    from pmet_lens.editing.identity import weights_hash, weights_hashes
+
+    def reference(upto):
+        digest = hashlib.blake2b(digest_size=16)
+        for name, p in tiny_model.named_parameters():
+            if upto is not None and name.startswith("blocks.") and int(name.split(".")[1]) > upto:
+                continue
+            if upto is not None and not name.startswith(("blocks.", "embed.", "pos_embed.")):
+                continue
+            t = p.detach().contiguous()
+            digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    layers = list(range(tiny_model.cfg.n_layers))
+    full, partial = weights_hashes(tiny_model, layers)
+    assert full == reference(None) == weights_hash(tiny_model)
+    assert partial == {l: reference(l) for l in layers}
+    assert len(set(partial.values())) == len(layers)
+
+
+def test_cached_prefix_sampling_equals_uncached_loop(tiny_model):
+    """context_prefixes decodes with a key-value cache; the draws are those of full forwards."""
+    from pmet_lens.editing import context_prefixes
+    from pmet_lens.tokens import encode
+
+    hp = _hp(context_prefixes=None, prefix_len=6, prefix_starts=("The", "Because"), prefixes_per_start=2, seed=3)
+    gen = torch.Generator().manual_seed(hp.seed)
+    expected = []
+    with torch.no_grad():
+        for start in hp.prefix_starts:
+            for _ in range(hp.prefixes_per_start):
+                ids = encode(tiny_model, start)
+                for _ in range(hp.prefix_len):
+                    logits = tiny_model(torch.tensor([ids]))[0, -1]
+                    top = torch.topk(logits.float(), k=5)
+                    ids.append(int(top.indices[torch.multinomial(top.values.softmax(-1), 1, generator=gen)]))
+                text = tiny_model.tokenizer.decode(ids, skip_special_tokens=True)
+                expected.append(text.replace("{", " ").replace("}", " ").replace("\n", " ").strip() or start)
+    assert context_prefixes(tiny_model, hp) == tuple(expected)
+    assert len(set(expected)) > 1

@@ -17,7 +17,7 @@ from transformer_lens import HookedTransformer
 from pmet_lens.editing.context import context_prefixes
 from pmet_lens.editing.covariance import CovarianceStore
 from pmet_lens.editing.hparams import EditHyperParams, MEMITHyperParams, PMETHyperParams, preset
-from pmet_lens.editing.identity import weights_hash
+from pmet_lens.editing.identity import weights_hashes
 from pmet_lens.editing.result import EditResult
 from pmet_lens.editing.targets import optimise_targets, settings_for
 from pmet_lens.editing.update import compute_and_apply_updates, get_param, key_hook
@@ -77,9 +77,10 @@ def edit(
     facts = validate_requests(model, facts, hparams)
     settings = settings_for(hparams)
     store = cov_store if cov_store is not None else CovarianceStore(progress=progress)
-    model_hash = weights_hash(model)
+    model_hash, layer_hashes = weights_hashes(model, hparams.layers)  # one pass over the weights
     key_hooks = [key_hook(model, site, l) for l in hparams.layers for site in settings.kept_sites]
-    covs = store.get(model, key_hooks, hparams.cov_tokens, hparams.cov_dtype, hparams.cov_seq_len)
+    covs = store.get(model, key_hooks, hparams.cov_tokens, hparams.cov_dtype, hparams.cov_seq_len,
+                     layer_hashes=layer_hashes)
     prefixes = context_prefixes(model, hparams)
     if targets is None:
         optimised = optimise_targets(model, facts, hparams, prefixes, progress=progress)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from pmet_lens.data import wikitext_path
-from pmet_lens.editing.identity import weights_hash
+from pmet_lens.editing.identity import weights_hashes
 from pmet_lens.models import default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -72,10 +72,19 @@ class CovarianceStore:
         n_tokens: int,
         dtype: str = "float32",
         seq_len: int = 256,
+        *,
+        layer_hashes: dict[int, str] | None = None,
     ) -> dict[str, Float[torch.Tensor, "d d"]]:
         """C for each hook name (``blocks.{l}.mlp.hook_post`` or ``blocks.{l}.attn.hook_z``),
-        on the model's device, in ``dtype``. Missing matrices are built in one corpus pass."""
-        keys = {h: self._key(model, h, n_tokens, dtype, seq_len) for h in hooks}
+        on the model's device, in ``dtype``. Missing matrices are built in one corpus pass.
+
+        ``layer_hashes`` (layer -> ``weights_hash(model, upto_layer=layer)``, e.g. from
+        :func:`~pmet_lens.editing.identity.weights_hashes`) saves the pass over the weights that
+        computes them; they must be the model's current hashes."""
+        layers = sorted({_layer(h) for h in hooks})
+        if layer_hashes is None or any(l not in layer_hashes for l in layers):
+            layer_hashes = weights_hashes(model, layers)[1]
+        keys = {h: self._key_for(layer_hashes[_layer(h)], h, n_tokens, dtype, seq_len) for h in hooks}
         out: dict[str, torch.Tensor] = {}
         missing = []
         for hook, key in keys.items():
@@ -109,8 +118,10 @@ class CovarianceStore:
 
     # ----------------------------------------------------------------- private
     def _key(self, model: HookedTransformer, hook: str, n_tokens: int, dtype: str, seq_len: int) -> str:
-        layer = int(hook.split(".")[1])
-        model_hash = weights_hash(model, upto_layer=layer)
+        layer = _layer(hook)
+        return self._key_for(weights_hashes(model, [layer])[1][layer], hook, n_tokens, dtype, seq_len)
+
+    def _key_for(self, model_hash: str, hook: str, n_tokens: int, dtype: str, seq_len: int) -> str:
         name = hook.replace(".", "-")
         return f"{name}_m{model_hash[:16]}_c{self.corpus_hash}_n{n_tokens}_s{seq_len}_{dtype}"
 
@@ -212,3 +223,8 @@ def _corpus_texts(corpus) -> list[str]:
 
 def describe(store: CovarianceStore) -> str:  # pragma: no cover - convenience for logs
     return json.dumps({"cache_dir": str(store.cache_dir), "corpus": store.corpus_hash})
+
+
+def _layer(hook: str) -> int:
+    """Block index of a ``blocks.{l}....`` hook name."""
+    return int(hook.split(".")[1])

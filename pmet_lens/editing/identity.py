@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Iterable
 
 import torch
 from transformer_lens import HookedTransformer
+
+__all__ = ["weights_hash", "weights_hashes"]
 
 
 def weights_hash(model: HookedTransformer, upto_layer: int | None = None) -> str:
@@ -16,14 +19,34 @@ def weights_hash(model: HookedTransformer, upto_layer: int | None = None) -> str
     The hash does not depend on memory layout (column-major fast-path weights hash like the
     stock row-major ones).
     """
-    digest = hashlib.blake2b(digest_size=16)
+    full, partial = weights_hashes(model, [] if upto_layer is None else [upto_layer])
+    return full if upto_layer is None else partial[upto_layer]
+
+
+def weights_hashes(model: HookedTransformer, upto_layers: Iterable[int]) -> tuple[str, dict[int, str]]:
+    """The full :func:`weights_hash` and ``weights_hash(model, l)`` for each ``l``, in one pass.
+
+    Each parameter is read and hashed once: a partial hash shares the full digest while every
+    parameter so far is one it needs (embeddings and early blocks come first), then continues on
+    a copy of it, which receives only the parameters it needs.
+    """
+    layers = sorted(set(upto_layers))
+    full = hashlib.blake2b(digest_size=16)
+    forked: dict[int, "hashlib._Hash"] = {}
     for name, param in model.named_parameters():
-        if upto_layer is not None and not _needed(name, upto_layer):
-            continue
         t = param.detach()
-        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        digest.update(t.cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+        header = f"{name}|{tuple(t.shape)}|{t.dtype}".encode()
+        data = t.cpu().contiguous().view(torch.uint8).numpy() if t.numel() else b""  # a buffer, not a copy
+        for l in layers:
+            needed = _needed(name, l)
+            if l not in forked and not needed:
+                forked[l] = full.copy()
+            elif l in forked and needed:
+                forked[l].update(header)
+                forked[l].update(data)
+        full.update(header)
+        full.update(data)
+    return full.hexdigest(), {l: (forked[l] if l in forked else full).hexdigest() for l in layers}
 
 
 def _needed(name: str, upto_layer: int) -> bool:
