@@ -248,7 +248,24 @@ def load_previous(out: Path, meta: dict[str, Any]):
     scaling = pd.read_csv(scaling_path).to_dict("records") if scaling_path.is_file() else []
     zsre_path = out / "edit_benchmark_zsre_summaries.json"
     zsre = json.loads(zsre_path.read_text()) if zsre_path.is_file() else {}
+    stale = stale_editors(saved["meta"].get("hparams", {}), meta["hparams"])
+    if stale:
+        logger.warning("--resume: %s were made with other hyper-parameters than the current presets; "
+                       "recomputing them", sorted(stale))
+        summaries = {k: v for k, v in summaries.items() if k not in stale}
+        per_records = {k: v for k, v in per_records.items() if k not in stale}
+        norms = [r for r in norms if r["editor"] not in stale]
+        scaling = [r for r in scaling if r["editor"] not in stale]
+        zsre = {k: v for k, v in zsre.items() if k not in stale}
     return summaries, per_records, norms, scaling, zsre
+
+
+def stale_editors(saved: dict[str, dict], current: dict[str, dict]) -> set[str]:
+    """Editor labels whose saved results used other hyper-parameters than ``current`` (method ->
+    preset dict): PMET's change also makes its ablations stale; a run without a record of its
+    hyper-parameters makes every editor stale."""
+    editors = {"memit": {"MEMIT"}, "pmet": {"PMET", *ABLATIONS}}
+    return {e for m, labels in editors.items() if saved.get(m) != current.get(m) for e in labels}
 
 
 def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta, cons_key) -> None:
