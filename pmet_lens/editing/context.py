@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 from transformer_lens import HookedTransformer
-
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from pmet_lens.editing.hparams import EditHyperParams

@@ -183,7 +183,7 @@ class CovarianceStore:
         device = model.cfg.device
         sums: dict[str, torch.Tensor] = {}
         count = 0
-        stop = max(int(h.split(".")[1]) for h in hooks) + 1
+        stop = max(_layer(h) for h in hooks) + 1
         mask_holder: dict[str, torch.Tensor] = {}
 
         def accumulate(act: torch.Tensor, hook) -> None:
