@@ -58,8 +58,7 @@ METRICS = ["score", "efficacy", "paraphrase", "neighborhood"]
 
 def delta_norms(result, label: str) -> list[dict[str, Any]]:
     """Per-layer Frobenius norms of an edit's ΔW (PMET Appendix A, Fig. 4)."""
-    return [{"editor": label, "layer": int(name.split(".")[1]), "weight": name.split(".")[-1],
-             "delta_norm": float(d.float().norm())} for name, d in result.deltas.items()]
+    return [{"editor": label, **row} for row in result.delta_norms()]
 
 
 def evaluate_cf(model, facts, args, generation=True):

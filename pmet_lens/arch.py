@@ -102,6 +102,18 @@ def _ln_name(component: str) -> str:
     raise ValueError(f"component must be 'mhsa' or 'ffn', got {component!r}")
 
 
+def block_index(name: str) -> int:
+    """Block index ``l`` of a TransformerLens hook or parameter name ``blocks.{l}....``.
+
+    Raises:
+        ValueError: when ``name`` does not name something inside a transformer block.
+    """
+    parts = name.split(".")
+    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
+        raise ValueError(f"{name!r} is not a block hook or parameter name (expected 'blocks.{{l}}....')")
+    return int(parts[1])
+
+
 def architecture(model: HookedTransformer) -> Architecture:
     """Read the architecture facts of ``model`` from its config.
 

@@ -31,7 +31,6 @@ import torch
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
-from pmet_lens.arch import architecture
 from pmet_lens.data import Fact, as_facts
 from pmet_lens.scoring import score_continuations
 from pmet_lens.readout import final_logits
@@ -212,15 +211,7 @@ def dashboard(
 
     # -- ΔW norms
     if edit_result is not None:
-        arch = architecture(model)
-        norm_rows = []
-        for name, delta in edit_result.deltas.items():
-            layer = int(name.split(".")[1])
-            weight = arch.w_o(model, layer) if name.endswith("W_O") else arch.w_out(model, layer)
-            d = delta.float().norm().item()
-            norm_rows.append({"layer": layer, "weight": name.split(".")[-1], "delta_norm": d,
-                              "relative": d / max(weight.float().norm().item(), 1e-12)})
-        norms = pd.DataFrame(norm_rows)
+        norms = pd.DataFrame(edit_result.delta_norms())
         board.tables["delta_norms"] = norms
         fig = px.bar(norms, x="layer", y="delta_norm", color="weight", barmode="group", hover_data=["relative"],
                      title="‖ΔW‖ (Frobenius) per edited layer")

@@ -119,6 +119,29 @@ def test_as_hooks_equals_weight_edit(tiny_model, store):
     torch.testing.assert_close(hooked, edited, atol=1e-4, rtol=1e-4)
 
 
+def test_delta_norms_are_frobenius_norms_of_the_deltas(tiny_model, store):
+    result = edit(tiny_model, [FACT], hparams=_hp(update_attn=True), cov_store=store, progress=False, apply=False)
+    rows = result.delta_norms()
+    assert len(rows) == len(result.deltas)
+    for row, (name, delta) in zip(rows, result.deltas.items()):
+        weight = dict(tiny_model.named_parameters())[name]  # not applied: the unedited weight
+        assert name == f"blocks.{row['layer']}.{'attn' if row['weight'] == 'W_O' else 'mlp'}.{row['weight']}"
+        assert row["delta_norm"] == pytest.approx(torch.sqrt((delta.double() ** 2).sum()).item(), rel=1e-5)
+        assert row["relative"] == pytest.approx(row["delta_norm"] / torch.sqrt((weight.double() ** 2).sum()).item(), rel=1e-5)
+    with result:  # applied: still relative to the unedited weight
+        applied = result.delta_norms()
+    assert [r["relative"] for r in applied] == pytest.approx([r["relative"] for r in rows], rel=1e-6)
+
+
+def test_block_index():
+    from pmet_lens.arch import block_index
+
+    assert block_index("blocks.12.mlp.W_out") == 12 and block_index("blocks.0.hook_mlp_out") == 0
+    for bad in ("embed.W_E", "blocks.x.mlp.W_out", "blocks.3"):
+        with pytest.raises(ValueError, match="not a block hook or parameter name"):
+            block_index(bad)
+
+
 def test_apply_false_and_save_load(tiny_model, store, tmp_path):
     before = _snapshot(tiny_model)
     result = edit(tiny_model, [FACT], hparams=_hp(), cov_store=store, progress=False, apply=False)

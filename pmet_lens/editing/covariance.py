@@ -23,6 +23,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from pmet_lens.arch import block_index
 from pmet_lens.data import wikitext_path
 from pmet_lens.editing.identity import weights_hashes
 from pmet_lens.models import default_cache_dir
@@ -81,10 +82,10 @@ class CovarianceStore:
         ``layer_hashes`` (layer -> ``weights_hash(model, upto_layer=layer)``, e.g. from
         :func:`~pmet_lens.editing.identity.weights_hashes`) saves the pass over the weights that
         computes them; they must be the model's current hashes."""
-        layers = sorted({_layer(h) for h in hooks})
+        layers = sorted({block_index(h) for h in hooks})
         if layer_hashes is None or any(l not in layer_hashes for l in layers):
             layer_hashes = weights_hashes(model, layers)[1]
-        keys = {h: self._key_for(layer_hashes[_layer(h)], h, n_tokens, dtype, seq_len) for h in hooks}
+        keys = {h: self._key_for(layer_hashes[block_index(h)], h, n_tokens, dtype, seq_len) for h in hooks}
         out: dict[str, torch.Tensor] = {}
         missing = []
         for hook, key in keys.items():
@@ -118,7 +119,7 @@ class CovarianceStore:
 
     # ----------------------------------------------------------------- private
     def _key(self, model: HookedTransformer, hook: str, n_tokens: int, dtype: str, seq_len: int) -> str:
-        layer = _layer(hook)
+        layer = block_index(hook)
         return self._key_for(weights_hashes(model, [layer])[1][layer], hook, n_tokens, dtype, seq_len)
 
     def _key_for(self, model_hash: str, hook: str, n_tokens: int, dtype: str, seq_len: int) -> str:
@@ -183,7 +184,7 @@ class CovarianceStore:
         device = model.cfg.device
         sums: dict[str, torch.Tensor] = {}
         count = 0
-        stop = max(_layer(h) for h in hooks) + 1
+        stop = max(block_index(h) for h in hooks) + 1
         mask_holder: dict[str, torch.Tensor] = {}
 
         def accumulate(act: torch.Tensor, hook) -> None:
@@ -223,8 +224,3 @@ def _corpus_texts(corpus) -> list[str]:
 
 def describe(store: CovarianceStore) -> str:  # pragma: no cover - convenience for logs
     return json.dumps({"cache_dir": str(store.cache_dir), "corpus": store.corpus_hash})
-
-
-def _layer(hook: str) -> int:
-    """Block index of a ``blocks.{l}....`` hook name."""
-    return int(hook.split(".")[1])

@@ -8,6 +8,8 @@ from typing import Iterable
 import torch
 from transformer_lens import HookedTransformer
 
+from pmet_lens.arch import block_index
+
 __all__ = ["weights_hash", "weights_hashes"]
 
 
@@ -51,5 +53,5 @@ def weights_hashes(model: HookedTransformer, upto_layers: Iterable[int]) -> tupl
 
 def _needed(name: str, upto_layer: int) -> bool:
     if name.startswith("blocks."):
-        return int(name.split(".")[1]) <= upto_layer
+        return block_index(name) <= upto_layer
     return name.startswith(("embed.", "pos_embed."))

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from transformer_lens import HookedTransformer
 
-from pmet_lens.arch import architecture
+from pmet_lens.arch import architecture, block_index
 from pmet_lens.data import Fact
 from pmet_lens.editing.identity import weights_hash
 
@@ -102,6 +102,18 @@ class EditResult:
     def __exit__(self, *exc: Any) -> None:
         self.restore()
 
+    def delta_norms(self) -> list[dict[str, Any]]:
+        """Per edited weight: its block ``layer``, ``weight`` ("W_out" / "W_O"), the Frobenius norm
+        ``delta_norm`` = ‖ΔW‖ (PMET Appendix A, Fig. 4) and ``relative`` = ‖ΔW‖ / ‖W‖ of the unedited
+        weight."""
+        rows = []
+        for name, delta in self.deltas.items():
+            weight = self._originals.get(name, self._param(name)).detach()
+            d = float(delta.float().norm())
+            rows.append({"layer": block_index(name), "weight": name.split(".")[-1], "delta_norm": d,
+                         "relative": d / max(float(weight.float().norm()), 1e-12)})
+        return rows
+
     # --------------------------------------------------------------- hooks
     def as_hooks(self) -> list[tuple[str, Callable]]:
         """The edit as forward hooks, weights untouched: ΔW_out·k added at ``hook_mlp_out``
@@ -115,7 +127,7 @@ class EditResult:
         arch = architecture(self.model)
         hooks: list[tuple[str, Callable]] = []
         for name, delta in self.deltas.items():
-            layer = int(name.split(".")[1])
+            layer = block_index(name)
             is_attn = name.endswith("W_O")
             key_name = arch.attn_key_hook(layer) if is_attn else arch.mlp_key_hook(layer)
             out_name = arch.attn_out_hook(layer) if is_attn else arch.mlp_out_hook(layer)

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
-from pmet_lens.arch import architecture
+from pmet_lens.arch import architecture, block_index
 from pmet_lens.data import Fact
 from pmet_lens.editing.context import context_templates
 from pmet_lens.editing.targets import Settings, site_hook
@@ -79,7 +79,7 @@ def param_name(site: str, layer: int) -> str:
 def get_param(model: HookedTransformer, name: str) -> torch.nn.Parameter:
     """The parameter ``blocks.l.mlp.W_out`` / ``blocks.l.attn.W_O`` through :mod:`pmet_lens.arch`."""
     arch = architecture(model)
-    layer = int(name.split(".")[1])
+    layer = block_index(name)
     return arch.w_o(model, layer) if name.endswith("W_O") else arch.w_out(model, layer)
 
 
