@@ -14,7 +14,8 @@ own ``torch.Generator`` seeded with ``seed + i``.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from functools import partial
+from typing import Callable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -26,7 +27,7 @@ from pmet_lens.tokens import encode, pad_id
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["sample_texts", "top_k_sample"]
+__all__ = ["decode", "sample_texts", "top_k_sample"]
 
 
 def top_k_sample(
@@ -90,6 +91,25 @@ def _sample_batch(
     top_k: int,
     eos: int | None,
 ) -> list[list[int]]:
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    budget = [max(0, max_length - len(s)) for s in seqs]
+    return decode(model, seqs, budget, partial(top_k_sample, k=top_k, generators=generators), eos)
+
+
+def decode(
+    model: HookedTransformer,
+    seqs: list[list[int]],
+    budget: list[int],
+    pick: Callable[[Float[torch.Tensor, "batch vocab"]], torch.Tensor],
+    eos: int | None = None,
+) -> list[list[int]]:
+    """The one key-value-cached decoding loop: up to ``budget[r]`` new tokens after ``seqs[r]``.
+
+    Rows are left-padded and decoded together with an attention mask; every step calls
+    ``pick(last_logits)`` for the next token of each row (a CPU tensor ``[batch]``), also for rows
+    that have finished, so a row's draws never depend on when the others stop. A row ends at its
+    budget or at ``eos`` (not appended). Returns the new tokens of each row.
+    """
     device = model.cfg.device
     b = len(seqs)
     width = max(len(s) for s in seqs)
@@ -98,8 +118,6 @@ def _sample_batch(
     for r, s in enumerate(seqs):
         tokens[r, width - len(s) :] = torch.tensor(s)
         mask[r, width - len(s) :] = 1
-    budget = [max(0, max_length - len(s)) for s in seqs]
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     new: list[list[int]] = [[] for _ in range(b)]
     done = [n == 0 for n in budget]
     if all(done):
@@ -108,7 +126,7 @@ def _sample_batch(
     with torch.no_grad():
         logits = model(tokens.to(device), attention_mask=mask.to(device), past_kv_cache=cache)[:, -1]
         for _ in range(max(budget)):
-            nxt = top_k_sample(logits, top_k, generators)
+            nxt = pick(logits)
             for r in range(b):
                 if done[r]:
                     continue
