@@ -108,7 +108,7 @@ class EditResult:
         weight."""
         rows = []
         for name, delta in self.deltas.items():
-            weight = self._originals.get(name, self._param(name)).detach()
+            weight = self._originals[name] if name in self._originals else self._param(name).detach()
             d = float(delta.float().norm())
             rows.append({"layer": block_index(name), "weight": name.split(".")[-1], "delta_norm": d,
                          "relative": d / max(float(weight.float().norm()), 1e-12)})
