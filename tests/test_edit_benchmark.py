@@ -26,3 +26,11 @@ def test_resume_drops_results_of_changed_presets():
     memit_changed = {**current, "memit": {**current["memit"], "lam": 1.0}}
     assert eb.stale_editors(memit_changed, current) == {"MEMIT"}
     assert eb.stale_editors({}, current) == {"MEMIT", "PMET", *eb.ABLATIONS}
+
+
+def test_only_the_no_attn_delta_ablation_reoptimises():
+    """Even spread and + W_O reuse PMET's targets (on CounterFact and zsRE); w/o δ_a optimises anew."""
+    eb = _module()
+    given = {"mlp_out": object(), "attn_out": object()}
+    reused = {abl: eb.reusable_targets(change, given) is given for abl, change in eb.ABLATIONS.items()}
+    assert reused == {"PMET w/o δ_a": False, "PMET + W_O^MHSA": True, "PMET even spread": True}
