@@ -6,7 +6,10 @@ MEMIT Appendix C): the model reads ``prompt ⊕ target`` once, teacher-forced, a
 object is taken from its **mean token log-probability** (ROME/MEMIT report the mean token NLL), and
 the zsRE top-1 test asks, per target token, whether ``argmax`` of those logits equals ``t_j``.
 
-All pairs run in a few right-padded forwards (sorted by length, so little padding is wasted). Only
+All pairs run in a few right-padded forwards (sorted by length, so little padding is wasted), and
+pairs with the same teacher-forced token sequence share one row: CounterFact asks for P(o*) and P(o^c)
+after the same prompt, and where both objects are single tokens (656 of the 769 report cases on
+SmolLM2's tokenizer) that is one forward instead of two. Only
 the scored positions are projected on the vocabulary: the blocks run with
 ``stop_at_layer=n_layers``; the final norm and unembedding are applied to the gathered rows. Hooks a
 caller has added to the model (an edit previewed as hooks) fire as usual.
@@ -113,16 +116,23 @@ def score_token_ids(
         return ContinuationScores(mean_logprob=torch.zeros(0), token_correct=[])
     if any(len(p) == 0 for p in prompt_ids) or any(len(t) == 0 for t in target_token_ids):
         raise ValueError("every prompt and every target needs at least one token")
-    seqs = [list(p) + list(t[:-1]) for p, t in zip(prompt_ids, target_token_ids)]
-    order = sorted(range(n), key=lambda i: -len(seqs[i]))
+    # Pairs whose teacher-forced sequences are identical share one row (e.g. a prompt scored for a
+    # single-token o* and a single-token o^c: both sequences are the prompt alone).
+    unique: dict[tuple[int, ...], int] = {}
+    uid = [unique.setdefault(tuple(p) + tuple(t[:-1]), len(unique)) for p, t in zip(prompt_ids, target_token_ids)]
+    seqs = list(unique)
+    pairs_of: list[list[int]] = [[] for _ in seqs]
+    for i, u in enumerate(uid):
+        pairs_of[u].append(i)
+    order = sorted(range(len(seqs)), key=lambda u: -len(seqs[u]))
     batches: list[list[int]] = []
     current: list[int] = []
-    for i in order:
-        width = len(seqs[current[0]]) if current else len(seqs[i])
+    for u in order:
+        width = len(seqs[current[0]]) if current else len(seqs[u])
         if current and (len(current) >= batch_size or (len(current) + 1) * width > max_tokens):
             batches.append(current)
             current = []
-        current.append(i)
+        current.append(u)
     if current:
         batches.append(current)
 
@@ -130,16 +140,17 @@ def score_token_ids(
     correct: list[torch.Tensor | None] = [None] * n
     with torch.no_grad():
         for rows in tqdm(batches, desc="scoring", disable=not progress, leave=False):
-            batch = pad(model, [seqs[i] for i in rows])
+            batch = pad(model, [list(seqs[u]) for u in rows])
             resid = model(batch.tokens, stop_at_layer=model.cfg.n_layers)  # [b, pos, d_model]
             row_idx, pos_idx, labels, owners = [], [], [], []
-            for r, i in enumerate(rows):
-                start = len(prompt_ids[i]) - 1
-                for j, tok in enumerate(target_token_ids[i]):
-                    row_idx.append(r)
-                    pos_idx.append(start + j)
-                    labels.append(tok)
-                owners.append((i, len(target_token_ids[i])))
+            for r, u in enumerate(rows):
+                for i in pairs_of[u]:
+                    start = len(prompt_ids[i]) - 1
+                    for j, tok in enumerate(target_token_ids[i]):
+                        row_idx.append(r)
+                        pos_idx.append(start + j)
+                        labels.append(tok)
+                    owners.append((i, len(target_token_ids[i])))
             device = resid.device
             picked = resid[torch.tensor(row_idx, device=device), torch.tensor(pos_idx, device=device)]
             logits = _unembed(model, picked).float()  # [n_tok, vocab]

@@ -76,6 +76,21 @@ def test_counterfact_matches_plain_loop_unedited(tiny_model):
     assert "fluency" not in summary and "consistency" not in summary
 
 
+def test_pairs_with_one_sequence_share_a_row_and_score_as_alone(tiny_model):
+    """Pairs whose teacher-forced sequences coincide (a prompt with two single-token objects; a
+    prompt + o[0] scored for o[1:]) share one forward row, and each still gets its own score."""
+    from pmet_lens.scoring import score_token_ids
+
+    p = tiny_model.to_tokens("The mother tongue of Danielle Darrieux is")[0].tolist()
+    pairs = [(p, [11]), (p, [42]), (p, [11, 7, 9]), (p + [11], [7, 9]), (p[:-1], [p[-1], 5]), (p, [11])]
+    shared = score_token_ids(tiny_model, [a for a, _ in pairs], [b for _, b in pairs], batch_size=2)
+    for i, (prompt, target) in enumerate(pairs):
+        alone = score_token_ids(tiny_model, [prompt], [target])
+        assert float(shared.mean_logprob[i]) == pytest.approx(float(alone.mean_logprob[0]), abs=1e-5)
+        assert torch.equal(shared.token_correct[i], alone.token_correct[0])
+    assert float(shared.mean_logprob[0]) != pytest.approx(float(shared.mean_logprob[1]))
+
+
 def _random_edit_hooks(model, scale: float = 2.0):
     """An 'edit' as hooks: a random rank-1 ΔW_out on two layers (what EditResult.as_hooks adds)."""
     gen = torch.Generator().manual_seed(1)
