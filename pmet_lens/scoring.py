@@ -118,12 +118,10 @@ def score_token_ids(
         raise ValueError("every prompt and every target needs at least one token")
     # Pairs whose teacher-forced sequences are identical share one row (e.g. a prompt scored for a
     # single-token o* and a single-token o^c: both sequences are the prompt alone).
-    unique: dict[tuple[int, ...], int] = {}
-    uid = [unique.setdefault(tuple(p) + tuple(t[:-1]), len(unique)) for p, t in zip(prompt_ids, target_token_ids)]
-    seqs = list(unique)
-    pairs_of: list[list[int]] = [[] for _ in seqs]
-    for i, u in enumerate(uid):
-        pairs_of[u].append(i)
+    rows_of: dict[tuple[int, ...], list[int]] = {}  # sequence -> the pairs it serves
+    for i, (p, t) in enumerate(zip(prompt_ids, target_token_ids)):
+        rows_of.setdefault(tuple(p) + tuple(t[:-1]), []).append(i)
+    seqs, pairs_of = list(rows_of), list(rows_of.values())
     order = sorted(range(len(seqs)), key=lambda u: -len(seqs[u]))
     batches: list[list[int]] = []
     current: list[int] = []
