@@ -88,11 +88,11 @@ def run_edit(model, facts, hparams, label, store, args, generation=True, targets
     return per_record, summary, norms, result.targets
 
 
-def reusable_targets(change: dict[str, Any], pmet_targets: dict[str, torch.Tensor] | None):
-    """PMET's optimised targets if the ablation ``change`` leaves the optimisation as it is (even
-    spread, + W_O: v^m and v^a do not depend on the spread or on which weights are updated), else
-    ``None`` (w/o δ_a optimises a different loss)."""
-    return None if "use_attn_delta" in change else pmet_targets
+def reuses_pmet_targets(change: dict[str, Any]) -> bool:
+    """Whether the ablation ``change`` can reuse PMET's optimised targets: even spread and + W_O can
+    (v^m and v^a do not depend on the spread or on which weights are updated), w/o δ_a cannot (it
+    optimises a different loss)."""
+    return "use_attn_delta" not in change
 
 
 def paper_side_by_side(ours: dict[str, dict], paper: dict[str, dict], columns: list[str], cons_key: str) -> pd.DataFrame:
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         for abl, change in ABLATIONS.items():
             if abl in summaries:
                 continue
-            reuse = reusable_targets(change, targets["pmet"])
+            reuse = targets["pmet"] if reuses_pmet_targets(change) else None
             pr, s, nm, _ = run_edit(model, facts, base.with_(**change), abl, store, args, targets=reuse)
             per_records[abl], summaries[abl] = pr, s
             norms += nm
@@ -233,9 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         for editor, hp, change in runs:
             if editor in zsre_summaries:
                 continue
-            if change and zsre_targets is None:  # resumed without PMET's zsRE targets: optimise them
-                zsre_targets = edit(model, records, hparams=preset(name, "pmet"), cov_store=store, apply=False).targets
-            given = reusable_targets(change, zsre_targets) if change else None
+            given = None
+            if change and reuses_pmet_targets(change):
+                if zsre_targets is None:  # resumed without PMET's zsRE targets: optimise them
+                    zsre_targets = edit(model, records, hparams=preset(name, "pmet"), cov_store=store, apply=False).targets
+                given = zsre_targets
             result = edit(model, records, hparams=hp, cov_store=store, apply=True, progress=True, targets=given)
             if editor == "PMET":
                 zsre_targets = result.targets

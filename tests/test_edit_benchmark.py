@@ -31,6 +31,5 @@ def test_resume_drops_results_of_changed_presets():
 def test_only_the_no_attn_delta_ablation_reoptimises():
     """Even spread and + W_O reuse PMET's targets (on CounterFact and zsRE); w/o δ_a optimises anew."""
     eb = _module()
-    given = {"mlp_out": object(), "attn_out": object()}
-    reused = {abl: eb.reusable_targets(change, given) is given for abl, change in eb.ABLATIONS.items()}
+    reused = {abl: eb.reuses_pmet_targets(change) for abl, change in eb.ABLATIONS.items()}
     assert reused == {"PMET w/o δ_a": False, "PMET + W_O^MHSA": True, "PMET even spread": True}
