@@ -22,6 +22,13 @@ scaling curve (identical up to float rounding). Consistency is the documented of
 with the papers' column. Outputs go to ``--out`` (default ``figures/``): CSV, interactive HTML,
 matplotlib PNG, and ``edit_benchmark.md`` with the tables beside the papers' GPT-J numbers.
 
+The full run takes hours on a 2-core CPU, so it is resumable: every result is written to ``--out`` as soon
+as it exists, and each optimised mass edit (deltas and targets) is saved under
+``--out/edit_benchmark_edits/``. ``--resume`` keeps the finished results and reuses the saved targets
+(checked against the facts, the hyper-parameters and the model's weights), so an interrupted run loses
+at most the editor it was working on. The rows that reuse PMET's targets (Fig. 3, + W_O, even spread) run
+before the w/o δ_a ablation, which optimises anew.
+
     python analyses/edit_benchmark.py --limit 50 --gen-every 10 --methods memit,pmet
 """
 
@@ -39,7 +46,8 @@ import pandas as pd
 import torch
 
 from pmet_lens import load_model, load_zsre
-from pmet_lens.editing import CovarianceStore, edit, preset
+from pmet_lens.data import as_facts
+from pmet_lens.editing import CovarianceStore, EditResult, edit, preset
 from pmet_lens.evaluate import PAPER_TABLE1_GPTJ, PAPER_TABLE2_GPTJ, evaluate_counterfact, evaluate_zsre, format_table
 from pmet_lens.splits import split_facts
 
@@ -70,13 +78,16 @@ def evaluate_cf(model, facts, args, generation=True):
                                 gen_every=max(1, args.gen_every))
 
 
-def run_edit(model, facts, hparams, label, store, args, generation=True, targets=None):
+def run_edit(model, facts, hparams, label, store, args, generation=True, targets=None, save_to=None):
     """Edit ``facts`` (one mass edit), evaluate, restore. ``targets``: reuse optimised targets (exact:
-    they do not depend on λ, the spread or which weights are updated). Returns the evaluation, the
-    ΔW norms and the targets."""
+    they do not depend on λ, the spread or which weights are updated). ``save_to``: write the edit
+    (deltas and targets) there, so that ``--resume`` can reuse its targets. Returns the evaluation,
+    the ΔW norms and the targets."""
     t0 = time.perf_counter()
     result = edit(model, facts, hparams=hparams, cov_store=store, apply=True, progress=True, targets=targets)
     t_edit = time.perf_counter() - t0
+    if save_to is not None:
+        result.save(save_to)
     try:
         per_record, summary = evaluate_cf(model, facts, args, generation)
     finally:
@@ -86,6 +97,41 @@ def run_edit(model, facts, hparams, label, store, args, generation=True, targets
     summary["targets_reused"] = targets is not None
     logger.info("%s: %d facts edited in %.0f s; efficacy %.3f", label, len(facts), t_edit, summary["efficacy"])
     return per_record, summary, norms, result.targets
+
+
+def saved_targets(path: Path, model, facts, hparams) -> dict[str, torch.Tensor] | None:
+    """Targets of an edit that an earlier run saved at ``path`` (for ``--resume``), or ``None`` when
+    there is none or it was made for other facts, other hyper-parameters or another model."""
+    if not path.is_file():
+        return None
+    try:
+        saved = EditResult.load(path, model)
+    except ValueError as err:
+        logger.warning("--resume: not reusing %s: %s", path, err)
+        return None
+    same_hp = saved.hparams == json.loads(json.dumps(hparams.to_dict()))
+    same_facts = [f.to_counterfact() for f in saved.facts] == [f.to_counterfact() for f in as_facts(facts)]
+    if not (same_hp and same_facts):
+        logger.warning("--resume: not reusing %s: made for other %s", path, "facts" if same_hp else "hyper-parameters")
+        return None
+    logger.info("--resume: reusing the targets saved in %s", path)
+    return saved.targets
+
+
+def save_progress(out: Path, meta, summaries, per_records, norms, scaling_rows, zsre_summaries) -> None:
+    """Write every result so far (the files ``--resume`` reads), so an interrupted run loses at most
+    the editor it was working on."""
+    if summaries:
+        format_table(summaries).to_csv(out / "edit_benchmark_table1_3.csv")
+        pd.concat({k: v.assign(editor=k) for k, v in per_records.items()}).to_csv(out / "edit_benchmark_per_record.csv", index=False)
+        (out / "edit_benchmark_summaries.json").write_text(json.dumps({"meta": meta, "summaries": summaries}, indent=1, default=float))
+    if norms:
+        pd.DataFrame(norms).to_csv(out / "edit_benchmark_fig4_delta_norms.csv", index=False)
+    if scaling_rows:
+        pd.DataFrame(scaling_rows).sort_values(["editor", "n_edits"]).to_csv(out / "edit_benchmark_fig3_scaling.csv", index=False)
+    if zsre_summaries:
+        format_table(zsre_summaries).to_csv(out / "edit_benchmark_table2_zsre.csv")
+        (out / "edit_benchmark_zsre_summaries.json").write_text(json.dumps(zsre_summaries, indent=1, default=float))
 
 
 def reuses_pmet_targets(change: dict[str, Any]) -> bool:
@@ -167,41 +213,49 @@ def main(argv: list[str] | None = None) -> int:
             zsre_summaries.update({k: v for k, v in z2.items() if k not in zsre_summaries})
         logger.info("resuming: kept %s, %d scaling rows, zsRE %s", sorted(summaries), len(scaling_rows),
                     sorted(zsre_summaries))
+    edits_dir = out / "edit_benchmark_edits"  # optimised edits (deltas + targets), reused by --resume
+
+    def progress() -> None:
+        save_progress(out, meta, summaries, per_records, norms, scaling_rows, zsre_summaries)
+
+    # (kind, method) -> optimised targets of all report cases ("cf") or zsRE records ("zsre"), reused by the
+    # scaling curve and the ablations that keep PMET's loss; saved under edits_dir for --resume.
+    targets: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+
+    def saved(m: str, records, kind: str) -> dict[str, torch.Tensor] | None:
+        if (kind, m) not in targets and args.resume:
+            found = saved_targets(edits_dir / f"{kind}_{m}.safetensors", model, records, preset(name, m))
+            if found is not None:
+                targets[(kind, m)] = found
+        return targets.get((kind, m))
+
+    def targets_of(m: str, records, kind: str = "cf") -> dict[str, torch.Tensor]:
+        """The method's optimised targets on ``records``: from this run, saved by an earlier one, or optimised now."""
+        if saved(m, records, kind) is None:
+            result = edit(model, records, hparams=preset(name, m), cov_store=store, apply=False, progress=True)
+            result.save(edits_dir / f"{kind}_{m}.safetensors")
+            targets[(kind, m)] = result.targets
+        return targets[(kind, m)]
+
     if ("table1" not in skip or "ablations" not in skip) and "SmolLM2 (unedited)" not in summaries:
         per_records["SmolLM2 (unedited)"], summaries["SmolLM2 (unedited)"] = evaluate_cf(model, facts, args)
-    targets: dict[str, dict] = {}  # method -> optimised targets of all report cases (reused below)
-    if "table1" not in skip:
-        for m in methods:
-            if label[m] in summaries:
-                continue
-            pr, s, nm, targets[m] = run_edit(model, facts, preset(name, m), label[m], store, args)
-            per_records[label[m]], summaries[label[m]] = pr, s
-            norms += nm
-    if "ablations" not in skip:
-        base = preset(name, "pmet")
-        if "PMET" not in summaries:
-            pr, s, nm, targets["pmet"] = run_edit(model, facts, base, "PMET", store, args)
-            per_records["PMET"], summaries["PMET"] = pr, s
-            norms += nm
-        elif "pmet" not in targets and any(a not in summaries for a in ABLATIONS):  # resumed: targets only
-            targets["pmet"] = edit(model, facts, hparams=base, cov_store=store, apply=False).targets
-        for abl, change in ABLATIONS.items():
-            if abl in summaries:
-                continue
-            reuse = targets["pmet"] if reuses_pmet_targets(change) else None
-            pr, s, nm, _ = run_edit(model, facts, base.with_(**change), abl, store, args, targets=reuse)
-            per_records[abl], summaries[abl] = pr, s
-            norms += nm
+        progress()
+    table1 = methods if "table1" not in skip else []
+    if "ablations" not in skip and "pmet" not in table1:
+        table1 = [*table1, "pmet"]  # Table 3 compares the ablations with PMET itself
+    for m in table1:
+        if label[m] in summaries:
+            continue
+        given = saved(m, facts, "cf")
+        pr, s, nm, targets[("cf", m)] = run_edit(
+            model, facts, preset(name, m), label[m], store, args, targets=given,
+            save_to=None if given is not None else edits_dir / f"cf_{m}.safetensors")
+        per_records[label[m]], summaries[label[m]] = pr, s
+        norms += nm
+        progress()
 
-    cons_key = "consistency_proxy"
-    if summaries:
-        table = format_table(summaries)
-        table.to_csv(out / "edit_benchmark_table1_3.csv")
-        pd.concat({k: v.assign(editor=k) for k, v in per_records.items()}).to_csv(out / "edit_benchmark_per_record.csv", index=False)
-        (out / "edit_benchmark_summaries.json").write_text(json.dumps({"meta": meta, "summaries": summaries}, indent=1, default=float))
-    if norms:
-        pd.DataFrame(norms).to_csv(out / "edit_benchmark_fig4_delta_norms.csv", index=False)
-
+    # Fig. 3 and the ablations that reuse PMET's targets come before the one that optimises anew (w/o δ_a),
+    # so an interrupted run has the most results per CPU hour.
     if "scaling" not in skip and len(facts) > 1:
         n_max = len(facts)
         counts = sorted({max(1, round(math.exp(math.log(n_max) * i / (args.scaling_points - 1)))) for i in range(args.scaling_points)})
@@ -213,40 +267,47 @@ def main(argv: list[str] | None = None) -> int:
                 if n == n_max and label[m] in summaries:
                     s = summaries[label[m]]  # the Table 1 mass edit of all cases
                 else:  # each fact's target is optimised independently: the first n rows are its targets
-                    given = {k: v[:n] for k, v in targets[m].items()} if m in targets else None
+                    given = {k: v[:n] for k, v in targets_of(m, facts).items()}
                     _, s, _, _ = run_edit(model, facts[:n], preset(name, m), label[m], store, args,
                                           generation=False, targets=given)
                 scaling_rows.append({"n_edits": n, "editor": label[m], **{k: s[k] for k in METRICS},
                                      **{f"{k}_ci95": s.get(f"{k}_ci95") for k in METRICS[1:]}})
-        pd.DataFrame(scaling_rows).to_csv(out / "edit_benchmark_fig3_scaling.csv", index=False)
+                progress()
 
+    if "ablations" not in skip:
+        base = preset(name, "pmet")
+        for abl, change in sorted(ABLATIONS.items(), key=lambda item: not reuses_pmet_targets(item[1])):
+            if abl in summaries:
+                continue
+            reuse = targets_of("pmet", facts) if reuses_pmet_targets(change) else None
+            pr, s, nm, _ = run_edit(model, facts, base.with_(**change), abl, store, args, targets=reuse)
+            per_records[abl], summaries[abl] = pr, s
+            norms += nm
+            progress()
+
+    cons_key = "consistency_proxy"
     if "zsre" not in skip:
         records = load_zsre(limit=args.zsre_limit if args.zsre_limit is not None else args.limit)
         if "SmolLM2 (unedited)" not in zsre_summaries:
             _, zsre_summaries["SmolLM2 (unedited)"] = evaluate_zsre(model, records)
+            progress()
         # MEMIT, PMET and (unless skipped) PMET's ablations: Table 3 is on CounterFact only in the paper;
         # on zsRE the + W_O row tests whether writing δ_a into the weights closes PMET's gap to MEMIT.
         runs = [(label[m], preset(name, m), {}) for m in methods]
         if "pmet" in methods and "ablations" not in skip:
             runs += [(abl, preset(name, "pmet").with_(**change), change) for abl, change in ABLATIONS.items()]
-        zsre_targets: dict[str, torch.Tensor] | None = None
         for editor, hp, change in runs:
             if editor in zsre_summaries:
                 continue
             given = None
-            if change and reuses_pmet_targets(change):
-                if zsre_targets is None:  # resumed without PMET's zsRE targets: optimise them
-                    zsre_targets = edit(model, records, hparams=preset(name, "pmet"), cov_store=store, apply=False).targets
-                given = zsre_targets
+            if editor in ("MEMIT", "PMET") or reuses_pmet_targets(change):
+                given = targets_of(hp.method, records, kind="zsre")
             result = edit(model, records, hparams=hp, cov_store=store, apply=True, progress=True, targets=given)
-            if editor == "PMET":
-                zsre_targets = result.targets
             try:
                 _, zsre_summaries[editor] = evaluate_zsre(model, records)
             finally:
                 result.restore()
-        format_table(zsre_summaries).to_csv(out / "edit_benchmark_table2_zsre.csv")
-        (out / "edit_benchmark_zsre_summaries.json").write_text(json.dumps(zsre_summaries, indent=1, default=float))
+            progress()
 
     write_report(out, summaries, norms, scaling_rows, zsre_summaries, meta, cons_key)
     return 0
@@ -325,7 +386,7 @@ def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta
         md += ["## Table 2 (zsRE, top-1 token accuracy x100)\n", to_markdown(t2), ""]
 
     if scaling_rows:
-        df = pd.DataFrame(scaling_rows)
+        df = pd.DataFrame(scaling_rows).sort_values(["editor", "n_edits"])  # a resumed run appends out of order
         long = df.melt(id_vars=["n_edits", "editor"], value_vars=METRICS, var_name="metric", value_name="value")
         fig = px.line(long, x="n_edits", y="value", color="editor", facet_col="metric", markers=True, log_x=True,
                       title="Fig. 3: metrics vs number of simultaneous edits")

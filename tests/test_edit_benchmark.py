@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import torch
+
 from pmet_lens.editing import preset
 
 _PATH = Path(__file__).resolve().parents[1] / "analyses" / "edit_benchmark.py"
@@ -33,3 +35,29 @@ def test_only_the_no_attn_delta_ablation_reoptimises():
     eb = _module()
     reused = {abl: eb.reuses_pmet_targets(change) for abl, change in eb.ABLATIONS.items()}
     assert reused == {"PMET w/o δ_a": False, "PMET + W_O^MHSA": True, "PMET even spread": True}
+
+
+def test_resume_reuses_saved_targets_only_for_the_same_facts_and_hparams(tmp_path):
+    """An interrupted run's saved edit gives its targets back to --resume, bit for bit; an edit made for
+    other facts or other hyper-parameters is not reused."""
+    from conftest import make_tiny_model
+
+    from pmet_lens.editing import CovarianceStore, PMETHyperParams, edit
+
+    eb = _module()
+    model = make_tiny_model(parallel=False, norm="RMS", gated=True)
+    facts = [{"subject": "Danielle Darrieux", "prompt": "The mother tongue of {} is", "target_new": "English",
+              "target_true": "French"},
+             {"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome", "target_true": "Paris"}]
+    hp = PMETHyperParams(layers=(1, 2), cov_tokens=1500, cov_seq_len=64, steps=4, lam=0.5,
+                         context_prefixes=("Once upon a time",))
+    store = CovarianceStore(tmp_path / "cov", progress=False)
+    result = edit(model, facts, hparams=hp, cov_store=store, apply=False, progress=False)
+    path = result.save(tmp_path / "edits" / "cf_pmet.safetensors")
+
+    found = eb.saved_targets(path, model, facts, hp)
+    assert found is not None and set(found) == set(result.targets)
+    assert all(torch.equal(found[s], result.targets[s]) for s in found)
+    assert eb.saved_targets(path, model, facts[:1], hp) is None
+    assert eb.saved_targets(path, model, facts, hp.with_(steps=5)) is None
+    assert eb.saved_targets(tmp_path / "edits" / "missing.safetensors", model, facts, hp) is None
