@@ -14,8 +14,6 @@ target optimisation, which dominates. Covariance is built (and timed) once, then
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
 import time
 
@@ -29,6 +27,7 @@ from pmet_lens.arch import architecture
 from pmet_lens.scoring import score_continuations
 from pmet_lens.splits import split_facts
 from pmet_lens.tokens import encode, pad, subject_last_position, target_ids
+from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)
 
 
 def baseline_targets(model, fact, hp, prefixes) -> Targets:
@@ -102,15 +101,6 @@ def baseline_targets(model, fact, hp, prefixes) -> Targets:
                    steps=torch.tensor([steps]), loss=torch.tensor([loss.item()]))
 
 
-def cpu_name() -> str:
-    """The processor's model name (benchmark figures depend on it: the project's machines vary)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def success(model, facts) -> list[bool]:
     """Per fact: is the new object more likely than the true one after the edit prompt (ROME/MEMIT
     efficacy, mean token log-probability)?"""
@@ -153,7 +143,7 @@ def main() -> None:
     cov_time = time.perf_counter() - t0
     prefixes = context_prefixes(model, hp)
     hp = hp.with_(context_prefixes=prefixes)
-    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(machine_line())
     print(f"model SmolLM2-135M-Instruct, method {args.method}, N={args.n}, layers {hp.layers}, "
           f"cov_tokens {hp.cov_tokens}, threads {torch.get_num_threads()}")
     print(f"covariance (build or cache read): {cov_time:.1f}s (build time this run: {store.last_build_seconds:.1f}s)")

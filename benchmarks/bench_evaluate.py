@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import time
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 from pmet_lens import load_counterfact, load_model
 from pmet_lens.evaluate import evaluate_counterfact
 from pmet_lens.generation import sample_texts
+from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)
 
 
 def naive_probability_tests(model, facts) -> list[dict[str, float]]:
@@ -57,8 +57,7 @@ def main() -> None:
     model = load_model()
     facts = load_counterfact(limit=args.records)
     n_pairs = sum(2 * (1 + len(f.paraphrase_prompts) + len(f.neighborhood_prompts)) for f in facts)
-    print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
+    print(machine_line())
     print(f"records: {len(facts)}, (prompt, object) pairs: {n_pairs}")
 
     evaluate_counterfact(model, facts[:2], generation=False, progress=False)  # warm-up

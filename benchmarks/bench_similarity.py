@@ -13,11 +13,11 @@ the extrapolation is labelled in the output.)
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import time
 
 import torch
+from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)
 
 
 def naive(model, prompts, k=50):
@@ -57,7 +57,7 @@ def main() -> None:
 
     model = load_model()
     prompts = [f.prompt for f in load_known_facts(limit=args.limit)]
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(machine_line())
     torch.set_grad_enabled(False)
 
     t = time.perf_counter()

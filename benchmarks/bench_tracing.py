@@ -16,7 +16,6 @@ Usage: python benchmarks/bench_tracing.py [--facts 50] [--samples 10] [--naive-c
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
@@ -26,6 +25,7 @@ from pmet_lens.arch import architecture
 from pmet_lens.tokens import encode, subject_range
 from pmet_lens.tracing import embedding_std, trace, window_layers
 from pmet_lens.tracing_summary import average_traces
+from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)
 
 PROMPT, SUBJECT = "The mother tongue of Danielle Darrieux is", "Danielle Darrieux"
 
@@ -64,8 +64,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model = load_model()
     n_layers = model.cfg.n_layers
-    print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
-          f"model {model.cfg.model_name}")
+    print(f"{machine_line()}, model {model.cfg.model_name}")
 
     fast = {}
     for kind in ("hidden", "mlp", "attn"):

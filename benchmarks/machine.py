@@ -1,0 +1,26 @@
+"""The one machine line every timing benchmark prints (figures depend on the processor: the project's
+machines vary between sessions, e.g. an Intel Xeon with AMX vs an AMD EPYC, about 2x apart)."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+
+def cpu_name() -> str:
+    """The processor's model name from ``/proc/cpuinfo`` (``platform`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    """Processor, CPU count, torch version and threads, and the load average when the benchmark starts
+    (a load above the thread count means another job shared the machine and the timings are high)."""
+    load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
+    return (f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads{load}")
