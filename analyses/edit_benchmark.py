@@ -84,7 +84,8 @@ def run_edit(model, facts, hparams, label, store, args, generation=True, targets
     (deltas and targets) there, so that ``--resume`` can reuse its targets. Returns the evaluation,
     the ΔW norms and the targets."""
     t0 = time.perf_counter()
-    result = edit(model, facts, hparams=hparams, cov_store=store, apply=True, progress=True, targets=targets)
+    result = edit(model, facts, hparams=hparams, cov_store=store, apply=True, progress=True, targets=targets,
+                  compile=args.compile)
     t_edit = time.perf_counter() - t0
     if save_to is not None:
         result.save(save_to)
@@ -170,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling-points", type=int, default=5, help="number of edit counts on the log scale")
     parser.add_argument("--zsre-limit", type=int, default=None, help="zsRE records (default: same as --limit)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: table1,ablations,scaling,zsre")
+    parser.add_argument("--compile", action="store_true",
+                        help="optimise the targets with edit(..., compile=True) (torch.compile; equal up to float rounding)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the results already in --out (same cases) and compute only what is missing, "
                              "e.g. run --methods pmet first and --methods memit --resume later")
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     summaries: dict[str, dict] = {}
     per_records: dict[str, pd.DataFrame] = {}
     norms: list[dict] = []
-    meta: dict[str, Any] = {"n_cases": len(facts), "gen_every": args.gen_every, "model": name,
+    meta: dict[str, Any] = {"n_cases": len(facts), "gen_every": args.gen_every, "model": name, "compile": args.compile,
                             "hparams": {m: preset(name, m).to_dict() for m in ("pmet", "memit")}}
 
     scaling_rows: list[dict] = []
@@ -232,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     def targets_of(m: str, records, kind: str = "cf") -> dict[str, torch.Tensor]:
         """The method's optimised targets on ``records``: from this run, saved by an earlier one, or optimised now."""
         if saved(m, records, kind) is None:
-            result = edit(model, records, hparams=preset(name, m), cov_store=store, apply=False, progress=True)
+            result = edit(model, records, hparams=preset(name, m), cov_store=store, apply=False, progress=True,
+                          compile=args.compile)
             result.save(edits_dir / f"{kind}_{m}.safetensors")
             targets[(kind, m)] = result.targets
         return targets[(kind, m)]
@@ -302,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             given = None
             if editor in ("MEMIT", "PMET") or reuses_pmet_targets(change):
                 given = targets_of(hp.method, records, kind="zsre")
-            result = edit(model, records, hparams=hp, cov_store=store, apply=True, progress=True, targets=given)
+            result = edit(model, records, hparams=hp, cov_store=store, apply=True, progress=True, targets=given,
+                          compile=args.compile)
             try:
                 _, zsre_summaries[editor] = evaluate_zsre(model, records)
             finally:

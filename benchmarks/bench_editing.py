@@ -4,11 +4,13 @@
     targets: one fact at a time, every optimisation step a full forward of all layers and all
     positions with the unembedding at every position (torch Adam, same loss and stops);
 (b) the package, one fact per ``edit`` call;
-(c) the package, all N facts in one ``edit`` call.
+(c) the package, all N facts in one ``edit`` call;
+with ``--compile`` also (c) with ``edit(..., compile=True)`` (torch.compile of the blocks after L), timed
+in the same run: first on the N facts (the compilation included), then on the ``--n-batched`` facts.
 The weight update (keys + solve) of (a) reuses the package's, so the comparison isolates the
 target optimisation, which dominates. Covariance is built (and timed) once, then cached.
 
-    python benchmarks/bench_editing.py --n 32 --method pmet [--n-batched 100]
+    python benchmarks/bench_editing.py --n 32 --method pmet [--n-batched 100] [--compile]
 """
 
 from __future__ import annotations
@@ -111,10 +113,10 @@ def success(model, facts) -> list[bool]:
     return (new > true).tolist()
 
 
-def one_call(model, facts, hp, store) -> tuple[float, list[bool], float]:
+def one_call(model, facts, hp, store, compile=False) -> tuple[float, list[bool], float]:
     """(c): all ``facts`` in one ``edit`` call; seconds, per-fact success while applied, mean steps."""
     t0 = time.perf_counter()
-    with edit(model, facts, hparams=hp, cov_store=store, progress=False) as r:
+    with edit(model, facts, hparams=hp, cov_store=store, progress=False, compile=compile) as r:
         seconds = time.perf_counter() - t0
         ok = success(model, facts)
     return seconds, ok, sum(r.stats["steps"]) / len(facts)
@@ -129,6 +131,8 @@ def main() -> None:
                     help="skip (b) and (c) on the --n facts (with --skip-baseline and --n-batched: only the 100-edit timing)")
     ap.add_argument("--n-batched", type=int, default=0,
                     help="also time one call editing this many tune facts (the 100-edit target)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time (c) with edit(..., compile=True) on the same facts, in the same run")
     args = ap.parse_args()
     torch.set_grad_enabled(True)
     model = load_model()
@@ -186,6 +190,12 @@ def main() -> None:
         t_c, ok_c, steps = one_call(model, facts, hp, store)
         print(f"(c) package all {len(facts)} in one call: {t_c / len(facts):.2f} s/fact, success {sum(ok_c)}/{len(facts)}, "
               f"mean steps {steps:.1f}")
+        if args.compile:
+            t_cc, ok_cc, steps_cc = one_call(model, facts, hp, store, compile=True)
+            agree = sum(x == y for x, y in zip(ok_c, ok_cc))
+            print(f"(c) compiled, all {len(facts)} in one call, compilation included: {t_cc / len(facts):.2f} s/fact "
+                  f"({t_c / t_cc:.2f}x eager (c)), success {sum(ok_cc)}/{len(facts)}, mean steps {steps_cc:.1f}, "
+                  f"success agreement with eager (c): {agree}/{len(facts)}")
         if "a" in results:
             t_a = results["a"][0]
             print(f"ratios per fact: (a)/(b) {t_a / t_b:.2f}x, (a)/(c) {t_a / t_c:.2f}x")
@@ -196,6 +206,10 @@ def main() -> None:
         t_many, ok_many, steps_many = one_call(model, many, hp, store)
         print(f"(c) package all {len(many)} in one call (covariance cached): {t_many:.0f} s = {t_many / 60:.1f} min, "
               f"{t_many / len(many):.2f} s/fact, success {sum(ok_many)}/{len(many)}, mean steps {steps_many:.1f}")
+        if args.compile:
+            t_mc, ok_mc, steps_mc = one_call(model, many, hp, store, compile=True)
+            print(f"(c) compiled, all {len(many)} in one call: {t_mc:.0f} s = {t_mc / 60:.1f} min ({t_many / t_mc:.2f}x eager), "
+                  f"{t_mc / len(many):.2f} s/fact, success {sum(ok_mc)}/{len(many)}, mean steps {steps_mc:.1f}")
     print(f"peak RSS of the whole run {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:.2f} GB")
 
 

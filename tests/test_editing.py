@@ -326,6 +326,25 @@ def test_targets_do_not_depend_on_chunking(tiny_model):
         assert grouped.steps[i] == alone.steps[0]
 
 
+@pytest.mark.parametrize("cls", [PMETHyperParams, MEMITHyperParams])
+def test_compiled_blocks_give_the_eager_targets(tiny_model, cls):
+    """``compile=True`` runs the blocks after L through torch.compile: same targets up to float
+    rounding, same stopping steps, the model's blocks untouched and no hook left behind."""
+    from pmet_lens.data import as_facts
+    from pmet_lens.editing.targets import optimise_targets
+
+    facts = as_facts([FACT, FACT2, FACT3])
+    hp = _hp(cls, steps=5, batch_size=2)
+    blocks = list(tiny_model.blocks)
+    eager = optimise_targets(tiny_model, facts, hp, hp.context_prefixes)
+    compiled = optimise_targets(tiny_model, facts, hp, hp.context_prefixes, compile=True)
+    assert list(tiny_model.blocks) == blocks and _no_hooks(tiny_model)
+    assert torch.equal(eager.steps, compiled.steps)
+    for site in eager.delta:
+        torch.testing.assert_close(compiled.init[site], eager.init[site])
+        torch.testing.assert_close(compiled.delta[site], eager.delta[site], rtol=1e-3, atol=1e-4)
+
+
 def test_edit_works_with_grad_disabled(tiny_model, store):
     """TransformerLens notebooks often start with torch.set_grad_enabled(False): the target
     optimisation turns grad on for itself, and the caller's grad mode is left as it was."""
