@@ -345,6 +345,17 @@ def test_compiled_blocks_give_the_eager_targets(tiny_model, cls):
         torch.testing.assert_close(compiled.delta[site], eager.delta[site], rtol=1e-3, atol=1e-4)
 
 
+def test_compile_without_a_compiler_raises_before_weights_change(tiny_model, store, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    before = _snapshot(tiny_model)
+    with pytest.raises(EditError, match="needs a C\\+\\+ compiler"):
+        edit(tiny_model, [FACT], hparams=_hp(), cov_store=store, progress=False, compile=True)
+    assert _same(before, _snapshot(tiny_model)) and _no_hooks(tiny_model)
+
+
 def test_edit_works_with_grad_disabled(tiny_model, store):
     """TransformerLens notebooks often start with torch.set_grad_enabled(False): the target
     optimisation turns grad on for itself, and the caller's grad mode is left as it was."""

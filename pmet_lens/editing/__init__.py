@@ -19,7 +19,7 @@ from pmet_lens.editing.covariance import CovarianceStore
 from pmet_lens.editing.hparams import EditHyperParams, MEMITHyperParams, PMETHyperParams, preset
 from pmet_lens.editing.identity import weights_hashes
 from pmet_lens.editing.result import EditResult
-from pmet_lens.editing.targets import optimise_targets, settings_for
+from pmet_lens.editing.targets import optimise_targets, require_compiler, settings_for
 from pmet_lens.editing.update import compute_and_apply_updates, get_param, key_hook
 from pmet_lens.editing.validate import EditError, validate_requests
 
@@ -81,6 +81,8 @@ def edit(
     elif method.lower() != hparams.method and method != "pmet":
         raise ValueError(f"method={method!r} but hparams are {type(hparams).__name__}")
     facts = validate_requests(model, facts, hparams)
+    if compile:
+        require_compiler(model)  # before the covariance and the optimisation, not after them
     settings = settings_for(hparams)
     store = cov_store if cov_store is not None else CovarianceStore(progress=progress)
     model_hash, layer_hashes = weights_hashes(model, hparams.layers)  # one pass over the weights

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -204,6 +206,16 @@ class _Suffix:
         return x
 
 
+def require_compiler(model: HookedTransformer) -> None:
+    """Raise :class:`EditError` when ``torch.compile`` cannot work for ``model``: on a CPU, inductor
+    needs a C++ compiler."""
+    if torch.device(model.cfg.device).type == "cpu" and not (os.environ.get("CXX") or any(
+            shutil.which(c) for c in ("c++", "g++", "clang++"))):
+        raise EditError("compile=True needs a C++ compiler for torch.compile on a CPU and none was found "
+                        "(no c++, g++ or clang++ on PATH, CXX unset): install one (e.g. `apt install g++`) "
+                        "or edit with compile=False")
+
+
 def compiled_blocks(model: HookedTransformer, after: int) -> dict[int, torch.nn.Module]:
     """``torch.compile``d wrappers of the blocks after layer ``after`` (dynamic shapes, so one
     compilation serves every chunk; the model itself is not changed).
@@ -212,6 +224,7 @@ def compiled_blocks(model: HookedTransformer, after: int) -> dict[int, torch.nn.
     compiled block recompile. Inductor fuses TransformerLens's norm, rotary and GQA layout ops, which
     are about half of a step on a CPU; the result equals the eager run up to float rounding.
     """
+    require_compiler(model)
     return {j: torch.compile(model.blocks[j], dynamic=True) for j in range(after + 1, model.cfg.n_layers)}
 
 
