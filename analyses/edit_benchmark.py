@@ -303,11 +303,15 @@ def main(argv: list[str] | None = None) -> int:
         for editor, hp, change in runs:
             if editor in zsre_summaries:
                 continue
-            given = None
-            if editor in ("MEMIT", "PMET") or reuses_pmet_targets(change):
-                given = targets_of(hp.method, records, kind="zsre")
+            if not change:  # MEMIT / PMET: optimise here (one update), unless saved earlier
+                given = saved(hp.method, records, "zsre")
+            else:
+                given = targets_of("pmet", records, kind="zsre") if reuses_pmet_targets(change) else None
             result = edit(model, records, hparams=hp, cov_store=store, apply=True, progress=True, targets=given,
                           compile=args.compile)
+            if not change and given is None:
+                result.save(edits_dir / f"zsre_{hp.method}.safetensors")
+                targets[("zsre", hp.method)] = result.targets
             try:
                 _, zsre_summaries[editor] = evaluate_zsre(model, records)
             finally:

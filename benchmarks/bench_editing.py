@@ -149,7 +149,7 @@ def main() -> None:
     hp = hp.with_(context_prefixes=prefixes)
     print(machine_line())
     print(f"model SmolLM2-135M-Instruct, method {args.method}, N={args.n}, layers {hp.layers}, "
-          f"cov_tokens {hp.cov_tokens}, threads {torch.get_num_threads()}")
+          f"cov_tokens {hp.cov_tokens}")
     print(f"covariance (build or cache read): {cov_time:.1f}s (build time this run: {store.last_build_seconds:.1f}s)")
     results = {}
 
