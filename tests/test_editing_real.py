@@ -14,7 +14,9 @@ EIFFEL = "The Eiffel Tower is located in the city of"
 # tokens as below): neither editor moves this paraphrase (log P English / French: -10.73 / -8.85
 # before; PMET -10.18 / -9.28, MEMIT -10.57 / -9.10 after, although P(o*) on the edit prompt's
 # targets is 0.95 / 0.99); the model predicts " of" after "spoke the language" and the edited
-# subject state does not reach it.
+# subject state does not reach it. `analyses/paraphrase_probe.py` (figures/paraphrase_probe.txt) shows
+# that the optimised targets themselves do not carry over: adding the optimised δ's as hooks at layer L
+# on this prompt leaves English behind French for both methods (PMET -10.55 / -9.01, MEMIT -10.31 / -8.87).
 HARD_PARAPHRASE = "An album was recorded for Capitol Nashville but never released. Danielle Darrieux spoke the language"
 
 
