@@ -140,21 +140,23 @@ def score_token_ids(
         for rows in tqdm(batches, desc="scoring", disable=not progress, leave=False):
             batch = pad(model, [list(seqs[u]) for u in rows])
             resid = model(batch.tokens, stop_at_layer=model.cfg.n_layers)  # [b, pos, d_model]
-            row_idx, pos_idx, labels, owners = [], [], [], []
+            # each (row, position) is read out once, however many pairs score a token there
+            where: dict[tuple[int, int], int] = {}  # (row, position) -> index into the read-out
+            slots, labels, owners = [], [], []
             for r, u in enumerate(rows):
                 for i in pairs_of[u]:
                     start = len(prompt_ids[i]) - 1
                     for j, tok in enumerate(target_token_ids[i]):
-                        row_idx.append(r)
-                        pos_idx.append(start + j)
+                        slots.append(where.setdefault((r, start + j), len(where)))
                         labels.append(tok)
                     owners.append((i, len(target_token_ids[i])))
             device = resid.device
-            picked = resid[torch.tensor(row_idx, device=device), torch.tensor(pos_idx, device=device)]
-            logits = _unembed(model, picked).float()  # [n_tok, vocab]
-            label_t = torch.tensor(labels, device=device)
-            logp = logits.log_softmax(-1).gather(-1, label_t[:, None])[:, 0]
-            top1 = logits.argmax(-1) == label_t
+            row_idx, pos_idx = (torch.tensor(c, device=device) for c in zip(*where))
+            logits = _unembed(model, resid[row_idx, pos_idx]).float()  # [unique positions, vocab]
+            logsm, best = logits.log_softmax(-1), logits.argmax(-1)
+            slot_t, label_t = torch.tensor(slots, device=device), torch.tensor(labels, device=device)
+            logp = logsm[slot_t, label_t]
+            top1 = best[slot_t] == label_t
             offset = 0
             for i, length in owners:
                 mean_lp[i] = logp[offset : offset + length].mean().cpu()

@@ -91,6 +91,20 @@ def test_pairs_with_one_sequence_share_a_row_and_score_as_alone(tiny_model):
     assert float(shared.mean_logprob[0]) != pytest.approx(float(shared.mean_logprob[1]))
 
 
+def test_a_shared_position_is_read_out_once(tiny_model, monkeypatch):
+    """o* and o^c after the same prompt need one unembedding of the prompt's last position."""
+    import pmet_lens.scoring as scoring
+
+    widths = []
+    real = scoring._unembed
+    monkeypatch.setattr(scoring, "_unembed", lambda model, resid: widths.append(resid.shape[0]) or real(model, resid))
+    p = tiny_model.to_tokens("The Eiffel Tower is located in the city of")[0].tolist()
+    scores = scoring.score_token_ids(tiny_model, [p, p, p], [[11], [42], [11, 7]])
+    # rows: p (o* = [11] and o^c = [42] share its last position) and p + [11] (two positions): 3, not 4
+    assert widths == [3]
+    assert float(scores.mean_logprob[0]) != pytest.approx(float(scores.mean_logprob[1]))
+
+
 def _random_edit_hooks(model, scale: float = 2.0):
     """An 'edit' as hooks: a random rank-1 ΔW_out on two layers (what EditResult.as_hooks adds)."""
     gen = torch.Generator().manual_seed(1)

@@ -50,7 +50,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Settings", "Targets", "compiled_blocks", "settings_for", "optimise_targets", "site_hook"]
+__all__ = ["Settings", "Targets", "compiled_blocks", "settings_for", "optimise_targets", "require_compiler", "site_hook"]
 
 
 @dataclass(frozen=True)
