@@ -232,13 +232,16 @@ def main(argv: list[str] | None = None) -> int:
                 targets[(kind, m)] = found
         return targets.get((kind, m))
 
+    def keep(m: str, kind: str, result) -> None:
+        """Remember ``result``'s targets for this run and save the edit for ``--resume``."""
+        result.save(edits_dir / f"{kind}_{m}.safetensors")
+        targets[(kind, m)] = result.targets
+
     def targets_of(m: str, records, kind: str = "cf") -> dict[str, torch.Tensor]:
         """The method's optimised targets on ``records``: from this run, saved by an earlier one, or optimised now."""
         if saved(m, records, kind) is None:
-            result = edit(model, records, hparams=preset(name, m), cov_store=store, apply=False, progress=True,
-                          compile=args.compile)
-            result.save(edits_dir / f"{kind}_{m}.safetensors")
-            targets[(kind, m)] = result.targets
+            keep(m, kind, edit(model, records, hparams=preset(name, m), cov_store=store, apply=False, progress=True,
+                               compile=args.compile))
         return targets[(kind, m)]
 
     if ("table1" not in skip or "ablations" not in skip) and "SmolLM2 (unedited)" not in summaries:
@@ -310,8 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             result = edit(model, records, hparams=hp, cov_store=store, apply=True, progress=True, targets=given,
                           compile=args.compile)
             if not change and given is None:
-                result.save(edits_dir / f"zsre_{hp.method}.safetensors")
-                targets[("zsre", hp.method)] = result.targets
+                keep(hp.method, "zsre", result)
             try:
                 _, zsre_summaries[editor] = evaluate_zsre(model, records)
             finally:

@@ -30,15 +30,17 @@ from pmet_lens.arch import architecture
 from pmet_lens.data import load_counterfact
 from pmet_lens.editing import CovarianceStore, edit, preset
 from pmet_lens.editing.targets import site_hook
-from pmet_lens.tokens import encode, subject_last_position, target_ids
+from pmet_lens.scoring import score_continuations
+from pmet_lens.tokens import subject_last_position
+from target_realisation import site_states  # sibling script in analyses/
 
 
-def mean_logprob(model, text: str, target: str, fwd_hooks=()) -> float:
-    """Mean token log-probability of ``target`` after ``text`` (one unpadded forward)."""
-    ids, tg = encode(model, text), target_ids(model, target)
-    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
-        lp = model(torch.tensor([ids + tg[:-1]]))[0].log_softmax(-1)
-    return sum(lp[len(ids) - 1 + k, t].item() for k, t in enumerate(tg)) / len(tg)
+def new_and_true(model, text: str, fact, fwd_hooks=()) -> tuple[float, float]:
+    """log P(o*) and log P(o^c) after ``text`` (mean token log-probabilities; rows are right-padded,
+    so a hook at a prompt position sees the same position in every row)."""
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
+        lp = score_continuations(model, [text, text], [fact.target_new, fact.target_true]).mean_logprob
+    return float(lp[0]), float(lp[1])
 
 
 def add_at(position: int, delta: torch.Tensor) -> Callable:
@@ -69,11 +71,9 @@ def main() -> None:
         L = max(hp.layers)
         result = edit(model, [fact], hparams=hp, cov_store=store, apply=False)
         hooks = {site: site_hook(arch, site, L) for site in result.targets}
-        bare = encode(model, fact.prompt.format(fact.subject))
         with torch.no_grad():
-            _, cache = model.run_with_cache(torch.tensor([bare]), names_filter=list(hooks.values()))
-        pos0 = subject_last_position(model, fact.prompt, fact.subject)
-        deltas = {s: result.targets[s][0].float() - cache[h][0, pos0].float() for s, h in hooks.items()}
+            initial = site_states(model, [fact], hooks)
+        deltas = {s: result.targets[s][0].float() - initial[s][0] for s in hooks}
         conditions: dict[str, list[str] | None] = {"unedited": [], "δ as hooks": list(deltas)}
         if method == "pmet":
             conditions["δ_m only"] = ["mlp_out"]
@@ -91,10 +91,9 @@ def main() -> None:
                     continue
                 if sites is None:
                     with result:
-                        new, true = (mean_logprob(model, text, t) for t in (fact.target_new, fact.target_true))
+                        new, true = new_and_true(model, text, fact)
                 else:
-                    fh = [(hooks[s], add_at(pos, deltas[s])) for s in sites]
-                    new, true = (mean_logprob(model, text, t, fh) for t in (fact.target_new, fact.target_true))
+                    new, true = new_and_true(model, text, fact, [(hooks[s], add_at(pos, deltas[s])) for s in sites])
                 cells.append(f"{cond}: {new:6.2f} / {true:6.2f} {'o*' if new > true else '  '}")
             print(f"  [{kind}] {text!r}\n      " + " | ".join(cells))
 
