@@ -15,6 +15,16 @@ If a prompt fails under ``δ as hooks`` too, the optimised targets themselves do
 that prompt, and the update, whose job is to realise them, is not where the generalisation is lost
 (it can still differ from the hooks: it also changes layers below L and the subject's other tokens).
 
+For each paraphrase that fails under ``δ as hooks``, a *reach* section then asks how far from the
+optimised targets a winning δ at the same sites lies, as a diagnostic (nothing here feeds an edit
+or a preset; the prompt is one of the report split's):
+
+* ``preset δ × s``: the optimised δ's scaled by s (a stronger edit in the same direction);
+* ``best δ, |δ| = f × preset``: δ's of the preset's norms times f, each site's norm held fixed,
+  optimised by gradient ascent on log P(o*) - log P(o^c) *on that paraphrase itself* (how small a
+  δ at these sites could carry o* to this prompt at all), with the cosine of the result to the
+  preset δ.
+
     python analyses/paraphrase_probe.py > figures/paraphrase_probe.txt
 """
 
@@ -31,7 +41,7 @@ from pmet_lens.data import load_counterfact
 from pmet_lens.editing import CovarianceStore, edit, preset
 from pmet_lens.editing.targets import site_hook
 from pmet_lens.scoring import score_continuations
-from pmet_lens.tokens import subject_last_position
+from pmet_lens.tokens import encode, pad, subject_last_position, target_ids
 from target_realisation import site_states  # sibling script in analyses/
 
 
@@ -51,11 +61,56 @@ def add_at(position: int, delta: torch.Tensor) -> Callable:
     return hook_fn
 
 
+def margin_fn(model, text: str, fact, hooks: dict[str, str], pos: int) -> Callable:
+    """A differentiable ``deltas -> log P(o*) - log P(o^c)`` (mean token log-probabilities) after
+    ``text``, each site's δ added at ``pos`` (out of place, so autograd sees it)."""
+    prompt = encode(model, text)
+    answers = [target_ids(model, fact.target_new), target_ids(model, fact.target_true)]
+    batch = pad(model, [prompt + a[:-1] for a in answers])
+    at = torch.zeros(batch.tokens.shape[1], 1, device=batch.tokens.device)
+    at[pos] = 1.0
+
+    def margin(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+        fwd = [(hooks[s], lambda act, hook, d=d: act + at * d.to(act.dtype)) for s, d in deltas.items()]
+        with model.hooks(fwd_hooks=fwd):
+            logp = model(batch.tokens).float().log_softmax(-1)
+        means = []
+        for row, a in enumerate(answers):
+            cols = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(a))
+            means.append(logp[row, cols, torch.tensor(a)].mean())
+        return means[0] - means[1]
+    return margin
+
+
+def best_at_norms(margin: Callable, start: dict[str, torch.Tensor], scale: float, steps: int) -> tuple[float, float]:
+    """Largest margin found for δ's with ``|δ_s| = scale * |start_s|`` per site (Adam on the
+    directions, started from ``start``), and the cosine of the best δ's (all sites stacked) to ``start``."""
+    radius = {s: scale * d.norm() for s, d in start.items()}
+    raw = {s: d.clone().requires_grad_(True) for s, d in start.items()}
+    opt = torch.optim.Adam(list(raw.values()), lr=0.05 * float(min(radius.values())))
+    best, best_d = -float("inf"), start
+    for _ in range(steps):
+        deltas = {s: radius[s] * v / v.norm() for s, v in raw.items()}
+        m = margin(deltas)
+        if float(m.detach()) > best:
+            best, best_d = float(m.detach()), {s: d.detach() for s, d in deltas.items()}
+        grads = torch.autograd.grad(-m, list(raw.values()))
+        for v, g in zip(raw.values(), grads):
+            v.grad = g
+        opt.step()
+    flat = torch.cat([best_d[s] for s in start]), torch.cat([start[s] for s in start])
+    return best, float(torch.nn.functional.cosine_similarity(*flat, dim=0))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", type=int, default=0, help="CounterFact case_id (default 0: Danielle Darrieux)")
     parser.add_argument("--methods", default="pmet,memit")
     parser.add_argument("--neighbours", type=int, default=3, help="neighbourhood prompts shown")
+    parser.add_argument("--scales", default="1,2,4,8", help="multiples s of the preset δ tried in the reach section")
+    parser.add_argument("--fractions", default="0.0625,0.125,0.25,0.5,1",
+                        help="norms, as fractions f of the preset δ's, of the best δ searched in the reach section")
+    parser.add_argument("--reach-steps", type=int, default=60, help="gradient steps per best-δ search")
     args = parser.parse_args()
     model = load_model()
     name = str(model.cfg.model_name)
@@ -82,6 +137,7 @@ def main() -> None:
               f"target P(o*) {result.stats['prob'][0]:.2f}; |δ| "
               + ", ".join(f"{s} {float(d.norm()):.1f}" for s, d in deltas.items()))
         print("  log P(o*) / log P(o^c), and whether o* wins, per prompt and condition")
+        missed = []
         for kind, text in prompts:
             at = text.rfind(fact.subject)  # neighbourhood prompts have another subject: no δ there
             pos = subject_last_position(model, text[:at] + "{}" + text[at + len(fact.subject):], fact.subject) if at >= 0 else None
@@ -95,8 +151,18 @@ def main() -> None:
                 else:
                     new, true = new_and_true(model, text, fact, [(hooks[s], add_at(pos, deltas[s])) for s in sites])
                 cells.append(f"{cond}: {new:6.2f} / {true:6.2f} {'o*' if new > true else '  '}")
+                if cond == "δ as hooks" and kind == "paraphrase" and new <= true:
+                    missed.append((text, pos))
             print(f"  [{kind}] {text!r}\n      " + " | ".join(cells))
-
+        for text, pos in missed:
+            margin = margin_fn(model, text, fact, hooks, pos)
+            print(f"  reach on {text!r}: margin log P(o*) - log P(o^c) (o* wins when > 0)")
+            with torch.no_grad():
+                scaled = [(x, float(margin({s: float(x) * d for s, d in deltas.items()}))) for x in args.scales.split(",")]
+            print("      preset δ × s:  " + " | ".join(f"s = {x}: {m:6.2f}" for x, m in scaled))
+            for frac in args.fractions.split(","):
+                best, cos = best_at_norms(margin, deltas, float(frac), args.reach_steps)
+                print(f"      best δ, |δ| = {frac} × preset: {best:6.2f} (cosine to preset δ {cos:.2f})")
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,8 @@ EIFFEL = "The Eiffel Tower is located in the city of"
 # targets is 0.95 / 0.99); the model predicts " of" after "spoke the language" and the edited
 # subject state does not reach it. `analyses/paraphrase_probe.py` (figures/paraphrase_probe.txt) shows
 # that the optimised targets themselves do not carry over: adding the optimised δ's as hooks at layer L
-# on this prompt leaves English behind French for both methods (PMET -10.55 / -9.01, MEMIT -10.31 / -8.87).
+# on this prompt leaves English behind French for both methods (PMET -10.55 / -9.01, MEMIT -10.31 / -8.87),
+# and only δ's scaled x4, past the norm clamp and the early stop, flip it.
 HARD_PARAPHRASE = "An album was recorded for Capitol Nashville but never released. Danielle Darrieux spoke the language"
 
 
