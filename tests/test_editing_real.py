@@ -17,7 +17,7 @@ EIFFEL = "The Eiffel Tower is located in the city of"
 # subject state does not reach it. `analyses/paraphrase_probe.py` (figures/paraphrase_probe.txt) shows
 # that the optimised targets themselves do not carry over: adding the optimised δ's as hooks at layer L
 # on this prompt leaves English behind French for both methods (PMET -10.55 / -9.01, MEMIT -10.31 / -8.87),
-# and only δ's scaled x4, past the norm clamp and the early stop, flip it.
+# and only δ's scaled x4, far beyond what the presets produce, flip it.
 HARD_PARAPHRASE = "An album was recorded for Capitol Nashville but never released. Danielle Darrieux spoke the language"
 
 
