@@ -266,18 +266,26 @@ def _take(records: Sequence[Any], limit: int | None) -> Sequence[Any]:
     return records if limit is None else records[:limit]
 
 
+_KNOWN_FIELDS = ("known_id", "subject", "prompt", "attribute", "template", "relation_id")
+
+
+def _require_fields(rec: Any, names: Sequence[str], where: str, id_field: str | None = None) -> None:
+    """Raise :class:`DataError` unless ``rec`` is a mapping holding every field in ``names``."""
+    if not isinstance(rec, Mapping):
+        raise DataError(f"{where}: expected a JSON object")
+    missing = [k for k in names if k not in rec]
+    if missing:
+        ident = f" ({id_field}={rec.get(id_field)!r})" if id_field else ""
+        raise DataError(f"{where}{ident}: missing field(s) {missing}")
+
+
 def load_known_facts(path: str | Path | None = None, limit: int | None = None) -> list[KnownFact]:
     """Load ROME's known facts (default: the shipped ``known_1000.json``, 1209 records)."""
     records = _read_records(path or data_path("known_1000.json"), "known-facts")
     out = []
     for i, rec in enumerate(_take(records, limit)):
-        where = f"known fact #{i}"
-        if not isinstance(rec, Mapping):
-            raise DataError(f"{where}: expected a JSON object")
-        missing = [k for k in ("known_id", "subject", "prompt", "attribute", "template", "relation_id") if k not in rec]
-        if missing:
-            raise DataError(f"{where} (known_id={rec.get('known_id')!r}): missing field(s) {missing}")
-        out.append(KnownFact(**{k: rec[k] for k in ("known_id", "subject", "prompt", "attribute", "template", "relation_id")},
+        _require_fields(rec, _KNOWN_FIELDS, f"known fact #{i}", id_field="known_id")
+        out.append(KnownFact(**{k: rec[k] for k in _KNOWN_FIELDS},
                              prediction=rec.get("prediction", "")))
     return out
 
@@ -293,12 +301,7 @@ def load_zsre(path: str | Path | None = None, limit: int | None = None) -> list[
     records = _read_records(path or data_path("zsre_mend_eval_subset.json"), "zsRE")
     out = []
     for i, rec in enumerate(_take(records, limit)):
-        where = f"zsRE record #{i}"
-        if not isinstance(rec, Mapping):
-            raise DataError(f"{where}: expected a JSON object")
-        missing = [k for k in ("subject", "src", "rephrase", "alt", "answers", "loc", "loc_ans") if k not in rec]
-        if missing:
-            raise DataError(f"{where}: missing field(s) {missing}")
+        _require_fields(rec, ("subject", "src", "rephrase", "alt", "answers", "loc", "loc_ans"), f"zsRE record #{i}")
         out.append(ZsreRecord(subject=rec["subject"], src=rec["src"], rephrase=rec["rephrase"],
                               target_new=rec["alt"], answers=tuple(rec["answers"]), loc=rec["loc"],
                               loc_ans=rec["loc_ans"], case_id=i))

@@ -63,8 +63,14 @@ def test_bad_counterfact_records_named(tmp_path):
                                  "template": "{} is a", "relation_id": "P1"}]))
     with pytest.raises(DataError, match=r"known_id=3.*does not occur"):
         load_known_facts(path)
+    path.write_text(json.dumps([{"known_id": 7, "subject": "Zeus"}]))
+    with pytest.raises(DataError, match=r"known fact #0 \(known_id=7\): missing field\(s\) \['prompt'"):
+        load_known_facts(path)
     path.write_text(json.dumps([{"subject": "Zeus"}]))
     with pytest.raises(DataError, match=r"zsRE record #0: missing field"):
+        load_zsre(path)
+    path.write_text(json.dumps(["Zeus"]))
+    with pytest.raises(DataError, match=r"zsRE record #0: expected a JSON object"):
         load_zsre(path)
     with pytest.raises(FileNotFoundError):
         load_counterfact(tmp_path / "nope.json")
