@@ -363,11 +363,9 @@ def stale_editors(saved: dict[str, dict], current: dict[str, dict]) -> set[str]:
 
 def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta, cons_key) -> None:
     """Markdown tables beside the papers' numbers, interactive HTML and PNG figures."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import plotly.express as px
+
+    from pmet_lens.plots import png_figure, save_png
 
     gen_note = (f"Generation metrics on every case i with i % {meta['gen_every']} == 0; `{cons_key}` is the offline proxy "
                 "(attribute prompts + WikiText-2 paragraphs, TF-IDF fitted on WikiText-2), not the papers' Consistency.\n"
@@ -402,7 +400,7 @@ def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta
         fig = px.line(long, x="n_edits", y="value", color="editor", facet_col="metric", markers=True, log_x=True,
                       title="Fig. 3: metrics vs number of simultaneous edits")
         html_parts.append(fig.to_html(full_html=False, include_plotlyjs="inline"))
-        fig_m, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2), sharex=True)
+        fig_m, axes = png_figure(1, len(METRICS), figsize=(4 * len(METRICS), 3.2), sharex=True)
         for ax, metric in zip(axes, METRICS):
             for editor, g in df.groupby("editor"):
                 ax.plot(g["n_edits"], g[metric], marker="o", label=editor)
@@ -412,23 +410,19 @@ def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta
             ax.set_title(metric)
             ax.set_xlabel("number of edits")
         axes[0].legend()
-        fig_m.tight_layout()
-        fig_m.savefig(out / "edit_benchmark_fig3_scaling.png", dpi=120)
-        plt.close(fig_m)
+        save_png(fig_m, out / "edit_benchmark_fig3_scaling.png")
     if norms:
         nd = pd.DataFrame(norms)
         nd["series"] = nd["editor"] + " (" + nd["weight"] + ")"
         fig = px.line(nd, x="layer", y="delta_norm", color="series", markers=True, title="Fig. 4: per-layer ‖ΔW‖")
         html_parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if not html_parts else False))
-        fig_m, ax = plt.subplots(figsize=(6, 3.5))
+        fig_m, ax = png_figure(figsize=(6, 3.5))
         for series, g in nd.groupby("series"):
             ax.plot(g["layer"], g["delta_norm"], marker="o", label=series)
         ax.set_xlabel("layer")
         ax.set_ylabel("‖ΔW‖ (Frobenius)")
         ax.legend(fontsize=7)
-        fig_m.tight_layout()
-        fig_m.savefig(out / "edit_benchmark_fig4_delta_norms.png", dpi=120)
-        plt.close(fig_m)
+        save_png(fig_m, out / "edit_benchmark_fig4_delta_norms.png")
     (out / "edit_benchmark.md").write_text("\n".join(md) + "\n")
     page = ["<html><head><meta charset='utf-8'><title>Edit benchmark</title></head><body>"]
     for table_name in ("table1_vs_paper", "table3_vs_paper", "table2_vs_paper"):

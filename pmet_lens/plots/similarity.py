@@ -8,6 +8,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from pmet_lens.plots import png_figure, save_png
+
 COLORS = {"mhsa": "#1f77b4", "ffn": "#d62728"}
 LABELS = {"mhsa": "MHSA", "ffn": "FFN"}
 METRIC_TITLES = {"cosine": "cosine similarity", "jaccard": "Jaccard similarity (top-k)"}
@@ -54,13 +56,8 @@ def similarity_figure(df: pd.DataFrame, title: str | None = None) -> go.Figure:
 
 def similarity_png(df: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
     """Static PNG of the same figure (matplotlib), for the README."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     variants = [v for v in ("paper", "logit_lens") if v in set(df["variant"])]
-    fig, axes = plt.subplots(len(variants), 2, figsize=(12, 3.6 * len(variants)), squeeze=False, sharex=True)
+    fig, axes = png_figure(len(variants), 2, figsize=(12, 3.6 * len(variants)), squeeze=False, sharex=True)
     for r, variant in enumerate(variants):
         for c, metric in enumerate(("cosine", "jaccard")):
             ax = axes[r][c]
@@ -76,9 +73,4 @@ def similarity_png(df: pd.DataFrame, path: str | Path, title: str | None = None)
                 ax.legend()
     n = int(df["n"].max())
     fig.suptitle(title or f"Last-token state before vs after MHSA / FFN (mean, 95% CI, n = {n})")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=110)

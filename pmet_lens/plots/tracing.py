@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 
+from pmet_lens.plots import png_figure, save_png
 from pmet_lens.tracing import TraceResult
 from pmet_lens.tracing_summary import TOKEN_CLASSES, AverageTrace
 
@@ -77,34 +78,21 @@ def severed_plot(avg: AverageTrace, critical: list[int] | None = None) -> go.Fig
 
 def save_average_png(avg: AverageTrace, kind: str, path: str | Path) -> Path:
     """PNG of :func:`average_heatmap` (matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cmaps = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
-    fig, ax = plt.subplots(figsize=(9, 3))
+    fig, ax = png_figure(figsize=(9, 3))
     im = ax.imshow(avg.mean[kind].numpy(), aspect="auto", cmap=cmaps[kind], vmin=0)
     ax.set_yticks(range(len(TOKEN_CLASSES)), TOKEN_CLASSES)
     ax.set_xlabel("layer")
     ax.set_title(f"Average indirect effect, {_NAMES[kind]} ({avg.n_facts} facts)")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path)
 
 
 def save_severed_png(avg: AverageTrace, path: str | Path, critical: list[int] | None = None) -> Path:
     """PNG of :func:`severed_plot` (matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     colours = {"none": "rebeccapurple", "mlp": "green", "attn": "firebrick"}
     names = {"none": "single state", "mlp": "MLP severed", "attn": "Attn severed"}
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = png_figure(figsize=(8, 3.5))
     for key, mean in avg.severed_mean.items():
         m, h = mean.numpy(), avg.severed_ci[key].numpy()
         x = np.arange(len(m))
@@ -116,26 +104,15 @@ def save_severed_png(avg: AverageTrace, path: str | Path, critical: list[int] | 
     ax.set_ylabel("average indirect effect")
     ax.legend()
     ax.set_title(f"Severed paths (MEMIT Fig. 3), {avg.n_facts} facts")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path)
 
 
 def save_trace_png(result: TraceResult, path: str | Path) -> Path:
     """PNG of :func:`trace_heatmap` (matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.3 * len(result.tokens)))
+    fig, ax = png_figure(figsize=(8, 0.5 + 0.3 * len(result.tokens)))
     im = ax.imshow(result.scores.numpy(), aspect="auto", cmap=_SCALES[result.kind], vmin=result.low_score)
     ax.set_yticks(range(len(result.tokens)), [repr(t) for t in result.tokens])
     ax.set_xlabel("layer")
     ax.set_title(f"{_NAMES[result.kind]}: P({result.target.strip()!r})")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path)
