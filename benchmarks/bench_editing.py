@@ -85,9 +85,9 @@ def baseline_targets(model, fact, hp, prefixes) -> Targets:
         loss = phi * nll + hp.kl_factor * kl + wd
         if loss.item() < hp.loss_stop:
             break
-        if settings.kl_stop is not None and top:
-            phi = 0.1 * hp.nll_factor
-            if kl.item() <= settings.kl_stop:
+        if settings.kl_stop is not None:
+            phi = 0.1 * hp.nll_factor if top else hp.nll_factor
+            if top and kl.item() <= settings.kl_stop:
                 break
         if it == hp.steps - 1:
             break

@@ -19,8 +19,9 @@ Loss per fact (official PMET/MEMIT code, DESIGN.md section 3):
   + μ · KL(P_orig ‖ P_edited)  at the KL prompt's lookup position (``F.kl_div(new, orig)`` as the
     official code; DESIGN writes the arguments the other way round)
   + wd · Σ_sites |δ| / |initial output|²   (norm over squared norm, as the official code)
-Stopping: loss < ``loss_stop``; PMET also: once every target token is the top prediction in
-every prompt, φ ← 0.1·φ and the fact stops when its KL term is ≤ ``kl_stop``. After each Adam
+Stopping: loss < ``loss_stop``; PMET also: on a step where every target token is the top
+prediction in every prompt, φ_i is 0.1·``nll_factor`` (else ``nll_factor``, so it comes back if o*
+loses the top) and the fact stops when its KL term is ≤ ``kl_stop``. After each Adam
 step |δ| is clamped to c·|initial output| (c = ``clamp_norm_factor``). As in the official loop
 the last iteration only evaluates (``steps`` − 1 updates at most).
 """
@@ -360,7 +361,9 @@ def _optimise_chunk(model, facts, hparams, settings: Settings, prefixes, blocks=
                 stop = (loss.detach() < hparams.loss_stop) & active
                 if settings.kl_stop is not None:
                     top = all_top & active
-                    phi = torch.where(top, 0.1 * float(hparams.nll_factor), phi)
+                    # φ is 0.1·nll_factor on a step where o* is top and back to nll_factor on a step
+                    # where it is not (the official compute_zs's if/else), not 0.1 for good
+                    phi = torch.where(top, 0.1 * float(hparams.nll_factor), float(hparams.nll_factor))
                     stop |= top & (kl.detach() <= settings.kl_stop)
             if it == hparams.steps - 1:
                 break
