@@ -51,8 +51,10 @@ class EditHyperParams:
         nll_factor: φ, weight of the NLL term (PMET eq. 9; 1 initially).
         clamp_norm_factor: c, after each step |δ| ≤ c · |initial output| (``clamp_norm_factor``).
         loss_stop: early stop of a fact once its loss is below this (official code: 5e-2).
-        cov_tokens: number of corpus tokens used to estimate C = E[k kᵀ] (a "sample" of the
-            papers is one key vector, i.e. one token).
+        cov_tokens: number of corpus tokens (key vectors) used to estimate C = E[k kᵀ]. The
+            official ``mom2_n_samples`` counts *texts* instead (Wikipedia articles, each cut to the
+            model's context and every token's key counted), so the papers' C saw up to
+            ``mom2_n_samples × n_ctx`` tokens; the GPT-J / GPT-NeoX presets use that bound.
         cov_seq_len: tokens per corpus chunk fed to the model when estimating C.
         cov_dtype: dtype name C is accumulated/stored in ("float32" or "float64").
         prefix_starts: words the context prefixes are sampled from (official: 5 words).
