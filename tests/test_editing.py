@@ -43,13 +43,24 @@ def _same(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("cls", [PMETHyperParams, MEMITHyperParams])
-def test_edit_restore_untouched_and_no_hooks(tiny_model, store, cls):
+W_OUT = {"blocks.1.mlp.W_out", "blocks.2.mlp.W_out"}
+
+
+@pytest.mark.parametrize("cls, ablation, edited", [
+    (PMETHyperParams, {}, W_OUT),
+    (MEMITHyperParams, {}, W_OUT),
+    (PMETHyperParams, {"use_attn_delta": False}, W_OUT),  # PMET Table 3 ablations, end to end
+    (PMETHyperParams, {"spread": "even"}, W_OUT),
+    (PMETHyperParams, {"update_attn": True}, W_OUT | {"blocks.1.attn.W_O", "blocks.2.attn.W_O"}),
+], ids=["pmet", "memit", "pmet-no-attn-delta", "pmet-even-spread", "pmet-update-W_O"])
+def test_edit_restore_untouched_and_no_hooks(tiny_model, store, cls, ablation, edited):
     before = _snapshot(tiny_model)
-    hp = _hp(cls)
+    hp = _hp(cls, **ablation)
     result = edit(tiny_model, [FACT, FACT2], hparams=hp, cov_store=store, progress=False)
     assert _no_hooks(tiny_model)
-    assert set(result.deltas) == {"blocks.1.mlp.W_out", "blocks.2.mlp.W_out"}
+    assert set(result.deltas) == edited
+    assert set(result.targets) == ({"mlp_out"} if ablation.get("use_attn_delta") is False else
+                                   {"resid_post"} if cls is MEMITHyperParams else {"mlp_out", "attn_out"})
     after = tiny_model.state_dict()
     for k in before:
         if k in result.deltas:
@@ -411,3 +422,78 @@ def test_cached_prefix_sampling_equals_uncached_loop(tiny_model):
                 expected.append(text.replace("{", " ").replace("}", " ").replace("\n", " ").strip() or start)
     assert context_prefixes(tiny_model, hp) == tuple(expected)
     assert len(set(expected)) > 1
+
+
+def test_restore_out_of_order_raises(tiny_model, store):
+    before = _snapshot(tiny_model)
+    first = edit(tiny_model, [FACT], hparams=_hp(), cov_store=store, progress=False)
+    second = edit(tiny_model, [FACT2], hparams=_hp(), cov_store=store, progress=False)
+    with pytest.raises(RuntimeError, match="opposite order"):
+        first.restore()  # would bring back weights from before `second`, keeping neither edit
+    assert first.applied
+    second.restore()
+    first.restore()
+    assert _same(before, _snapshot(tiny_model))
+    # force=True writes the originals back anyway (here: the unedited weights)
+    first.apply()
+    second.apply()
+    first.restore(force=True)
+    assert _same(before, _snapshot(tiny_model)) and not first.applied
+    with pytest.raises(RuntimeError, match="changed after this edit was applied"):
+        second.restore()
+    second.restore(force=True)  # its originals hold the first edit: put the unedited weights back by hand
+    tiny_model.load_state_dict(before)
+    assert _same(before, _snapshot(tiny_model))
+
+
+def test_covariance_corpus_inputs(tiny_model, tmp_path):
+    import datasets
+
+    hook = "blocks.1.mlp.hook_post"
+    texts = ["The Eiffel Tower is in Paris. " * 40, "Danielle Darrieux was a French actress. " * 40]
+    from_texts = _Store(False, corpus=texts, progress=False).get(tiny_model, [hook], 300, "float32", 64)[hook]
+    records = [{"text": t, "id": i} for i, t in enumerate(texts)]
+    from_records = _Store(False, corpus=records, progress=False).get(tiny_model, [hook], 300, "float32", 64)[hook]
+    dataset = datasets.Dataset.from_list(records)
+    from_dataset = _Store(False, corpus=dataset, progress=False).get(tiny_model, [hook], 300, "float32", 64)[hook]
+    file = tmp_path / "corpus.txt"
+    file.write_text("\n".join(texts))
+    from_file = _Store(False, corpus=str(file), progress=False).get(tiny_model, [hook], 300, "float32", 64)[hook]
+    assert torch.equal(from_texts, from_records) and torch.equal(from_texts, from_dataset)
+    assert torch.equal(from_texts, from_file)  # paragraphs are tokenised one by one either way
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _Store(False, corpus=str(tmp_path / "typo.txt"))
+    with pytest.raises(ValueError, match="no 'text' field"):
+        _Store(False, corpus=[{"body": "x"}])
+    assert _Store(False, corpus=[{"body": texts[0]}], text_field="body").corpus_hash
+    with pytest.raises(TypeError, match="expected a text"):
+        _Store(False, corpus=[3])
+    with pytest.raises(ValueError, match="has .* tokens but C needs 100000"):
+        _Store(False, corpus=texts, progress=False).get(tiny_model, [hook], 100_000, "float32", 64)
+
+
+def test_covariance_key_names_every_input(tiny_model, tmp_path):
+    from conftest import TINY_VARIANTS, make_tiny_model
+
+    hook = "blocks.1.mlp.hook_post"
+    store = _Store(tmp_path, progress=False)
+    key = store.path_for(tiny_model, hook, 500, "float32", 64).stem
+    other_corpus = _Store(tmp_path, corpus=["Another text entirely. " * 50], progress=False)
+    variants = [store.path_for(tiny_model, hook, 600, "float32", 64), store.path_for(tiny_model, hook, 500, "float64", 64),
+                store.path_for(tiny_model, hook, 500, "float32", 128), store.path_for(tiny_model, "blocks.2.mlp.hook_post", 500, "float32", 64),
+                other_corpus.path_for(tiny_model, hook, 500, "float32", 64)]
+    assert len({key, *(p.stem for p in variants)}) == 6
+    other_weights = make_tiny_model(*TINY_VARIANTS["seq-rms-gated"], seed=1)
+    assert store.path_for(other_weights, hook, 500, "float32", 64).stem.split("_m")[1][:16] != key.split("_m")[1][:16]
+    with torch.no_grad():  # a change below the layer changes the key; the tokenizer is part of it too
+        saved = tiny_model.blocks[0].mlp.W_out.clone()
+        tiny_model.blocks[0].mlp.W_out.add_(1.0)
+        try:
+            assert store.path_for(tiny_model, hook, 500, "float32", 64).stem != key
+        finally:
+            tiny_model.blocks[0].mlp.W_out.copy_(saved)
+    assert store.path_for(tiny_model, hook, 500, "float32", 64).stem == key
+    assert f"_t{store._tokenizer_hash(tiny_model)}_" in key
+    # calls that set the tokenizer's padding / truncation do not change its hash
+    tiny_model.tokenizer(["a", "a longer text"], padding=True, truncation=True, max_length=4)
+    assert _Store(tmp_path, progress=False).path_for(tiny_model, hook, 500, "float32", 64).stem == key

@@ -3,8 +3,8 @@
 A :class:`CovarianceStore` is an object the caller passes in (no module-level cache). It
 streams a text corpus through the model once for all requested hooks (keys of several
 layers in one pass), with a progress bar, and caches each matrix on disk under a key naming
-the model (hash of the weights the keys depend on), the hook (hence the layer), the corpus
-(content hash), the token count, the sequence length and the dtype. Files are written
+the model (hash of the weights the keys depend on), the tokenizer, the hook (hence the layer),
+the corpus (content hash), the token count, the sequence length and the dtype. Files are written
 atomically (temporary file + ``os.replace``); a truncated, corrupt or mismatching file is
 detected, logged as a warning and rebuilt, never used.
 """
@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -41,8 +41,13 @@ class CovarianceStore:
     Args:
         cache_dir: directory of the ``.safetensors`` cache files; default
             ``default_cache_dir() / "covariance"``. ``False`` disables the disk cache.
-        corpus: text files (paths) or an iterable of texts; default the shipped WikiText-2 raw
-            validation + test splits (:func:`pmet_lens.data.wikitext_path`).
+        corpus: default the shipped WikiText-2 raw validation + test splits
+            (:func:`pmet_lens.data.wikitext_path`). A ``str`` or ``Path``: one text file, which
+            must exist. Otherwise an iterable whose items are texts (``str``), text files
+            (``Path``) or records holding their text under ``text_field``, such as the rows of a
+            ``datasets.Dataset`` (read whole: pass ``dataset.select(range(n))`` of a large one).
+            A corpus with fewer tokens than a requested C needs is an error, not a smaller sample.
+        text_field: the field of a record that holds its text (``datasets`` corpora).
         batch_size: corpus chunks per forward pass.
         progress: show a tqdm progress bar while streaming the corpus.
     """
@@ -50,19 +55,21 @@ class CovarianceStore:
     def __init__(
         self,
         cache_dir: str | Path | None | bool = None,
-        corpus: str | Path | Sequence[str | Path] | Iterable[str] | None = None,
+        corpus: str | Path | Iterable[str | Path | Mapping[str, Any]] | None = None,
         batch_size: int = 4,
         progress: bool = True,
+        text_field: str = "text",
     ) -> None:
         if cache_dir is False:
             self.cache_dir: Path | None = None
         else:
             self.cache_dir = Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir() / "covariance"
-        self._texts = _corpus_texts(corpus)
+        self._texts = _corpus_texts(corpus, text_field)
         self.corpus_hash = hashlib.sha256("\x00".join(self._texts).encode()).hexdigest()[:16]
         self.batch_size = batch_size
         self.progress = progress
         self._memory: dict[str, torch.Tensor] = {}
+        self._tokenizer_hashes: dict[int, tuple[Any, str]] = {}  # id -> (tokenizer, hash)
         self.last_build_seconds: float = 0.0
 
     # ------------------------------------------------------------------ public
@@ -85,7 +92,8 @@ class CovarianceStore:
         layers = sorted({block_index(h) for h in hooks})
         if layer_hashes is None or any(l not in layer_hashes for l in layers):
             layer_hashes = weights_hashes(model, layers)[1]
-        keys = {h: self._key_for(layer_hashes[block_index(h)], h, n_tokens, dtype, seq_len) for h in hooks}
+        tok = self._tokenizer_hash(model)
+        keys = {h: self._key_for(layer_hashes[block_index(h)], tok, h, n_tokens, dtype, seq_len) for h in hooks}
         out: dict[str, torch.Tensor] = {}
         missing = []
         for hook, key in keys.items():
@@ -120,11 +128,27 @@ class CovarianceStore:
     # ----------------------------------------------------------------- private
     def _key(self, model: HookedTransformer, hook: str, n_tokens: int, dtype: str, seq_len: int) -> str:
         layer = block_index(hook)
-        return self._key_for(weights_hashes(model, [layer])[1][layer], hook, n_tokens, dtype, seq_len)
+        return self._key_for(weights_hashes(model, [layer])[1][layer], self._tokenizer_hash(model), hook, n_tokens,
+                             dtype, seq_len)
 
-    def _key_for(self, model_hash: str, hook: str, n_tokens: int, dtype: str, seq_len: int) -> str:
+    def _key_for(self, model_hash: str, tokenizer_hash: str, hook: str, n_tokens: int, dtype: str, seq_len: int) -> str:
         name = hook.replace(".", "-")
-        return f"{name}_m{model_hash[:16]}_c{self.corpus_hash}_n{n_tokens}_s{seq_len}_{dtype}"
+        return (f"{name}_m{model_hash[:16]}_t{tokenizer_hash}_c{self.corpus_hash}_n{n_tokens}_s{seq_len}_{dtype}")
+
+    def _tokenizer_hash(self, model: HookedTransformer) -> str:
+        """Hash of the tokenizer (it decides which keys the corpus gives), once per tokenizer object."""
+        tok = model.tokenizer
+        known = self._tokenizer_hashes.get(id(tok))
+        if known is None or known[0] is not tok:
+            backend = getattr(tok, "backend_tokenizer", None)
+            if backend is not None:  # the vocabulary, merges, normalizer, ...; not the padding / truncation
+                spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+            else:  # settings, which every call of the tokenizer may change
+                spec = sorted(tok.get_vocab().items())
+            spec = json.dumps(spec, sort_keys=True)
+            known = (tok, hashlib.sha256(f"{type(tok).__name__}\x00{spec}".encode()).hexdigest()[:12])
+            self._tokenizer_hashes[id(tok)] = known
+        return known[1]
 
     def _read(self, key: str) -> torch.Tensor | None:
         if self.cache_dir is None:
@@ -170,10 +194,9 @@ class CovarianceStore:
             if len(ids) >= n_tokens:
                 break
         if len(ids) < n_tokens:
-            logger.warning("Corpus has only %d tokens (< %d requested); using all of them", len(ids), n_tokens)
+            raise ValueError(f"the covariance corpus has {len(ids)} tokens but C needs {n_tokens} (cov_tokens): pass a "
+                             "larger corpus to CovarianceStore(corpus=...) or lower cov_tokens in the hyper-parameters")
         ids = ids[:n_tokens]
-        if not ids:
-            raise ValueError("the covariance corpus is empty")
         return [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
 
     def _build(self, model: HookedTransformer, hooks: Sequence[str], n_tokens: int, dtype: torch.dtype,
@@ -208,15 +231,28 @@ class CovarianceStore:
         return {h: (sums[h] / count).to(dtype) for h in hooks}
 
 
-def _corpus_texts(corpus) -> list[str]:
+def _corpus_texts(corpus: str | Path | Iterable[str | Path | Mapping[str, Any]] | None, text_field: str) -> list[str]:
+    """The corpus as a list of texts (see :class:`CovarianceStore`)."""
     if corpus is None:
         return [p.read_text(encoding="utf-8") for p in wikitext_path()]
     if isinstance(corpus, (str, Path)):
-        corpus = [corpus]
+        corpus = [Path(corpus)]
     texts = []
-    for item in corpus:
-        path = Path(item) if isinstance(item, Path) or (isinstance(item, str) and len(item) < 4096 and "\n" not in item and Path(item).is_file()) else None
-        texts.append(path.read_text(encoding="utf-8") if path is not None else str(item))
+    for i, item in enumerate(corpus):
+        if isinstance(item, Path):
+            if not item.is_file():
+                raise FileNotFoundError(f"covariance corpus file {item} does not exist")
+            texts.append(item.read_text(encoding="utf-8"))
+        elif isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, Mapping):
+            if text_field not in item:
+                raise ValueError(f"covariance corpus record #{i} has no {text_field!r} field (it has {sorted(item)}); "
+                                 "name the text field with CovarianceStore(text_field=...)")
+            texts.append(str(item[text_field]))
+        else:
+            raise TypeError(f"covariance corpus item #{i} is a {type(item).__name__}; expected a text (str), a file "
+                            "(Path) or a record (mapping) with a text field")
     if not any(t.strip() for t in texts):
         raise ValueError("the covariance corpus is empty")
     return texts

@@ -26,6 +26,14 @@ logger = logging.getLogger(__name__)
 __all__ = ["EditResult"]
 
 
+def _fingerprint(param: torch.Tensor, n: int = 4096) -> torch.Tensor:
+    """A fixed, evenly spaced sample of ``n`` entries of ``param`` (a copy): any later edit of a
+    weight (a dense ΔW) changes it."""
+    flat = param.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, min(n, flat.numel()), device=flat.device).long()
+    return flat[idx].clone()
+
+
 @dataclass(eq=False)
 class EditResult:
     """An edit: ``deltas`` maps ``blocks.{l}.mlp.W_out`` (and, for the W_O ablation,
@@ -54,6 +62,11 @@ class EditResult:
     prefixes: tuple[str, ...] = ()
     stats: dict[str, list[float]] = field(default_factory=dict)
     _originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _written: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self._originals and not self._written:  # applied by edit(): remember what it wrote
+            self._written = {name: _fingerprint(self._param(name)) for name in self._originals}
 
     # ------------------------------------------------------------- weights
     @property
@@ -85,14 +98,28 @@ class EditResult:
                     params[name].copy_(orig)
             raise
         self._originals = originals
+        self._written = {name: _fingerprint(p) for name, p in params.items()}
         return self
 
-    def restore(self) -> None:
-        """Put the original weights back, bit for bit (no-op when not applied)."""
+    def restore(self, force: bool = False) -> None:
+        """Put the original weights back, bit for bit (no-op when not applied).
+
+        Edits applied one after another must be restored in the opposite order: restoring an
+        earlier one first would write back weights that predate the later edits, silently
+        leaving a mixture. So this raises when the edited weights are no longer what this edit
+        wrote (checked on a fixed sample of their entries), unless ``force``.
+        """
+        if not force:
+            changed = [name for name, fp in self._written.items() if not torch.equal(_fingerprint(self._param(name)), fp)]
+            if changed:
+                raise RuntimeError(f"{changed} changed after this edit was applied (another edit applied on top of it?); "
+                                   "restore edits in the opposite order to their application, or pass force=True to "
+                                   "write this edit's originals back anyway")
         with torch.no_grad():
             for name, orig in self._originals.items():
                 self._param(name).copy_(orig)
         self._originals = {}
+        self._written = {}
 
     def __enter__(self) -> "EditResult":
         if not self.applied:
