@@ -178,12 +178,12 @@ def main() -> None:
               f"(targets {t_opt / len(facts):.2f} s/fact), success {sum(results['a'][1])}/{len(facts)}")
 
     if not args.skip_per_call:
-        t0 = time.perf_counter()
-        ok_b = []
-        for f in facts:
+        t_b, ok_b = 0.0, []
+        for f in facts:  # timed like (a) and (c): the edit, not the success check
+            t0 = time.perf_counter()
             with edit(model, [f], hparams=hp, cov_store=store, progress=False):
+                t_b += time.perf_counter() - t0
                 ok_b += success(model, [f])
-        t_b = time.perf_counter() - t0
         print(f"(b) package one fact per call: {t_b / len(facts):.2f} s/fact, success {sum(ok_b)}/{len(facts)} "
               "(each fact edited alone)")
 
