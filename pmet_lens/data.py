@@ -8,6 +8,7 @@ the ROME/MEMIT JSON format. Bad records fail loudly with :class:`DataError`, nam
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -90,11 +91,7 @@ class Fact:
         where = self.where
         _nonblank(self.subject, "subject", where)
         _nonblank(self.prompt, "prompt", where)
-        if self.prompt.count("{}") != 1:
-            raise DataError(
-                f"{where}: prompt template {self.prompt!r} must contain exactly one '{{}}' "
-                f"where the subject goes (found {self.prompt.count('{}')})"
-            )
+        _check_template(self.prompt, where)
         for name in ("target_new", "target_true"):
             value = getattr(self, name)
             if value is not None:
@@ -258,6 +255,19 @@ def _read_records(path: str | Path, what: str) -> list[Any]:
     if not isinstance(data, list):
         raise DataError(f"{what} file {path} must hold a JSON list of records, got {type(data).__name__}")
     return data
+
+
+def _check_template(template: str, where: str) -> None:
+    """A prompt template is filled with ``str.format``: it needs exactly one bare ``{}`` (the subject),
+    and any literal brace written ``{{`` / ``}}``."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise DataError(f"{where}: prompt template {template!r} has an unmatched brace ({exc}); write a literal "
+                        "brace as '{{' or '}}'") from None
+    if fields != [""]:
+        raise DataError(f"{where}: prompt template {template!r} must contain exactly one '{{}}' where the subject "
+                        f"goes and no other replacement field (found {len(fields)} field(s): {fields})")
 
 
 def _take(records: Sequence[Any], limit: int | None) -> Sequence[Any]:

@@ -44,10 +44,17 @@ def test_limit_and_user_path(tmp_path):
     (dict(subject="", prompt="{} is in", target_new="France"), "subject is empty"),
     (dict(subject="X", prompt="{} and {}", target_new="France"), "exactly one"),
     (dict(subject="X", prompt="{} is", target_new="Y", target_true=""), "target_true is empty"),
+    (dict(subject="X", prompt="The {x} of {} is", target_new="Y"), "no other replacement field"),
+    (dict(subject="X", prompt="{} scored 3} goals", target_new="Y"), "unmatched brace"),
 ])
 def test_bad_fact(bad, match):
     with pytest.raises(DataError, match=match):
         Fact(**bad, case_id=7)
+
+
+def test_literal_braces_in_a_template():
+    fact = Fact(subject="X", prompt="In {{braces}}, {} is", target_new="Y")
+    assert fact.text == "In {braces}, X is"
 
 
 def test_bad_counterfact_records_named(tmp_path):
