@@ -7,10 +7,11 @@ read by the editors' default hyper-parameters.
 from __future__ import annotations
 
 import json
-import os
 from datetime import date
 from importlib import resources
 from pathlib import Path
+
+from pmet_lens.atomic import atomic_path
 
 __all__ = ["critical_layers_path", "default_critical_layers", "write_critical_layers"]
 
@@ -36,7 +37,6 @@ def write_critical_layers(model_name: str, layers: list[int], source: str, path:
     path = path or critical_layers_path()
     data = json.loads(path.read_text()) if path.is_file() else {}
     data[model_name] = {"layers": sorted(int(l) for l in layers), "source": f"{source}, {date.today().isoformat()}"}
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
     return path

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from pmet_lens.atomic import atomic_path
 from pmet_lens.fastpath import install_fast_linear
 
 logger = logging.getLogger(__name__)
@@ -202,11 +203,9 @@ def _load_default(*, device: str | torch.device, dtype: torch.dtype, cache_dir: 
         cfg = smollm2_config(hf_model.config, torch.float32)
         state_dict = {k: v.detach().clone().contiguous() for k, v in convert_llama_weights(hf_model, cfg).items()}
         del hf_model
-        converted.parent.mkdir(parents=True, exist_ok=True)
-        tmp = converted.with_name(f"{converted.name}.tmp{os.getpid()}")
-        save_file(state_dict, str(tmp))
-        _write_json(converted.with_suffix(".json"), hf_cfg_dict)
-        os.replace(tmp, converted)
+        with atomic_path(converted) as tmp:  # the weights land last: a present file means a complete pair
+            save_file(state_dict, str(tmp))
+            _write_json(converted.with_suffix(".json"), hf_cfg_dict)
 
     from transformers import LlamaConfig
 
@@ -237,6 +236,5 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     import json
 
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, default=str))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, default=str))

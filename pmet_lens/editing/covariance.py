@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -23,6 +22,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from pmet_lens.atomic import atomic_path
 from pmet_lens.arch import block_index
 from pmet_lens.data import wikitext_path
 from pmet_lens.editing.identity import weights_hashes
@@ -176,11 +176,8 @@ class CovarianceStore:
             return
         from safetensors.torch import save_file
 
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        path = self.cache_dir / f"{key}.safetensors"
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        save_file({"cov": cov.detach().cpu().contiguous()}, str(tmp), metadata={"key": key, "format": str(_FORMAT)})
-        os.replace(tmp, path)
+        with atomic_path(self.cache_dir / f"{key}.safetensors") as tmp:
+            save_file({"cov": cov.detach().cpu().contiguous()}, str(tmp), metadata={"key": key, "format": str(_FORMAT)})
 
     def _chunks(self, model: HookedTransformer, n_tokens: int, seq_len: int) -> list[list[int]]:
         tok = model.tokenizer

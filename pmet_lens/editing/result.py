@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +16,7 @@ from typing import Any, Callable
 import torch
 from transformer_lens import HookedTransformer
 
+from pmet_lens.atomic import atomic_path
 from pmet_lens.arch import architecture, block_index
 from pmet_lens.data import Fact
 from pmet_lens.editing.identity import weights_hash
@@ -190,10 +190,8 @@ class EditResult:
             "prefixes": json.dumps(list(self.prefixes)),
             "stats": json.dumps(self.stats),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     @classmethod
