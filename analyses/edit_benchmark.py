@@ -58,6 +58,8 @@ ABLATIONS = {
     "PMET + W_O^MHSA": {"update_attn": True},
     "PMET even spread": {"spread": "even"},
 }
+ABLATION_SWITCHES = {"no_attn_delta": "PMET w/o δ_a", "update_attn": "PMET + W_O^MHSA", "even_spread": "PMET even spread"}
+"""Command-line names of the ablations (``--ablations``)."""
 PAPER_TABLE3_10K = {  # PMET Table 3, 10K edits on GPT-J
     "PMET": {"score": 86.2, "efficacy": 99.5, "paraphrase": 92.8, "neighborhood": 71.4, "fluency": 620.0, "consistency": 40.6},
     "PMET w/o δ_a": {"score": 85.0, "efficacy": 98.9, "paraphrase": 89.0, "neighborhood": 71.6, "fluency": 621.2, "consistency": 40.0},
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling-points", type=int, default=5, help="number of edit counts on the log scale")
     parser.add_argument("--zsre-limit", type=int, default=None, help="zsRE records (default: same as --limit)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: table1,ablations,scaling,zsre")
+    parser.add_argument("--ablations", default=",".join(ABLATION_SWITCHES),
+                        help=f"comma-separated PMET Table 3 ablations to run (default all: {','.join(ABLATION_SWITCHES)})")
     parser.add_argument("--compile", action="store_true",
                         help="optimise the targets with edit(..., compile=True) (torch.compile; equal up to float rounding)")
     parser.add_argument("--resume", action="store_true",
@@ -182,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    chosen = [a.strip() for a in args.ablations.split(",") if a.strip()]
+    unknown = sorted(set(chosen) - set(ABLATION_SWITCHES))
+    if unknown:
+        parser.error(f"unknown ablation(s) {unknown}; choose from {','.join(ABLATION_SWITCHES)}")
+    ablations = {ABLATION_SWITCHES[a]: ABLATIONS[ABLATION_SWITCHES[a]] for a in chosen}
     methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in ("pmet", "memit"):
@@ -283,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "ablations" not in skip:
         base = preset(name, "pmet")
-        for abl, change in sorted(ABLATIONS.items(), key=lambda item: not reuses_pmet_targets(item[1])):
+        for abl, change in sorted(ablations.items(), key=lambda item: not reuses_pmet_targets(item[1])):
             if abl in summaries:
                 continue
             reuse = targets_of("pmet", facts) if reuses_pmet_targets(change) else None
@@ -302,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         # on zsRE the + W_O row tests whether writing δ_a into the weights closes PMET's gap to MEMIT.
         runs = [(label[m], preset(name, m), {}) for m in methods]
         if "pmet" in methods and "ablations" not in skip:
-            runs += [(abl, preset(name, "pmet").with_(**change), change) for abl, change in ABLATIONS.items()]
+            runs += [(abl, preset(name, "pmet").with_(**change), change) for abl, change in ablations.items()]
         for editor, hp, change in runs:
             if editor in zsre_summaries:
                 continue

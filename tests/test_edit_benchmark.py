@@ -61,3 +61,13 @@ def test_resume_reuses_saved_targets_only_for_the_same_facts_and_hparams(tmp_pat
     assert eb.saved_targets(path, model, facts[:1], hp) is None
     assert eb.saved_targets(path, model, facts, hp.with_(steps=5)) is None
     assert eb.saved_targets(tmp_path / "edits" / "missing.safetensors", model, facts, hp) is None
+
+
+def test_ablation_switches_name_every_ablation_and_reject_others(capsys):
+    import pytest
+
+    eb = _module()
+    assert set(eb.ABLATION_SWITCHES.values()) == set(eb.ABLATIONS)
+    with pytest.raises(SystemExit):
+        eb.main(["--ablations", "even_spread,bogus"])  # refused before the model is loaded
+    assert "unknown ablation(s) ['bogus']" in capsys.readouterr().err
