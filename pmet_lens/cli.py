@@ -155,10 +155,17 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     if args.limit is not None:
         records = records[: args.limit]
     facts = as_facts(records)
+    corpus = _existing_file(args.corpus, "corpus file")
     _check_preset(args.preset)
     model = _load_model(args.model)
     hp = _hparams(args, str(model.cfg.model_name))
-    result = edit(model, facts, method=args.method, hparams=hp, apply=False, progress=True, compile=args.compile)
+    store = None
+    if corpus is not None:
+        from pmet_lens.editing import CovarianceStore
+
+        store = CovarianceStore(corpus=corpus, progress=True)
+    result = edit(model, facts, method=args.method, hparams=hp, cov_store=store, apply=False, progress=True,
+                  compile=args.compile)
     path = result.save(args.out)
     print(f"edited {len(facts)} fact(s) with {args.method}; wrote {path}")
     return 0
@@ -254,9 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hparams", help="JSON object of hyper-parameter overrides, e.g. {\"lam\": 600}")
     p.add_argument("--limit", type=int, default=None, help="edit the first N records")
     p.add_argument("--out", required=True, help="delta file to write (.safetensors)")
+    p.add_argument("--corpus", help="text file for the key statistics C (default: the shipped WikiText-2 text); it "
+                                    "needs at least the preset's cov_tokens tokens")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the target optimisation (needs a C++ compiler; about a minute to compile, "
-                        "then faster: worth it for mass edits)")
+                   help="torch.compile the target optimisation (needs a C++ compiler; about a minute to compile; "
+                        "no faster end to end on a 2-core CPU at 100 edits, see README)")
     p.set_defaults(func=_cmd_edit)
 
     p = sub.add_parser("evaluate", help="CounterFact / zsRE metrics, optionally with a delta file applied",

@@ -51,6 +51,7 @@ def test_main_module_and_no_command():
     (("edit", "--facts", "bad_record.json", "--out", "d.safetensors"), "case_id=7"),
     (("edit", "--facts", "facts.json", "--preset", "gpt-5", "--out", "d.safetensors"), "unknown preset 'gpt-5'"),
     (("edit", "--facts", "facts.json", "--method", "rome", "--out", "d.safetensors"), "invalid choice: 'rome'"),
+    (("edit", "--facts", "facts.json", "--corpus", "missing.txt", "--out", "d.safetensors"), "corpus file not found"),
     (("evaluate", "--records", "missing.json"), "records file not found"),
     (("evaluate", "--records", "broken.json"), "not valid JSON"),
     (("evaluate", "--delta", "missing.safetensors"), "delta file not found"),
@@ -66,7 +67,11 @@ def test_bad_input_exits_nonzero(workdir, args, message):
 
 @pytest.mark.slow
 def test_edit_then_evaluate(workdir):
-    out = run("edit", "--facts", "facts.json", "--hparams", "hp.json", "--out", "delta.safetensors", cwd=workdir)
+    from pmet_lens.data import wikitext_path
+
+    (workdir / "corpus.txt").write_text(wikitext_path()[0].read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    out = run("edit", "--facts", "facts.json", "--hparams", "hp.json", "--corpus", "corpus.txt",
+              "--out", "delta.safetensors", cwd=workdir)
     assert out.returncode == 0, out.stderr
     assert (workdir / "delta.safetensors").is_file()
     out = run("evaluate", "--delta", "delta.safetensors", "--limit", "1", "--no-generation",
