@@ -141,9 +141,11 @@ class CovarianceStore:
         known = self._tokenizer_hashes.get(id(tok))
         if known is None or known[0] is not tok:
             backend = getattr(tok, "backend_tokenizer", None)
-            if backend is not None:  # the vocabulary, merges, normalizer, ...; not the padding / truncation
+            if backend is not None:
+                # the vocabulary, merges, normalizer, ...; not the padding / truncation settings, which
+                # every call of the tokenizer may change
                 spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
-            else:  # settings, which every call of the tokenizer may change
+            else:  # a slow tokenizer: its vocabulary
                 spec = sorted(tok.get_vocab().items())
             spec = json.dumps(spec, sort_keys=True)
             known = (tok, hashlib.sha256(f"{type(tok).__name__}\x00{spec}".encode()).hexdigest()[:12])
