@@ -1,10 +1,11 @@
-"""Choose the SmolLM2 editing λ and clamp c on the TUNE part of the CounterFact split (never the
-report part).
+"""Choose the SmolLM2 editing λ, clamp c, steps and lr on the TUNE part of the CounterFact split
+(never the report part).
 
-For each method (PMET, MEMIT) with its preset (critical layers R from causal tracing, steps, lr)
-and each clamp factor c of ``--clamps`` (|δ| ≤ c·|initial output| after every step; default: the
-preset's c only), the targets of all tune facts are optimised ONCE (they depend on c but not on
-λ), then for every λ of the grid the weight update (MEMIT eq. 14 / PMET eq. 10) is solved,
+For each method (PMET, MEMIT) with its preset (critical layers R from causal tracing) and each
+combination of clamp factor c (``--clamps``; |δ| ≤ c·|initial output| after every step), number
+of optimisation steps (``--steps``) and Adam learning rate (``--lrs``) (each defaults to the
+preset's value only), the targets of all tune facts are optimised ONCE (they depend on c, steps
+and lr but not on λ), then for every λ of the grid the weight update (MEMIT eq. 14 / PMET eq. 10) is solved,
 written, the probability metrics of ROME/MEMIT (efficacy, paraphrase, neighborhood and their
 harmonic mean, the Score) are computed on the tune facts, and the weights are restored
 bit-for-bit. The (c, λ) with the best Score is reported, and with ``--write`` stored in
@@ -13,6 +14,7 @@ benchmark (PMET Table 1).
 
     python analyses/tune_editing.py --limit 100 --write
     python analyses/tune_editing.py --clamps 0.75,1.5,3 --lams 30,300 --out figures/tune_clamp
+    python analyses/tune_editing.py --methods pmet --steps 15,30,60 --lrs 0.1,0.2,0.4 --lams 10,30,100
 
 Writes ``<out>/tune_editing.csv`` (one row per method and λ) and ``<out>/tune_editing.json``.
 """
@@ -20,6 +22,7 @@ Writes ``<out>/tune_editing.csv`` (one row per method and λ) and ``<out>/tune_e
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import time
@@ -50,15 +53,28 @@ def sweep(model, facts, hparams, lams, store) -> list[dict]:
         hp = hparams.with_(lam=lam, context_prefixes=first.prefixes)
         with edit(model, facts, hparams=hp, cov_store=store, targets=first.targets, progress=False):
             _, summary = evaluate_counterfact(model, facts, generation=False, progress=False)
-        row = {"method": hparams.method, "clamp": hparams.clamp_norm_factor, "lam": lam, "n_facts": len(facts),
+        row = {"method": hparams.method, "clamp": hparams.clamp_norm_factor, "steps": hparams.steps,
+               "lr": hparams.lr, "lam": lam, "n_facts": len(facts),
                "layers": list(hparams.layers), "target_seconds": round(t_targets, 1),
                "mean_target_prob": float(np.mean(first.stats["prob"])),
                "mean_steps": float(np.mean(first.stats["steps"]))}
         row.update({k: summary[k] for k in ("score", "efficacy", "paraphrase", "neighborhood")})
-        logger.info("%s c=%g λ=%g: score %.3f efficacy %.3f paraphrase %.3f neighborhood %.3f", hparams.method,
-                    hparams.clamp_norm_factor, lam, row["score"], row["efficacy"], row["paraphrase"], row["neighborhood"])
+        logger.info("%s c=%g steps=%d lr=%g λ=%g: score %.3f efficacy %.3f paraphrase %.3f neighborhood %.3f",
+                    hparams.method, hparams.clamp_norm_factor, hparams.steps, hparams.lr, lam, row["score"],
+                    row["efficacy"], row["paraphrase"], row["neighborhood"])
         rows.append(row)
     return rows
+
+
+def pick_best(rows: pd.DataFrame, base) -> dict:
+    """The row with the best Score; among rows with the same Score (few tune facts make ties common),
+    the one closest to the preset ``base`` (summed |log ratio| of c, steps, lr and λ), so a tie never
+    moves a setting away from the preset."""
+    distance = sum(np.abs(np.log(rows[col].astype(float) / float(getattr(base, attr))))
+                   for col, attr in (("clamp", "clamp_norm_factor"), ("steps", "steps"), ("lr", "lr"), ("lam", "lam")))
+    ranked = rows.assign(_score=rows["score"].round(9), _distance=distance)
+    ranked = ranked.sort_values(["_score", "_distance"], ascending=[False, True], kind="stable")
+    return ranked.drop(columns=["_score", "_distance"]).iloc[0].to_dict()
 
 
 def main() -> None:
@@ -68,8 +84,12 @@ def main() -> None:
     parser.add_argument("--lams", default=",".join(str(x) for x in DEFAULT_GRID), help="comma-separated λ grid")
     parser.add_argument("--clamps", default=None,
                         help="comma-separated clamp factors c (targets are re-optimised per c); default: the preset's")
+    parser.add_argument("--steps", default=None,
+                        help="comma-separated step counts (targets are re-optimised per value); default: the preset's")
+    parser.add_argument("--lrs", default=None,
+                        help="comma-separated learning rates (targets are re-optimised per value); default: the preset's")
     parser.add_argument("--out", type=Path, default=Path("figures"))
-    parser.add_argument("--write", action="store_true", help="store the best (c, λ) in presets/editing.json")
+    parser.add_argument("--write", action="store_true", help="store the best (c, steps, lr, λ) in presets/editing.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -82,22 +102,26 @@ def main() -> None:
     for method in args.methods.split(","):
         base = preset(name, method)
         clamps = [float(x) for x in args.clamps.split(",")] if args.clamps else [base.clamp_norm_factor]
-        for c in clamps:
-            rows += sweep(model, facts, base.with_(clamp_norm_factor=c), lams, store)
+        steps = [int(x) for x in args.steps.split(",")] if args.steps else [base.steps]
+        lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [base.lr]
+        for c, n_steps, lr in itertools.product(clamps, steps, lrs):
+            rows += sweep(model, facts, base.with_(clamp_norm_factor=c, steps=n_steps, lr=lr), lams, store)
     df = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "tune_editing.csv", index=False)
-    best = {m: df[df.method == m].sort_values("score", ascending=False).iloc[0].to_dict() for m in df.method.unique()}
+    best = {m: pick_best(df[df.method == m], preset(name, m)) for m in df.method.unique()}
     (args.out / "tune_editing.json").write_text(json.dumps(best, indent=2, default=str) + "\n")
     for m, row in best.items():
-        logger.info("best %s: c=%g λ=%g (score %.3f on %d tune facts)", m, row["clamp"], row["lam"], row["score"],
-                    row["n_facts"])
+        logger.info("best %s: c=%g steps=%d lr=%g λ=%g (score %.3f on %d tune facts)", m, row["clamp"], row["steps"],
+                    row["lr"], row["lam"], row["score"], row["n_facts"])
     if args.write:
         path = _presets_dir() / "editing.json"
         table = json.loads(path.read_text())
         for m, row in best.items():
             table["SmolLM2-135M-Instruct"][m]["lam"] = float(row["lam"])
             table["SmolLM2-135M-Instruct"][m]["clamp_norm_factor"] = float(row["clamp"])
+            table["SmolLM2-135M-Instruct"][m]["steps"] = int(row["steps"])
+            table["SmolLM2-135M-Instruct"][m]["lr"] = float(row["lr"])
         path.write_text(json.dumps(table, indent=2) + "\n")
         logger.info("wrote %s", path)
     print(df.to_string(index=False))
