@@ -8,15 +8,18 @@ preset's value only), the targets of all tune facts are optimised ONCE (they dep
 and lr but not on λ), then for every λ of the grid the weight update (MEMIT eq. 14 / PMET eq. 10) is solved,
 written, the probability metrics of ROME/MEMIT (efficacy, paraphrase, neighborhood and their
 harmonic mean, the Score) are computed on the tune facts, and the weights are restored
-bit-for-bit. The (c, λ) with the best Score is reported, and with ``--write`` stored in
+bit-for-bit. The (c, steps, lr, C's tokens, λ) with the best Score (ties: the one closest to the preset) is
+reported, and with ``--write`` stored in
 ``pmet_lens/presets/editing.json``. All tune facts are edited in one mass edit, as in the
 benchmark (PMET Table 1).
 
     python analyses/tune_editing.py --limit 100 --write
     python analyses/tune_editing.py --clamps 0.75,1.5,3 --lams 30,300 --out figures/tune_clamp
     python analyses/tune_editing.py --methods pmet --steps 15,30,60 --lrs 0.1,0.2,0.4 --lams 10,30,100
+    python analyses/tune_editing.py --limit 48 --cov-tokens 100000,200000,400000 --out figures/tune_cov_tokens
 
-Writes ``<out>/tune_editing.csv`` (one row per method and λ) and ``<out>/tune_editing.json``.
+Writes ``<out>/tune_editing.csv`` (one row per method, c, steps, lr, C's token count and λ) and ``<out>/tune_editing.json``
+(the best row per method). ``analyses/tune_presets.sh`` runs the search that chose the presets.
 """
 
 from __future__ import annotations
@@ -42,36 +45,38 @@ logger = logging.getLogger("tune_editing")
 DEFAULT_GRID = (100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0)
 
 
-def sweep(model, facts, hparams, lams, store) -> list[dict]:
-    """Targets once (``edit(apply=False)``), then per λ an edit that reuses them
-    (``edit(targets=...)``, same prefixes), the evaluation, and the exact restore on exiting it."""
+def sweep(model, facts, hparams, lams, store, cov_tokens=None) -> list[dict]:
+    """Targets once (``edit(apply=False)``), then per λ (and per covariance size, if ``cov_tokens``
+    names several) an edit that reuses them (``edit(targets=...)``, same prefixes), the evaluation,
+    and the exact restore on exiting it. The targets do not depend on λ or on C."""
     t0 = time.perf_counter()
     first = edit(model, facts, hparams=hparams, cov_store=store, apply=False)
     t_targets = time.perf_counter() - t0
     rows = []
-    for lam in lams:
-        hp = hparams.with_(lam=lam, context_prefixes=first.prefixes)
+    for n_tokens, lam in itertools.product(cov_tokens or [hparams.cov_tokens], lams):
+        hp = hparams.with_(lam=lam, cov_tokens=n_tokens, context_prefixes=first.prefixes)
         with edit(model, facts, hparams=hp, cov_store=store, targets=first.targets, progress=False):
             _, summary = evaluate_counterfact(model, facts, generation=False, progress=False)
         row = {"method": hparams.method, "clamp": hparams.clamp_norm_factor, "steps": hparams.steps,
-               "lr": hparams.lr, "lam": lam, "n_facts": len(facts),
+               "lr": hparams.lr, "cov_tokens": n_tokens, "lam": lam, "n_facts": len(facts),
                "layers": list(hparams.layers), "target_seconds": round(t_targets, 1),
                "mean_target_prob": float(np.mean(first.stats["prob"])),
                "mean_steps": float(np.mean(first.stats["steps"]))}
         row.update({k: summary[k] for k in ("score", "efficacy", "paraphrase", "neighborhood")})
-        logger.info("%s c=%g steps=%d lr=%g λ=%g: score %.3f efficacy %.3f paraphrase %.3f neighborhood %.3f",
-                    hparams.method, hparams.clamp_norm_factor, hparams.steps, hparams.lr, lam, row["score"],
-                    row["efficacy"], row["paraphrase"], row["neighborhood"])
+        logger.info("%s c=%g steps=%d lr=%g C from %d tokens λ=%g: score %.3f efficacy %.3f paraphrase %.3f "
+                    "neighborhood %.3f", hparams.method, hparams.clamp_norm_factor, hparams.steps, hparams.lr,
+                    n_tokens, lam, row["score"], row["efficacy"], row["paraphrase"], row["neighborhood"])
         rows.append(row)
     return rows
 
 
 def pick_best(rows: pd.DataFrame, base) -> dict:
     """The row with the best Score; among rows with the same Score (few tune facts make ties common),
-    the one closest to the preset ``base`` (summed |log ratio| of c, steps, lr and λ), so a tie never
-    moves a setting away from the preset."""
+    the one closest to the preset ``base`` (summed |log ratio| of c, steps, lr, covariance tokens and
+    λ), so a tie never moves a setting away from the preset."""
     distance = sum(np.abs(np.log(rows[col].astype(float) / float(getattr(base, attr))))
-                   for col, attr in (("clamp", "clamp_norm_factor"), ("steps", "steps"), ("lr", "lr"), ("lam", "lam")))
+                   for col, attr in (("clamp", "clamp_norm_factor"), ("steps", "steps"), ("lr", "lr"), ("cov_tokens", "cov_tokens"),
+                                                 ("lam", "lam")))
     ranked = rows.assign(_score=rows["score"].round(9), _distance=distance)
     ranked = ranked.sort_values(["_score", "_distance"], ascending=[False, True], kind="stable")
     return ranked.drop(columns=["_score", "_distance"]).iloc[0].to_dict()
@@ -88,8 +93,10 @@ def main() -> None:
                         help="comma-separated step counts (targets are re-optimised per value); default: the preset's")
     parser.add_argument("--lrs", default=None,
                         help="comma-separated learning rates (targets are re-optimised per value); default: the preset's")
+    parser.add_argument("--cov-tokens", default=None,
+                        help="comma-separated corpus token counts for C (the targets are reused); default: the preset's")
     parser.add_argument("--out", type=Path, default=Path("figures"))
-    parser.add_argument("--write", action="store_true", help="store the best (c, steps, lr, λ) in presets/editing.json")
+    parser.add_argument("--write", action="store_true", help="store the best (c, steps, lr, cov_tokens, λ) in presets/editing.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -97,6 +104,7 @@ def main() -> None:
     name = model.cfg.model_name
     facts = split_facts("tune", limit=args.limit)
     lams = [float(x) for x in args.lams.split(",")]
+    cov_tokens = [int(x) for x in args.cov_tokens.split(",")] if args.cov_tokens else None
     store = CovarianceStore()
     rows = []
     for method in args.methods.split(","):
@@ -105,7 +113,7 @@ def main() -> None:
         steps = [int(x) for x in args.steps.split(",")] if args.steps else [base.steps]
         lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [base.lr]
         for c, n_steps, lr in itertools.product(clamps, steps, lrs):
-            rows += sweep(model, facts, base.with_(clamp_norm_factor=c, steps=n_steps, lr=lr), lams, store)
+            rows += sweep(model, facts, base.with_(clamp_norm_factor=c, steps=n_steps, lr=lr), lams, store, cov_tokens)
     df = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "tune_editing.csv", index=False)
@@ -122,6 +130,7 @@ def main() -> None:
             table["SmolLM2-135M-Instruct"][m]["clamp_norm_factor"] = float(row["clamp"])
             table["SmolLM2-135M-Instruct"][m]["steps"] = int(row["steps"])
             table["SmolLM2-135M-Instruct"][m]["lr"] = float(row["lr"])
+            table["SmolLM2-135M-Instruct"][m]["cov_tokens"] = int(row["cov_tokens"])
         path.write_text(json.dumps(table, indent=2) + "\n")
         logger.info("wrote %s", path)
     print(df.to_string(index=False))

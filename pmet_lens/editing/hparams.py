@@ -238,9 +238,9 @@ def preset(model_name: str, method: str = "pmet") -> EditHyperParams:
     """Hyper-parameters for ``model_name`` (exact names, no substring guessing).
 
     * ``SmolLM2-135M-Instruct``: layers R from ``presets/critical_layers.json`` (written by
-      ``analyses/causal_trace.py``); λ, steps, lr and clamp from ``presets/editing.json`` (λ chosen
-      by ``analyses/tune_editing.py`` on the ``tune`` part of the CounterFact split, see
-      :mod:`pmet_lens.splits`).
+      ``analyses/causal_trace.py``); λ, steps, lr and clamp from ``presets/editing.json``, all
+      chosen by ``analyses/tune_presets.sh`` (``analyses/tune_editing.py``) on the ``tune`` part
+      of the CounterFact split, see :mod:`pmet_lens.splits`.
     * ``gpt-j-6B``: PMET Appendix D / MEMIT Appendix B: R = {3..8}; PMET λ 6000, 30 steps,
       lr 0.2, c = 3/4; MEMIT λ 15000, 25 steps, lr 0.5, c = 3/4.
     * ``gpt-neox-20b``: R = {6..10}; PMET λ 15000, 30 steps, lr 0.5, c = 4/5, 5k samples;
