@@ -3,6 +3,10 @@ real default model (session-scoped, loaded once; converted weights are cached on
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -66,3 +70,12 @@ def default_model() -> HookedTransformer:
     from pmet_lens import load_model
 
     return load_model()
+
+
+def load_analysis(name: str) -> ModuleType:
+    """Import one of the repo's ``analyses/*.py`` scripts (not a package) by name, e.g. ``"tune_editing"``."""
+    path = Path(__file__).resolve().parents[1] / "analyses" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

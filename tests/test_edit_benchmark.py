@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
+from conftest import load_analysis
 from pmet_lens.editing import preset
-
-_PATH = Path(__file__).resolve().parents[1] / "analyses" / "edit_benchmark.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("edit_benchmark", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_resume_drops_results_of_changed_presets():
-    eb = _module()
+    eb = load_analysis("edit_benchmark")
     current = {m: preset("SmolLM2-135M-Instruct", m).to_dict() for m in ("pmet", "memit")}
     assert eb.stale_editors(current, current) == set()
     pmet_changed = {**current, "pmet": {**current["pmet"], "clamp_norm_factor": 0.75}}
@@ -32,7 +21,7 @@ def test_resume_drops_results_of_changed_presets():
 
 def test_only_the_no_attn_delta_ablation_reoptimises():
     """Even spread and + W_O reuse PMET's targets (on CounterFact and zsRE); w/o δ_a optimises anew."""
-    eb = _module()
+    eb = load_analysis("edit_benchmark")
     reused = {abl: eb.reuses_pmet_targets(change) for abl, change in eb.ABLATIONS.items()}
     assert reused == {"PMET w/o δ_a": False, "PMET + W_O^MHSA": True, "PMET even spread": True}
 
@@ -44,7 +33,7 @@ def test_resume_reuses_saved_targets_only_for_the_same_facts_and_hparams(tmp_pat
 
     from pmet_lens.editing import CovarianceStore, PMETHyperParams, edit
 
-    eb = _module()
+    eb = load_analysis("edit_benchmark")
     model = make_tiny_model(parallel=False, norm="RMS", gated=True)
     facts = [{"subject": "Danielle Darrieux", "prompt": "The mother tongue of {} is", "target_new": "English",
               "target_true": "French"},
@@ -66,7 +55,7 @@ def test_resume_reuses_saved_targets_only_for_the_same_facts_and_hparams(tmp_pat
 def test_ablation_switches_name_every_ablation_and_reject_others(capsys):
     import pytest
 
-    eb = _module()
+    eb = load_analysis("edit_benchmark")
     assert set(eb.ABLATION_SWITCHES.values()) == set(eb.ABLATIONS)
     with pytest.raises(SystemExit):
         eb.main(["--ablations", "even_spread,bogus"])  # refused before the model is loaded

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pandas as pd
 
+from conftest import load_analysis
 from pmet_lens.editing import PMETHyperParams
-
-_PATH = Path(__file__).resolve().parents[1] / "analyses" / "tune_editing.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("tune_editing", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _rows(scores: dict[tuple[int, float, float], float]) -> pd.DataFrame:
@@ -26,7 +15,7 @@ def _rows(scores: dict[tuple[int, float, float], float]) -> pd.DataFrame:
 
 def test_pick_best_takes_the_highest_score():
     base = PMETHyperParams(steps=30, lr=0.2, lam=30.0, clamp_norm_factor=1.5, cov_tokens=100_000)
-    best = _module().pick_best(_rows({(15, 0.1, 10.0): 0.90, (30, 0.2, 30.0): 0.85, (60, 0.4, 100.0): 0.80}), base)
+    best = load_analysis("tune_editing").pick_best(_rows({(15, 0.1, 10.0): 0.90, (30, 0.2, 30.0): 0.85, (60, 0.4, 100.0): 0.80}), base)
     assert (best["steps"], best["lr"], best["lam"], best["score"]) == (15, 0.1, 10.0, 0.90)
 
 
@@ -34,8 +23,8 @@ def test_pick_best_breaks_ties_towards_the_preset_not_the_grid_order():
     base = PMETHyperParams(steps=30, lr=0.2, lam=30.0, clamp_norm_factor=1.5, cov_tokens=100_000)
     tied = {(15, 0.2, 10.0): 0.85, (30, 0.2, 10.0): 0.85, (30, 0.2, 30.0): 0.85, (60, 0.2, 100.0): 0.85,
             (30, 0.4, 300.0): 0.70}
-    best = _module().pick_best(_rows(tied), base)
+    best = load_analysis("tune_editing").pick_best(_rows(tied), base)
     assert (best["steps"], best["lr"], best["lam"]) == (30, 0.2, 30.0)
     del tied[(30, 0.2, 30.0)]  # without the preset itself, the nearest tied setting wins
-    best = _module().pick_best(_rows(tied), base)
+    best = load_analysis("tune_editing").pick_best(_rows(tied), base)
     assert (best["steps"], best["lr"], best["lam"]) == (30, 0.2, 10.0)
