@@ -44,6 +44,10 @@ logger = logging.getLogger("tune_editing")
 
 DEFAULT_GRID = (100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0)
 
+TUNED = (("clamp", "clamp_norm_factor", float), ("steps", "steps", int), ("lr", "lr", float),
+         ("cov_tokens", "cov_tokens", int), ("lam", "lam", float))
+"""The searched settings: (column of tune_editing.csv, hyper-parameter field, type)."""
+
 
 def sweep(model, facts, hparams, lams, store, cov_tokens=None) -> list[dict]:
     """Targets once (``edit(apply=False)``), then per λ (and per covariance size, if ``cov_tokens``
@@ -74,12 +78,17 @@ def pick_best(rows: pd.DataFrame, base) -> dict:
     """The row with the best Score; among rows with the same Score (few tune facts make ties common),
     the one closest to the preset ``base`` (summed |log ratio| of c, steps, lr, covariance tokens and
     λ), so a tie never moves a setting away from the preset."""
-    distance = sum(np.abs(np.log(rows[col].astype(float) / float(getattr(base, attr))))
-                   for col, attr in (("clamp", "clamp_norm_factor"), ("steps", "steps"), ("lr", "lr"), ("cov_tokens", "cov_tokens"),
-                                                 ("lam", "lam")))
+    distance = sum(np.abs(np.log(rows[col].astype(float) / float(getattr(base, attr)))) for col, attr, _ in TUNED)
     ranked = rows.assign(_score=rows["score"].round(9), _distance=distance)
     ranked = ranked.sort_values(["_score", "_distance"], ascending=[False, True], kind="stable")
     return ranked.drop(columns=["_score", "_distance"]).iloc[0].to_dict()
+
+
+def grid(text: str | None, cast, default) -> list | None:
+    """A comma-separated option as a list of ``cast`` values; unset: ``[default]`` (``None`` if no default)."""
+    if text:
+        return [cast(x) for x in text.split(",")]
+    return None if default is None else [default]
 
 
 def main() -> None:
@@ -103,15 +112,15 @@ def main() -> None:
     model = load_model()
     name = model.cfg.model_name
     facts = split_facts("tune", limit=args.limit)
-    lams = [float(x) for x in args.lams.split(",")]
-    cov_tokens = [int(x) for x in args.cov_tokens.split(",")] if args.cov_tokens else None
+    lams = grid(args.lams, float, None)
+    cov_tokens = grid(args.cov_tokens, int, None)
     store = CovarianceStore()
     rows = []
     for method in args.methods.split(","):
         base = preset(name, method)
-        clamps = [float(x) for x in args.clamps.split(",")] if args.clamps else [base.clamp_norm_factor]
-        steps = [int(x) for x in args.steps.split(",")] if args.steps else [base.steps]
-        lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [base.lr]
+        clamps = grid(args.clamps, float, base.clamp_norm_factor)
+        steps = grid(args.steps, int, base.steps)
+        lrs = grid(args.lrs, float, base.lr)
         for c, n_steps, lr in itertools.product(clamps, steps, lrs):
             rows += sweep(model, facts, base.with_(clamp_norm_factor=c, steps=n_steps, lr=lr), lams, store, cov_tokens)
     df = pd.DataFrame(rows)
@@ -126,11 +135,7 @@ def main() -> None:
         path = _presets_dir() / "editing.json"
         table = json.loads(path.read_text())
         for m, row in best.items():
-            table["SmolLM2-135M-Instruct"][m]["lam"] = float(row["lam"])
-            table["SmolLM2-135M-Instruct"][m]["clamp_norm_factor"] = float(row["clamp"])
-            table["SmolLM2-135M-Instruct"][m]["steps"] = int(row["steps"])
-            table["SmolLM2-135M-Instruct"][m]["lr"] = float(row["lr"])
-            table["SmolLM2-135M-Instruct"][m]["cov_tokens"] = int(row["cov_tokens"])
+            table["SmolLM2-135M-Instruct"][m].update({attr: cast(row[col]) for col, attr, cast in TUNED})
         path.write_text(json.dumps(table, indent=2) + "\n")
         logger.info("wrote %s", path)
     print(df.to_string(index=False))
