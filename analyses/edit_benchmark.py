@@ -48,6 +48,7 @@ import torch
 from pmet_lens import load_model, load_zsre
 from pmet_lens.data import as_facts
 from pmet_lens.editing import CovarianceStore, EditResult, edit, preset
+from pmet_lens.editing.hparams import PMETHyperParams, hparams_from_dict
 from pmet_lens.evaluate import PAPER_TABLE1_GPTJ, PAPER_TABLE2_GPTJ, evaluate_counterfact, evaluate_zsre, format_table
 from pmet_lens.splits import split_facts
 
@@ -112,7 +113,8 @@ def saved_targets(path: Path, model, facts, hparams) -> dict[str, torch.Tensor] 
     except ValueError as err:
         logger.warning("--resume: not reusing %s: %s", path, err)
         return None
-    same_hp = saved.hparams == json.loads(json.dumps(hparams.to_dict()))
+    # λ, C's corpus size and the spread enter only the solve: targets optimised under other values are the same
+    same_hp = hparams_from_dict(saved.hparams).target_settings() == hparams.target_settings()
     same_facts = [f.to_counterfact() for f in saved.facts] == [f.to_counterfact() for f in as_facts(facts)]
     if not (same_hp and same_facts):
         logger.warning("--resume: not reusing %s: made for other %s", path, "facts" if same_hp else "hyper-parameters")
@@ -141,7 +143,7 @@ def reuses_pmet_targets(change: dict[str, Any]) -> bool:
     """Whether the ablation ``change`` can reuse PMET's optimised targets: even spread and + W_O can
     (v^m and v^a do not depend on the spread or on which weights are updated), w/o δ_a cannot (it
     optimises a different loss)."""
-    return "use_attn_delta" not in change
+    return set(change) <= PMETHyperParams.update_only_fields
 
 
 def paper_side_by_side(ours: dict[str, dict], paper: dict[str, dict], columns: list[str], cons_key: str) -> pd.DataFrame:

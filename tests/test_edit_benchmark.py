@@ -26,7 +26,7 @@ def test_only_the_no_attn_delta_ablation_reoptimises():
     assert reused == {"PMET w/o δ_a": False, "PMET + W_O^MHSA": True, "PMET even spread": True}
 
 
-def test_resume_reuses_saved_targets_only_for_the_same_facts_and_hparams(tmp_path):
+def test_resume_reuses_saved_targets_only_for_the_same_facts_and_target_settings(tmp_path):
     """An interrupted run's saved edit gives its targets back to --resume, bit for bit; an edit made for
     other facts or other hyper-parameters is not reused."""
     from conftest import make_tiny_model
@@ -49,6 +49,9 @@ def test_resume_reuses_saved_targets_only_for_the_same_facts_and_hparams(tmp_pat
     assert all(torch.equal(found[s], result.targets[s]) for s in found)
     assert eb.saved_targets(path, model, facts[:1], hp) is None
     assert eb.saved_targets(path, model, facts, hp.with_(steps=5)) is None
+    # λ and C enter only the solve: targets saved under another λ or corpus size are reused as they are
+    again = eb.saved_targets(path, model, facts, hp.with_(lam=5.0, cov_tokens=3000))
+    assert again is not None and all(torch.equal(again[s], result.targets[s]) for s in again)
     assert eb.saved_targets(tmp_path / "edits" / "missing.safetensors", model, facts, hp) is None
 
 

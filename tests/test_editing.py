@@ -318,6 +318,28 @@ def test_reused_targets_give_the_same_edit(tiny_model, store):
     assert _same(before, _snapshot(tiny_model)) and _no_hooks(tiny_model)
 
 
+@pytest.mark.parametrize("cls", [PMETHyperParams, MEMITHyperParams])
+def test_update_only_fields_do_not_change_the_targets(tiny_model, cls):
+    """``target_settings()`` leaves out λ, C's corpus settings and the spread (and PMET's W_O switch):
+    changing all of them at once gives bit-identical targets, so saved targets may be reused."""
+    from pmet_lens.data import as_facts
+    from pmet_lens.editing.targets import optimise_targets
+
+    hp = _hp(cls, steps=4)
+    changes = {"lam": 7.0, "cov_tokens": 900, "cov_seq_len": 32, "cov_dtype": "float64",
+               "spread": "sqrt" if hp.spread == "even" else "even"}
+    if cls is PMETHyperParams:
+        changes["update_attn"] = True
+    assert set(changes) == cls.update_only_fields
+    other = hp.with_(**changes)
+    assert other.target_settings() == hp.target_settings() and other.to_dict() != hp.to_dict()
+    assert hp.with_(steps=5).target_settings() != hp.target_settings()
+    facts = as_facts([FACT, FACT2])
+    a = optimise_targets(tiny_model, facts, hp, hp.context_prefixes)
+    b = optimise_targets(tiny_model, facts, other, other.context_prefixes)
+    assert all(torch.equal(a.delta[s], b.delta[s]) for s in a.delta) and torch.equal(a.steps, b.steps)
+
+
 def test_targets_do_not_depend_on_chunking(tiny_model):
     """Facts are grouped into chunks by suffix length, yet each fact keeps the targets it gets when
     optimised alone, returned in input order."""

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pmet_lens.layers import default_critical_layers
 
@@ -133,6 +133,16 @@ class EditHyperParams:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
+    #: Fields that only enter the weight update (λ, C, the spread, which weights are written), not
+    #: the optimisation of the target vectors (PMET eq. 9, MEMIT eq. 16).
+    update_only_fields: ClassVar[frozenset[str]] = frozenset({"lam", "cov_tokens", "cov_seq_len", "cov_dtype"})
+
+    def target_settings(self) -> dict[str, Any]:
+        """The JSON-ready settings the optimised targets depend on: :meth:`to_dict` without
+        :attr:`update_only_fields`. Two hyper-parameter sets with equal ``target_settings()`` give
+        the same targets for the same facts, so saved targets may be reused across them."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.update_only_fields}
+
 
 @dataclass(frozen=True)
 class PMETHyperParams(EditHyperParams):
@@ -153,6 +163,8 @@ class PMETHyperParams(EditHyperParams):
     update_attn: bool = False
     spread: str = "sqrt"
     kl_stop: float = 0.01
+
+    update_only_fields: ClassVar[frozenset[str]] = EditHyperParams.update_only_fields | {"update_attn", "spread"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -180,6 +192,8 @@ class MEMITHyperParams(EditHyperParams):
     steps: int = 25
     lr: float = 0.5
     spread: str = "even"
+
+    update_only_fields: ClassVar[frozenset[str]] = EditHyperParams.update_only_fields | {"spread"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
