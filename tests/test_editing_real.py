@@ -10,9 +10,9 @@ from pmet_lens.editing import CovarianceStore, edit, preset
 from pmet_lens.tokens import encode, target_ids
 
 EIFFEL = "The Eiffel Tower is located in the city of"
-# Measured on SmolLM2 with the presets (PMET λ 30, c 1.5; MEMIT λ 300, c 0.75; 8192 covariance
-# tokens as below): neither editor moves this paraphrase (log P English / French: -10.73 / -8.85
-# before; PMET -10.18 / -9.28, MEMIT -10.57 / -9.10 after, although P(o*) on the edit prompt's
+# Measured on SmolLM2 with the presets (PMET λ 30, c 1.5; MEMIT λ 30, c 0.75; `analyses/paraphrase_probe.py`
+# with the presets' 100k-token C): neither editor moves this paraphrase (log P English / French: -10.73 /
+# -8.85 before; PMET -10.13 / -9.21, MEMIT -10.56 / -9.06 after, although P(o*) on the edit prompt's
 # targets is 0.95 / 0.99); the model predicts " of" after "spoke the language" and the edited
 # subject state does not reach it. `analyses/paraphrase_probe.py` (figures/paraphrase_probe.txt) shows
 # that the optimised targets themselves do not carry over: adding the optimised δ's as hooks at layer L
