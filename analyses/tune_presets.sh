@@ -6,6 +6,9 @@
 # MEMIT: 25, 0.5), stage 1 at the clamp chosen before the φ fix (PMET 1.5, MEMIT 0.75), and λ at a third of,
 # at, and three times the presets' λ of 2026-11-23 (PMET 30, MEMIT 300). Every run edits the same first N tune
 # facts in one mass edit. Outputs: figures/tune_<method>_steps_lr/ and figures/tune_<method>_clamp/.
+# Stage 3 (MEMIT only) extends λ below the grid at the written targets, since stage 2's lowest λ (100) tied
+# with its best; it writes the final MEMIT λ (figures/tune_memit_lam/). It was added after the 2026-11-30
+# search and first run by hand with the same command (logs/tune_memit_lam.log, then without --write).
 #
 #   bash analyses/tune_presets.sh [N=48] > logs/tune_presets.log 2>&1
 set -euo pipefail
@@ -24,3 +27,4 @@ run pmet "$(best figures/tune_pmet_steps_lr steps)" "$(best figures/tune_pmet_st
 run memit 12,25,50 0.25,0.5,1.0 0.75 100,300,1000 figures/tune_memit_steps_lr
 run memit "$(best figures/tune_memit_steps_lr steps)" "$(best figures/tune_memit_steps_lr lr)" 0.75,1.5,3 \
     100,300,1000 figures/tune_memit_clamp --write
+python3 analyses/tune_editing.py --methods memit --limit "$N" --lams 3,10,30,100,300 --out figures/tune_memit_lam --write
