@@ -26,6 +26,12 @@ or a preset; the prompt is one of the report split's):
   preset δ.
 
     python analyses/paraphrase_probe.py > figures/paraphrase_probe.txt
+
+``--prefixes-per-start 4`` asks whether more of the papers' context prefixes (20 instead of 5, ROME's
+count) would carry the targets to the long-prefixed paraphrase; also a diagnostic only:
+
+    python analyses/paraphrase_probe.py --prefixes-per-start 4 --scales 1 --fractions 1 \
+        > figures/paraphrase_probe_prefixes4.txt
 """
 
 from __future__ import annotations
@@ -111,6 +117,9 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.0625,0.125,0.25,0.5,1",
                         help="norms, as fractions f of the preset δ's, of the best δ searched in the reach section")
     parser.add_argument("--reach-steps", type=int, default=60, help="gradient steps per best-δ search")
+    parser.add_argument("--prefixes-per-start", type=int, default=None,
+                        help="context prefixes sampled per start word (default: the preset's; a diagnostic, "
+                             "e.g. ROME's 20 prefixes are 4 per start word)")
     args = parser.parse_args()
     model = load_model()
     name = str(model.cfg.model_name)
@@ -123,6 +132,8 @@ def main() -> None:
           f"o^c {fact.target_true!r} -> o* {fact.target_new!r}")
     for method in args.methods.split(","):
         hp = preset(name, method)
+        if args.prefixes_per_start is not None:
+            hp = hp.with_(prefixes_per_start=args.prefixes_per_start)
         L = max(hp.layers)
         result = edit(model, [fact], hparams=hp, cov_store=store, apply=False)
         hooks = {site: site_hook(arch, site, L) for site in result.targets}
@@ -133,7 +144,8 @@ def main() -> None:
         if method == "pmet":
             conditions["δ_m only"] = ["mlp_out"]
         conditions["edited"] = None
-        print(f"\n{method.upper()} (preset: layers {list(hp.layers)}, λ {hp.lam:g}, c {hp.clamp_norm_factor:g}); "
+        changed = "" if args.prefixes_per_start is None else f", but {hp.prefixes_per_start} context prefixes per start word"
+        print(f"\n{method.upper()} (preset: layers {list(hp.layers)}, λ {hp.lam:g}, c {hp.clamp_norm_factor:g}{changed}); "
               f"target P(o*) {result.stats['prob'][0]:.2f}; |δ| "
               + ", ".join(f"{s} {float(d.norm()):.1f}" for s, d in deltas.items()))
         print("  log P(o*) / log P(o^c), and whether o* wins, per prompt and condition")
