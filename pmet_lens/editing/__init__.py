@@ -56,10 +56,11 @@ def edit(
             the result can be previewed with :meth:`EditResult.as_hooks` or applied later).
         progress: show progress bars.
         targets: precomputed target vectors (site -> [facts, d_model]), e.g. ``earlier.targets``
-            of an edit of the same facts with the same optimisation settings (method, layer L,
-            steps, lr, loss weights, prefixes), or row slices of it. The targets (PMET eq. 9,
-            MEMIT eq. 16) do not depend on λ, the residual spread or which weights are updated, so
-            λ sweeps and the spread / W_O ablations can skip the optimisation.
+            of an edit of the same facts with equal ``hparams.target_settings()`` (the optimisation
+            settings: method, layer L, steps, lr, loss weights, prefixes), or row slices of it. The
+            targets (PMET eq. 9, MEMIT eq. 16) do not depend on the fields in
+            ``hparams.update_only_fields`` (λ, C's corpus settings, the residual spread, which
+            weights are updated), so λ sweeps and the spread / W_O ablations can skip the optimisation.
         compile: run the target optimisation's blocks after L through ``torch.compile`` (needs a C++
             compiler on CPU). Compiling costs about a minute per process on 2 CPU cores and then
             saves about a quarter of each step, so it pays for mass edits, not for a few facts
