@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pmet_lens.data import load_counterfact
+from conftest import load_analysis
+from pmet_lens.data import load_counterfact, load_known_facts
 from pmet_lens.editing import CovarianceStore, edit, preset
 from pmet_lens.tokens import encode, target_ids
 
@@ -18,6 +19,10 @@ EIFFEL = "The Eiffel Tower is located in the city of"
 # that the optimised targets themselves do not carry over: adding the optimised δ's as hooks at layer L
 # on this prompt leaves English behind French for both methods (PMET -10.55 / -9.01, MEMIT -10.31 / -8.87),
 # and only δ's scaled x4, far beyond what the presets produce, flip it.
+# `analyses/paraphrase_control.py` (figures/paraphrase_control.txt) shows why no faithful edit is expected
+# to: on this template the unedited model puts French ahead of English for all 24 subjects of the shipped
+# data whose mother tongue is English (Obama, Tolkien, ...), so it does not state anybody's mother tongue
+# there; `test_hard_paraphrase_states_nobodys_mother_tongue` checks that.
 HARD_PARAPHRASE = "An album was recorded for Capitol Nashville but never released. Danielle Darrieux spoke the language"
 
 
@@ -65,3 +70,17 @@ def test_darrieux_english(darrieux):
 def test_darrieux_hard_paraphrase(darrieux):
     fact, _, edited, _ = darrieux
     assert edited[(HARD_PARAPHRASE, "English", "French")]
+
+
+@pytest.mark.slow
+def test_hard_paraphrase_states_nobodys_mother_tongue(default_model):
+    """The xfail above is the model's, not the editors': on the hard paraphrase's template English never
+    beats French, even for subjects whose mother tongue is English and who get English on the edit prompt."""
+    control = load_analysis("paraphrase_control")
+    fact = load_counterfact(limit=1)[0]
+    english = sorted(control.subjects_by_object("P103", load_counterfact(), load_known_facts())["English"])
+    assert len(english) >= 20
+    on_edit_prompt = control.margins(default_model, fact.prompt, english, "English", "French")
+    on_hard = control.margins(default_model, HARD_PARAPHRASE.replace(fact.subject, "{}"), english, "English", "French")
+    assert sum(m > 0 for m in on_edit_prompt) > len(english) / 2  # the model knows most of them (19 of 24)
+    assert not any(m > 0 for m in on_hard)
