@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from statistics import mean
 from typing import Iterable, Sequence
 
@@ -68,10 +68,7 @@ def subjects_by_object(relation: str, records: Sequence[Fact], known: Sequence[K
     for fact in known:
         if fact.relation_id == relation:
             found[fact.attribute].add(fact.subject)
-    seen: dict[str, int] = defaultdict(int)
-    for subjects in found.values():
-        for s in subjects:
-            seen[s] += 1
+    seen = Counter(s for subjects in found.values() for s in subjects)
     return {obj: {s for s in subjects if seen[s] == 1} for obj, subjects in found.items()}
 
 
@@ -116,9 +113,8 @@ def main() -> None:
     print(f"\nmargin = log P({fact.target_new}) - log P({fact.target_true}); 'ahead' = share of subjects with margin > 0")
     edit_right: list[bool] = []
     for kind, template in case_templates(fact):
-        own = margins(model, template, [fact.subject], fact.target_new, fact.target_true)[0]
-        m_new = margins(model, template, new_group, fact.target_new, fact.target_true)
-        m_true = margins(model, template, true_group, fact.target_new, fact.target_true)
+        own, *m_all = margins(model, template, [fact.subject, *new_group, *true_group], fact.target_new, fact.target_true)
+        m_new, m_true = m_all[:len(new_group)], m_all[len(new_group):]
         if kind == "edit":
             edit_right = [m > 0 for m in m_new]
         print(f"\n[{kind}] {template!r}")
