@@ -1,6 +1,6 @@
 """PMET Tables 1-3 and Figures 3-4 on the default model (SmolLM2-135M-Instruct), from one command.
 
-On the REPORT part of the fixed CounterFact split (``pmet_lens/data_files/counterfact_split.json``;
+On the REPORT part of the fixed CounterFact split (``pmet_lens/data/files/counterfact_split.json``;
 the presets were tuned on the TUNE part only):
 
 * Table 1: the unedited model, MEMIT and PMET, all cases edited in ONE mass edit (the papers' 10K
@@ -18,7 +18,7 @@ Generation metrics (Fluency, consistency proxy) use every ``--gen-every``-th cas
 of the report list) to keep the run within the CPU budget; the scaling curve uses probability metrics
 only. Optimised targets are computed once per method and reused (they depend on neither λ, the
 spread nor which weights are updated) by the even-spread and + W_O ablations and by the smaller edits of the
-scaling curve (identical up to float rounding). Consistency is the documented offline proxy (:mod:`pmet_lens.consistency`), never comparable
+scaling curve (identical up to float rounding). Consistency is the documented offline proxy (:mod:`pmet_lens.evaluation.consistency`), never comparable
 with the papers' column. Outputs go to ``--out`` (default ``figures/``): CSV, interactive HTML,
 matplotlib PNG, and ``edit_benchmark.md`` with the tables beside the papers' GPT-J numbers.
 
@@ -49,8 +49,8 @@ from pmet_lens import load_model, load_zsre
 from pmet_lens.data import as_facts
 from pmet_lens.editing import CovarianceStore, EditResult, edit, preset
 from pmet_lens.editing.hparams import PMETHyperParams, hparams_from_dict
-from pmet_lens.evaluate import PAPER_TABLE1_GPTJ, PAPER_TABLE2_GPTJ, evaluate_counterfact, evaluate_zsre, format_table
-from pmet_lens.splits import split_facts
+from pmet_lens.evaluation.evaluate import PAPER_TABLE1_GPTJ, PAPER_TABLE2_GPTJ, evaluate_counterfact, evaluate_zsre, format_table
+from pmet_lens.data.splits import split_facts
 
 logger = logging.getLogger("edit_benchmark")
 
@@ -376,7 +376,7 @@ def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta
     """Markdown tables beside the papers' numbers, interactive HTML and PNG figures."""
     import plotly.express as px
 
-    from pmet_lens.plots import png_figure, save_png
+    from pmet_lens.viz.png import png_figure, save_png
 
     gen_note = (f"Generation metrics on every case i with i % {meta['gen_every']} == 0; `{cons_key}` is the offline proxy "
                 "(attribute prompts + WikiText-2 paragraphs, TF-IDF fitted on WikiText-2), not the papers' Consistency.\n"

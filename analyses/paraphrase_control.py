@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 
 from pmet_lens import load_model
 from pmet_lens.data import Fact, KnownFact, load_counterfact, load_known_facts
-from pmet_lens.scoring import score_continuations
+from pmet_lens.evaluation.scoring import score_continuations
 
 
 def parse_subject(prompt: str, templates: Iterable[str]) -> str | None:

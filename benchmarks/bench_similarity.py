@@ -22,8 +22,8 @@ from machine import machine_line  # benchmarks/machine.py (the script's folder i
 
 def naive(model, prompts, k=50):
     """One run_with_cache per prompt, then the same cosine / top-k Jaccard maths."""
-    from pmet_lens.arch import architecture
-    from pmet_lens.similarity import topk_jaccard
+    from pmet_lens.core.arch import architecture
+    from pmet_lens.analysis.similarity import topk_jaccard
 
     arch = architecture(model)
     out = []
@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pmet_lens import load_known_facts, load_model
-    from pmet_lens.similarity import component_similarity
+    from pmet_lens.analysis.similarity import component_similarity
 
     model = load_model()
     prompts = [f.prompt for f in load_known_facts(limit=args.limit)]

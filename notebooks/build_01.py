@@ -12,8 +12,8 @@ cells = [
         "input with its learned scale, projected with `W_E.T`) and `logit_lens` (what the paper's text describes: the "
         "residual stream entering the component, read out through `ln_final` and `W_U`)."),
     nbf.v4.new_code_cell(
-        "import pandas as pd\nimport pmet_lens\nfrom pmet_lens.similarity import component_similarity, topk_change\n"
-        "from pmet_lens.plots.similarity import similarity_figure\n\n"
+        "import pandas as pd\nimport pmet_lens\nfrom pmet_lens.analysis.similarity import component_similarity, topk_change\n"
+        "from pmet_lens.viz.similarity import similarity_figure\n\n"
         "model = pmet_lens.load_model()  # embedded SmolLM2-135M-Instruct, unprocessed weights\n"
         "facts = pmet_lens.load_known_facts()\nlen(facts), facts[0]"),
     nbf.v4.new_markdown_cell("## A sample run (40 prompts, both variants)\nThe full 1209-prompt run is `python analyses/component_similarity.py`."),

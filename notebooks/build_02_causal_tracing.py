@@ -13,7 +13,7 @@ cells = [
         "Few noise samples here to keep the notebook fast; the averaged figures come from "
         "`analyses/causal_trace.py`."),
     nbformat.v4.new_code_cell(
-        "import json, pathlib, torch\nimport pmet_lens\nfrom pmet_lens.plots.tracing import trace_heatmap, severed_plot\n"
+        "import json, pathlib, torch\nimport pmet_lens\nfrom pmet_lens.viz.tracing import trace_heatmap, severed_plot\n"
         "torch.set_grad_enabled(False)\nmodel = pmet_lens.load_model()"),
     nbformat.v4.new_code_cell(
         "prompt, subject = 'The mother tongue of Danielle Darrieux is', 'Danielle Darrieux'\n"
@@ -34,7 +34,7 @@ cells = [
         "    print('facts', s['facts_used'], 'samples', s['samples'], 'R =', s['R'], 'L =', s['L'])\n"
         "    print('gap plain - MLP severed:', [round(g, 3) for g in s['gap_plain_minus_mlp_severed']])\n"
         "else:\n    print('run analyses/causal_trace.py first')\n"
-        "from pmet_lens.layers import default_critical_layers\nprint('preset R:', default_critical_layers('SmolLM2-135M-Instruct'))"),
+        "from pmet_lens.analysis.layers import default_critical_layers\nprint('preset R:', default_critical_layers('SmolLM2-135M-Instruct'))"),
 ]
 nb = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
 NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(here)}}).execute()

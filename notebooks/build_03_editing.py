@@ -10,8 +10,8 @@ cells = [
         "compare probabilities before/after on the prompt, its paraphrases and neighbourhood prompts, preview "
         "the edit as forward hooks (weights untouched) and restore the model bit-for-bit."),
     nbformat.v4.new_code_cell("import torch, pandas as pd\nfrom pmet_lens import load_model\n"
-        "from pmet_lens.editing import edit, preset, CovarianceStore\nfrom pmet_lens.splits import split_facts\n"
-        "from pmet_lens.tokens import encode, target_ids\n"
+        "from pmet_lens.editing import edit, preset, CovarianceStore\nfrom pmet_lens.data.splits import split_facts\n"
+        "from pmet_lens.core.tokens import encode, target_ids\n"
         "model = load_model()\nfacts = split_facts('tune', limit=4)\nhp = preset('SmolLM2-135M-Instruct', 'pmet')\nhp"),
     nbformat.v4.new_code_cell(
         "def score(text, target):\n    ids, tg = encode(model, text), target_ids(model, target)\n"

@@ -17,13 +17,13 @@ cells = [
        "Efficacy / Paraphrase / Neighborhood Success compare P(o*) and P(o^c) (mean token log-probability of the "
        "object); Fluency is ROME's n-gram entropy of top-k=5 samples (100 tokens with the prompt); "
        "`consistency_proxy` is this package's offline proxy of the papers' Consistency (see "
-       "`pmet_lens.consistency`), not comparable with the papers' numbers. Cases come from the REPORT part of the "
+       "`pmet_lens.evaluation.consistency`), not comparable with the papers' numbers. Cases come from the REPORT part of the "
        "fixed CounterFact split (hyper-parameters were tuned on the TUNE part only)."),
     code("import logging, time\n"
          "import pandas as pd\n"
          "import pmet_lens\n"
-         "from pmet_lens.evaluate import evaluate_counterfact, evaluate_zsre, format_table\n"
-         "from pmet_lens.splits import split_facts\n"
+         "from pmet_lens.evaluation.evaluate import evaluate_counterfact, evaluate_zsre, format_table\n"
+         "from pmet_lens.data.splits import split_facts\n"
          "logging.getLogger('pmet_lens').setLevel(logging.ERROR)\n"
          "t_start = time.time()\n"
          "model = pmet_lens.load_model()\n"
@@ -44,7 +44,7 @@ cells = [
        "subject's last token; per-layer ΔW norms; the last token's attention to the subject (PMET: MHSA extracts, "
        "the FFN stores — an FFN edit should leave attention before the edited layers untouched); the batch view "
        "of the unedited metrics. The same content is written as a self-contained HTML report."),
-    code("board = pmet_lens.dashboard(model, facts[0], result, batch={'unedited': before, 'PMET': after},\n"
+    code("board = pmet_lens.viz.dashboard(model, facts[0], result, batch={'unedited': before, 'PMET': after},\n"
          "                            html_path='dashboard_case.html')\n"
          "board.show()"),
     code("board.tables['attention_to_subject'].pivot(index='layer', columns='phase', values='attention_to_subject').round(4).T"),

@@ -15,10 +15,10 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     # models and architecture
-    "load_model": "pmet_lens.models",
-    "DEFAULT_MODEL": "pmet_lens.models",
-    "architecture": "pmet_lens.arch",
-    "Architecture": "pmet_lens.arch",
+    "load_model": "pmet_lens.core.models",
+    "DEFAULT_MODEL": "pmet_lens.core.models",
+    "architecture": "pmet_lens.core.arch",
+    "Architecture": "pmet_lens.core.arch",
     # data
     "Fact": "pmet_lens.data",
     "KnownFact": "pmet_lens.data",
@@ -28,21 +28,21 @@ _EXPORTS: dict[str, str] = {
     "load_counterfact": "pmet_lens.data",
     "load_zsre": "pmet_lens.data",
     # PMET Fig. 2
-    "component_similarity": "pmet_lens.similarity",
+    "component_similarity": "pmet_lens.analysis.similarity",
     # causal tracing
-    "trace": "pmet_lens.tracing",
-    "TraceResult": "pmet_lens.tracing",
-    "average_traces": "pmet_lens.tracing",
-    "critical_layers": "pmet_lens.tracing",
+    "trace": "pmet_lens.analysis.tracing",
+    "TraceResult": "pmet_lens.analysis.tracing",
+    "average_traces": "pmet_lens.analysis.averaged",
+    "critical_layers": "pmet_lens.analysis.layers",
     # editing
     "edit": "pmet_lens.editing",
     "EditResult": "pmet_lens.editing",
     "PMETHyperParams": "pmet_lens.editing",
     "MEMITHyperParams": "pmet_lens.editing",
     # evaluation and dashboards
-    "evaluate_counterfact": "pmet_lens.evaluate",
-    "evaluate_zsre": "pmet_lens.evaluate",
-    "dashboard": "pmet_lens.dashboard",
+    "evaluate_counterfact": "pmet_lens.evaluation.evaluate",
+    "evaluate_zsre": "pmet_lens.evaluation.evaluate",
+    "dashboard": "pmet_lens.viz.dashboard",
 }
 
 __all__ = sorted(_EXPORTS)

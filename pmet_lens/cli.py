@@ -1,10 +1,10 @@
 """``pmet-lens`` command line: ``similarity``, ``trace``, ``edit``, ``evaluate``.
 
 Each subcommand is a thin layer over the library (imported lazily, so ``--help`` is instant):
-``similarity`` -> :func:`pmet_lens.similarity.component_similarity` (PMET Fig. 2),
-``trace`` -> :func:`pmet_lens.tracing.trace` / ``average_traces`` (causal tracing),
+``similarity`` -> :func:`pmet_lens.analysis.similarity.component_similarity` (PMET Fig. 2),
+``trace`` -> :func:`pmet_lens.analysis.tracing.trace` / ``average_traces`` (causal tracing),
 ``edit`` -> :func:`pmet_lens.editing.edit` (writes a delta file),
-``evaluate`` -> :func:`pmet_lens.evaluate.evaluate_counterfact` / ``evaluate_zsre`` (optionally with a
+``evaluate`` -> :func:`pmet_lens.evaluation.evaluate.evaluate_counterfact` / ``evaluate_zsre`` (optionally with a
 delta file applied). Bad input (missing file, malformed JSON record, unknown method or preset, a delta
 file made for another model) ends with ``error: ...`` on stderr and exit status 2.
 """
@@ -37,7 +37,7 @@ def _existing_file(path: str | None, what: str) -> Path | None:
 
 
 def _load_model(name: str | None):
-    from pmet_lens.models import load_model
+    from pmet_lens.core.models import load_model
 
     return load_model(name)
 
@@ -54,7 +54,7 @@ def _write_table(df, out: str | None) -> None:
 # ---------------------------------------------------------------------------- similarity
 def _cmd_similarity(args: argparse.Namespace) -> int:
     from pmet_lens.data import load_known_facts
-    from pmet_lens.similarity import component_similarity
+    from pmet_lens.analysis.similarity import component_similarity
 
     facts = load_known_facts(_existing_file(args.facts, "known-facts file"), limit=args.limit)
     model = _load_model(args.model)
@@ -68,7 +68,7 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
 def _cmd_trace(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from pmet_lens import tracing
+    from pmet_lens.analysis import tracing
 
     if (args.prompt is None) == (args.average is None):
         raise CLIError("give either --prompt and --subject (one prompt) or --average N (averaged run)")
@@ -83,7 +83,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         _write_table(df, args.out)
         return 0
     from pmet_lens.data import load_known_facts
-    from pmet_lens.tracing_summary import TOKEN_CLASSES, average_traces
+    from pmet_lens.analysis.averaged import TOKEN_CLASSES, average_traces
 
     # --average N means N facts the model KNOWS: examine the known-facts file in order until N are found
     avg = average_traces(model, load_known_facts(), kinds=(args.kind,), severed=not args.no_sever,
@@ -174,13 +174,13 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- evaluate
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pmet_lens.data import load_counterfact, load_zsre
-    from pmet_lens.evaluate import evaluate_counterfact, evaluate_zsre, format_table
+    from pmet_lens.evaluation.evaluate import evaluate_counterfact, evaluate_zsre, format_table
 
     records_path = _existing_file(args.records, "records file")
     delta_path = _existing_file(args.delta, "delta file")
     if args.dataset == "counterfact":
         if records_path is None and args.split:
-            from pmet_lens.splits import split_facts
+            from pmet_lens.data.splits import split_facts
 
             records = split_facts(args.split, limit=args.limit)
         else:

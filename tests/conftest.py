@@ -23,7 +23,7 @@ TINY_VARIANTS = {
 
 def make_tiny_model(parallel: bool, norm: str, gated: bool, seed: int = 0, n_layers: int = 4) -> HookedTransformer:
     """A tiny random model with the default model's tokenizer (so real prompts tokenise)."""
-    from pmet_lens.models import default_gguf_path
+    from pmet_lens.core.models import default_gguf_path
 
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(

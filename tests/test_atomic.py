@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pmet_lens.atomic import atomic_path
+from pmet_lens.core.paths import atomic_path
 
 
 def test_atomic_path_replaces_or_leaves_alone(tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from pmet_lens.dashboard import dashboard
+from pmet_lens.viz.dashboard import dashboard
 from pmet_lens.data import Fact, load_counterfact
-from pmet_lens.evaluate import evaluate_counterfact
+from pmet_lens.evaluation.evaluate import evaluate_counterfact
 from pmet_lens.editing import EditResult
 
 import pytest

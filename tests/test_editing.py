@@ -79,7 +79,7 @@ def test_key_maps_to_target_at_L(tiny_model, store):
     """After the update the last layer's FFN output for the bare prompt is close to v (tiny λ)."""
     hp = _hp(layers=(2,), lam=1e-4)
     result = edit(tiny_model, [FACT], hparams=hp, cov_store=store, progress=False)
-    from pmet_lens.tokens import encode, subject_last_position
+    from pmet_lens.core.tokens import encode, subject_last_position
 
     text = FACT["prompt"].format(FACT["subject"])
     pos = subject_last_position(tiny_model, FACT["prompt"], FACT["subject"])
@@ -96,7 +96,7 @@ def test_key_maps_to_target_at_L(tiny_model, store):
 def test_key_maps_exactly_without_prefixes(tiny_model, store):
     hp = _hp(layers=(2,), lam=1e-6, context_prefixes=())
     result = edit(tiny_model, [FACT, FACT2], hparams=hp, cov_store=store, progress=False)
-    from pmet_lens.tokens import encode, subject_last_position
+    from pmet_lens.core.tokens import encode, subject_last_position
 
     for i, f in enumerate([FACT, FACT2]):
         pos = subject_last_position(tiny_model, f["prompt"], f["subject"])
@@ -145,7 +145,7 @@ def test_delta_norms_are_frobenius_norms_of_the_deltas(tiny_model, store):
 
 
 def test_block_index():
-    from pmet_lens.arch import block_index
+    from pmet_lens.core.arch import block_index
 
     assert block_index("blocks.12.mlp.W_out") == 12 and block_index("blocks.0.hook_mlp_out") == 0
     for bad in ("embed.W_E", "blocks.x.mlp.W_out", "blocks.3"):
@@ -427,7 +427,7 @@ def test_one_pass_hashes_equal_separate_hashes(tiny_model):
 def test_cached_prefix_sampling_equals_uncached_loop(tiny_model):
     """context_prefixes decodes with a key-value cache; the draws are those of full forwards."""
     from pmet_lens.editing import context_prefixes
-    from pmet_lens.tokens import encode
+    from pmet_lens.core.tokens import encode
 
     hp = _hp(context_prefixes=None, prefix_len=6, prefix_starts=("The", "Because"), prefixes_per_start=2, seed=3)
     gen = torch.Generator().manual_seed(hp.seed)

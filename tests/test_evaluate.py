@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pmet_lens.consistency import ProxyReference
+from pmet_lens.evaluation.consistency import ProxyReference
 from pmet_lens.data import DataError, Fact, load_counterfact, load_zsre
-from pmet_lens.evaluate import evaluate_counterfact, evaluate_zsre, format_table, harmonic_mean, mean_ci95
-from pmet_lens.generation import sample_texts
-from pmet_lens.textmetrics import Tfidf, ngram_entropy
+from pmet_lens.evaluation.evaluate import evaluate_counterfact, evaluate_zsre, format_table, harmonic_mean, mean_ci95
+from pmet_lens.core.generation import sample_texts
+from pmet_lens.evaluation.textmetrics import Tfidf, ngram_entropy
 
 
 # ----------------------------------------------------------------- independent reference
@@ -79,7 +79,7 @@ def test_counterfact_matches_plain_loop_unedited(tiny_model):
 def test_pairs_with_one_sequence_share_a_row_and_score_as_alone(tiny_model):
     """Pairs whose teacher-forced sequences coincide (a prompt with two single-token objects; a
     prompt + o[0] scored for o[1:]) share one forward row, and each still gets its own score."""
-    from pmet_lens.scoring import score_token_ids
+    from pmet_lens.evaluation.scoring import score_token_ids
 
     p = tiny_model.to_tokens("The mother tongue of Danielle Darrieux is")[0].tolist()
     pairs = [(p, [11]), (p, [42]), (p, [11, 7, 9]), (p + [11], [7, 9]), (p[:-1], [p[-1], 5]), (p, [11])]
@@ -93,7 +93,7 @@ def test_pairs_with_one_sequence_share_a_row_and_score_as_alone(tiny_model):
 
 def test_a_shared_position_is_read_out_once(tiny_model, monkeypatch):
     """o* and o^c after the same prompt need one unembedding of the prompt's last position."""
-    import pmet_lens.scoring as scoring
+    import pmet_lens.evaluation.scoring as scoring
 
     widths = []
     real = scoring._unembed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pmet_lens.fastpath import install_fast_linear, is_fast, uninstall_fast_linear
+from pmet_lens.core.fastpath import install_fast_linear, is_fast, uninstall_fast_linear
 
 
 def _logits(model):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pmet_lens import load_model
-from pmet_lens.arch import architecture
-from pmet_lens.models import default_gguf_path
+from pmet_lens.core.arch import architecture
+from pmet_lens.core.models import default_gguf_path
 
 
 def test_architecture_hooks_exist(tiny_model):
@@ -76,7 +76,7 @@ def test_default_model_knows_paris(default_model):
 @pytest.mark.slow
 def test_logits_parity_with_transformers(default_model):
     """The hooked model reproduces transformers' own de-quantised GGUF model."""
-    from pmet_lens.models import load_default_hf
+    from pmet_lens.core.models import load_default_hf
 
     hf, tok = load_default_hf()
     prompts = ["The Eiffel Tower is located in the city of", "The mother tongue of Danielle Darrieux is",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pmet_lens.readout import final_logits
+from pmet_lens.core.readout import final_logits
 
 
 def test_final_logits_equal_forward(tiny_model):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pmet_lens.similarity import COLUMNS, component_similarity, similarity_scores, topk_change, topk_jaccard
+from pmet_lens.analysis.similarity import COLUMNS, component_similarity, similarity_scores, topk_change, topk_jaccard
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "Danielle Darrieux's mother tongue is",
            "Apple was founded by", "The capital of Japan is"]
@@ -95,7 +95,7 @@ def test_bad_input(tiny_model, kwargs, err, match):
 @pytest.mark.slow
 def test_independent_transformers_computation(default_model):
     """Same quantities computed with transformers' LlamaForCausalLM modules agree to 1e-3."""
-    from pmet_lens.models import load_default_hf
+    from pmet_lens.core.models import load_default_hf
 
     hf, tok = load_default_hf()
     prompts = ["The Colosseum is located in the city of", "Barack Obama was born in the state of",

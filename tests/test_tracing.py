@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pmet_lens.tracing import trace, window_layers
-from pmet_lens.tracing_summary import critical_layers, token_class_rows
+from pmet_lens.analysis.tracing import trace, window_layers
+from pmet_lens.analysis.averaged import token_class_rows
+from pmet_lens.analysis.layers import critical_layers
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"
@@ -19,7 +20,7 @@ def _close(a, b, rel=1e-4):
 
 def _naive_cell(model, prompt, subject, result, t, layer, sample_seed_eps):
     """One restored cell computed with plain hooks and a full forward (reference)."""
-    from pmet_lens.tokens import encode, subject_range
+    from pmet_lens.core.tokens import encode, subject_range
 
     ids = torch.tensor([encode(model, prompt)])
     s0, s1 = subject_range(model, prompt, subject)
@@ -61,7 +62,7 @@ def test_noise_zero_gives_clean_tiny(tiny_model, kind):
 
 def test_matches_naive_reference_tiny(tiny_model):
     """The batched, suffix-only computation equals a plain full forward per cell."""
-    from pmet_lens.tracing import embedding_std
+    from pmet_lens.analysis.tracing import embedding_std
 
     r = trace(tiny_model, PROMPT, SUBJECT, samples=1, seed=3)
     gen = torch.Generator().manual_seed(3)

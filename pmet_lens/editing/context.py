@@ -3,7 +3,7 @@
 The official code generates 5 texts of 10 tokens started from "The", "Therefore", "Because",
 "I", "You" with top-k (k = 5) sampling, removes braces and appends ". {}". Here the sampling
 uses a seeded ``torch.Generator`` (reproducible, no global RNG touched). Each prefix is decoded
-alone (one row, so no padding) by :func:`pmet_lens.generation.decode` with TransformerLens's
+alone (one row, so no padding) by :func:`pmet_lens.core.generation.decode` with TransformerLens's
 key-value cache: a new token costs a forward of that one token, not of the whole sequence, and the
 logits are those of the full forward up to float rounding, so the draws (and the prefixes) are those
 of the uncached loop.
@@ -17,8 +17,8 @@ import torch
 from transformer_lens import HookedTransformer
 
 from pmet_lens.editing.hparams import EditHyperParams
-from pmet_lens.generation import decode
-from pmet_lens.tokens import encode
+from pmet_lens.core.generation import decode
+from pmet_lens.core.tokens import encode
 
 __all__ = ["context_prefixes", "context_templates"]
 

@@ -22,11 +22,11 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from pmet_lens.atomic import atomic_path
-from pmet_lens.arch import block_index
+from pmet_lens.core.paths import atomic_path
+from pmet_lens.core.arch import block_index
 from pmet_lens.data import wikitext_path
 from pmet_lens.editing.identity import weights_hashes
-from pmet_lens.models import default_cache_dir
+from pmet_lens.core.models import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class CovarianceStore:
 
     def _build(self, model: HookedTransformer, hooks: Sequence[str], n_tokens: int, dtype: torch.dtype,
                seq_len: int) -> dict[str, torch.Tensor]:
-        from pmet_lens.tokens import pad
+        from pmet_lens.core.tokens import pad
 
         chunks = self._chunks(model, n_tokens, min(seq_len, model.cfg.n_ctx))
         device = model.cfg.device

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pmet_lens.layers import default_critical_layers
+from pmet_lens.analysis.layers import default_critical_layers
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def _presets_dir() -> Path:
 def critical_layers_for(model_name: str) -> tuple[int, ...] | None:
     """Critical layers R found by causal tracing (``presets/critical_layers.json``), or None.
 
-    Thin wrapper over :func:`pmet_lens.layers.default_critical_layers`, the one reader of that file.
+    Thin wrapper over :func:`pmet_lens.analysis.layers.default_critical_layers`, the one reader of that file.
     """
     try:
         layers = default_critical_layers(model_name)
@@ -254,7 +254,7 @@ def preset(model_name: str, method: str = "pmet") -> EditHyperParams:
     * ``SmolLM2-135M-Instruct``: layers R from ``presets/critical_layers.json`` (written by
       ``analyses/causal_trace.py``); λ, steps, lr and clamp from ``presets/editing.json``, all
       chosen by ``analyses/tune_presets.sh`` (``analyses/tune_editing.py``) on the ``tune`` part
-      of the CounterFact split, see :mod:`pmet_lens.splits`.
+      of the CounterFact split, see :mod:`pmet_lens.data.splits`.
     * ``gpt-j-6B``: PMET Appendix D / MEMIT Appendix B: R = {3..8}; PMET λ 6000, 30 steps,
       lr 0.2, c = 3/4; MEMIT λ 15000, 25 steps, lr 0.5, c = 3/4.
     * ``gpt-neox-20b``: R = {6..10}; PMET λ 15000, 30 steps, lr 0.5, c = 4/5, 5k samples;

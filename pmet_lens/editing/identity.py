@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 from transformer_lens import HookedTransformer
 
-from pmet_lens.arch import block_index
+from pmet_lens.core.arch import block_index
 
 __all__ = ["weights_hash", "weights_hashes"]
 

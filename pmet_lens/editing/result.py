@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 from transformer_lens import HookedTransformer
 
-from pmet_lens.atomic import atomic_path
-from pmet_lens.arch import architecture, block_index
+from pmet_lens.core.paths import atomic_path
+from pmet_lens.core.arch import architecture, block_index
 from pmet_lens.data import Fact
 from pmet_lens.editing.identity import weights_hash
 

@@ -40,13 +40,13 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from pmet_lens.arch import Architecture, architecture
+from pmet_lens.core.arch import Architecture, architecture
 from pmet_lens.data import Fact
 from pmet_lens.editing.context import context_templates
 from pmet_lens.editing.hparams import EditHyperParams, PMETHyperParams
 from pmet_lens.editing.validate import EditError
-from pmet_lens.readout import final_logits
-from pmet_lens.tokens import encode, pad, subject_last_position, target_ids
+from pmet_lens.core.readout import final_logits
+from pmet_lens.core.tokens import encode, pad, subject_last_position, target_ids
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 logger = logging.getLogger(__name__)

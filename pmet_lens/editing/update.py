@@ -23,12 +23,12 @@ import torch
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
-from pmet_lens.arch import architecture, block_index
+from pmet_lens.core.arch import architecture, block_index
 from pmet_lens.data import Fact
 from pmet_lens.editing.context import context_templates
 from pmet_lens.editing.targets import Settings, site_hook
 from pmet_lens.editing.validate import EditError
-from pmet_lens.tokens import encode, pad, subject_last_position
+from pmet_lens.core.tokens import encode, pad, subject_last_position
 
 __all__ = ["spread", "solve_update", "key_hook", "param_name", "compute_and_apply_updates"]
 
@@ -77,7 +77,7 @@ def param_name(site: str, layer: int) -> str:
 
 
 def get_param(model: HookedTransformer, name: str) -> torch.nn.Parameter:
-    """The parameter ``blocks.l.mlp.W_out`` / ``blocks.l.attn.W_O`` through :mod:`pmet_lens.arch`."""
+    """The parameter ``blocks.l.mlp.W_out`` / ``blocks.l.attn.W_O`` through :mod:`pmet_lens.core.arch`."""
     arch = architecture(model)
     layer = block_index(name)
     return arch.w_o(model, layer) if name.endswith("W_O") else arch.w_out(model, layer)

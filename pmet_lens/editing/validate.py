@@ -6,10 +6,10 @@ from typing import Any, Sequence
 
 from transformer_lens import HookedTransformer
 
-from pmet_lens.arch import architecture
+from pmet_lens.core.arch import architecture
 from pmet_lens.data import DataError, Fact, as_facts
 from pmet_lens.editing.hparams import EditHyperParams
-from pmet_lens.tokens import subject_last_position, target_ids
+from pmet_lens.core.tokens import subject_last_position, target_ids
 
 __all__ = ["EditError", "validate_requests"]
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from pmet_lens.tokens import encode, pad_id
+from pmet_lens.core.tokens import encode, pad_id
 
 logger = logging.getLogger(__name__)
 

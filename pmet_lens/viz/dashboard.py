@@ -32,9 +32,9 @@ from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
 from pmet_lens.data import Fact, as_facts
-from pmet_lens.scoring import score_continuations
-from pmet_lens.readout import final_logits
-from pmet_lens.tokens import encode, subject_range, target_ids
+from pmet_lens.evaluation.scoring import score_continuations
+from pmet_lens.core.readout import final_logits
+from pmet_lens.core.tokens import encode, subject_range, target_ids
 
 logger = logging.getLogger(__name__)
 

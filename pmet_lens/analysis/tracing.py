@@ -37,9 +37,9 @@ from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.hook_points import HookPoint
 
-from pmet_lens.arch import Architecture, architecture
-from pmet_lens.readout import final_logits
-from pmet_lens.tokens import encode, subject_range, target_ids
+from pmet_lens.core.arch import Architecture, architecture
+from pmet_lens.core.readout import final_logits
+from pmet_lens.core.tokens import encode, subject_range, target_ids
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +51,6 @@ __all__ = [
     "embedding_std",
     "target_probability",
     "window_layers",
-    "average_traces",
-    "critical_layers",
-    "AverageTrace",
 ]
 
 Kind = Literal["hidden", "mlp", "attn"]
@@ -146,7 +143,7 @@ def target_probability(
 def _final_logits(
     model: HookedTransformer, resid: Float[torch.Tensor, "batch pos d_model"], positions: Sequence[int]
 ) -> Float[torch.Tensor, "batch n d_vocab"]:
-    """The model's read-out (:func:`pmet_lens.readout.final_logits`) at ``positions`` only."""
+    """The model's read-out (:func:`pmet_lens.core.readout.final_logits`) at ``positions`` only."""
     return final_logits(model, resid[:, list(positions)])
 
 
@@ -224,7 +221,7 @@ def trace(
         seed: seeds a private ``torch.Generator`` (the global RNG is untouched); the same seed
             gives the same noise and scores.
         target: the answer to score (a leading space is added as in ROME, see
-            :func:`pmet_lens.tokens.target_ids`); default the model's greedy next token. A
+            :func:`pmet_lens.core.tokens.target_ids`); default the model's greedy next token. A
             multi-token target is scored as ``exp(mean token log-probability)`` of its tokens
             (teacher-forced after the prompt), see :func:`target_probability`.
         sever: "mlp" / "attn": hold the MLP / attention outputs of the restored token at all
@@ -377,11 +374,3 @@ def _trace_position(
     out = torch.empty(n_layers, device=device)
     out[torch.as_tensor(active, device=device)] = probs.view(len(active), samples).mean(dim=1)
     return out
-
-
-def __getattr__(name: str):  # PEP 562: the averaged traces live in their own module
-    if name in {"average_traces", "critical_layers", "AverageTrace", "TOKEN_CLASSES"}:
-        from pmet_lens import tracing_summary
-
-        return getattr(tracing_summary, name)
-    raise AttributeError(f"module 'pmet_lens.tracing' has no attribute {name!r}")

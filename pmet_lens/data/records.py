@@ -1,6 +1,6 @@
 """Typed fact / edit-request records and loaders for ROME known facts, CounterFact and zsRE.
 
-The files the default run and the tests need ship inside the package (``pmet_lens/data_files``,
+The files the default run and the tests need ship inside the package (``pmet_lens/data/files``,
 provenance and licences in its README). Every loader also takes a user's path to a full file in
 the ROME/MEMIT JSON format. Bad records fail loudly with :class:`DataError`, naming the record.
 """
@@ -33,8 +33,8 @@ class DataError(ValueError):
 
 
 def data_path(name: str) -> Path:
-    """Path of a data file shipped with the package (see ``pmet_lens/data_files/README.md``)."""
-    path = Path(str(resources.files("pmet_lens") / "data_files" / name))
+    """Path of a data file shipped with the package (see ``pmet_lens/data/files/README.md``)."""
+    path = Path(str(resources.files("pmet_lens.data") / "files" / name))
     if not path.is_file():
         raise FileNotFoundError(f"shipped data file {name!r} not found at {path}")
     return path

@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from pmet_lens.plots import png_figure, save_png
+from pmet_lens.viz.png import png_figure, save_png
 
 COLORS = {"mhsa": "#1f77b4", "ffn": "#d62728"}
 LABELS = {"mhsa": "MHSA", "ffn": "FFN"}

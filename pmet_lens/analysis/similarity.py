@@ -33,9 +33,9 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from pmet_lens.arch import Architecture, apply_ln_affine, architecture
-from pmet_lens.readout import final_logits
-from pmet_lens.tokens import tokenize
+from pmet_lens.core.arch import Architecture, apply_ln_affine, architecture
+from pmet_lens.core.readout import final_logits
+from pmet_lens.core.tokens import tokenize
 
 logger = logging.getLogger(__name__)
 

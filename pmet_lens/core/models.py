@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from pmet_lens.atomic import atomic_path
-from pmet_lens.fastpath import install_fast_linear
+from pmet_lens.core.paths import atomic_path
+from pmet_lens.core.fastpath import install_fast_linear
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def load_model(
         device: where to put the model; default ``cuda`` if available else ``cpu``.
         dtype: parameter dtype.
         cache_dir: where the converted default model is cached (see :func:`default_cache_dir`).
-        fast: install :func:`pmet_lens.fastpath.install_fast_linear` (bit-identical outputs,
+        fast: install :func:`pmet_lens.core.fastpath.install_fast_linear` (bit-identical outputs,
             no per-forward transposed weight copies).
         **from_pretrained_kwargs: passed to ``HookedTransformer.from_pretrained_no_processing``.
 

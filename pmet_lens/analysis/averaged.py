@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from pmet_lens.data import KnownFact
-from pmet_lens.tokens import encode, subject_range, target_ids
+from pmet_lens.analysis.tracing import trace
+from pmet_lens.core.tokens import encode, subject_range, target_ids
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TOKEN_CLASSES", "AverageTrace", "average_traces", "critical_layers", "token_class_rows", "knows_fact"]
+__all__ = ["TOKEN_CLASSES", "AverageTrace", "average_traces", "token_class_rows", "knows_fact"]
 
 TOKEN_CLASSES: tuple[str, ...] = (
     "first subject token",
@@ -165,11 +166,10 @@ def average_traces(
         kinds: trace kinds for the token-class heat maps ("hidden" is always traced when
             ``severed`` is set, since the plain curve is its last-subject-token row).
         severed: also compute the MEMIT Fig. 3 curves.
-        samples, noise, window: see :func:`pmet_lens.tracing.trace`.
+        samples, noise, window: see :func:`pmet_lens.analysis.tracing.trace`.
         limit: stop after this many known facts.
         progress: show a tqdm progress bar.
     """
-    from pmet_lens.tracing import trace
 
     need = list(dict.fromkeys(list(kinds) + (["hidden"] if severed else [])))
     per_kind: dict[str, dict[str, list[torch.Tensor]]] = {k: {c: [] for c in TOKEN_CLASSES} for k in need}
@@ -235,46 +235,3 @@ def average_traces(
         n_facts=len(used), n_seen=seen, fact_ids=used, low_score=sum(lows) / len(lows),
         high_score=sum(highs) / len(highs), samples=samples, noise=noise, window=window,
     )
-
-
-def critical_layers(
-    plain: AverageTrace | Float[torch.Tensor, "n_layers"],
-    mlp_severed: Float[torch.Tensor, "n_layers"] | None = None,
-    *,
-    size: int = 5,
-) -> tuple[list[int], int]:
-    """The critical MLP range R and its last layer L = max(R) (MEMIT section 3, Appendix A, Fig. 3).
-
-    Rule: gap(l) = mean indirect effect of restoring the last subject token's hidden state at
-    layer l (plain) minus the same with that token's later MLP outputs severed. R is the run of
-    ``size`` consecutive layers with the largest total gap, sum(gap[s : s + size]) (earliest run on
-    ties); L = max(R). ``size`` defaults to 5, the size of the papers' ranges (GPT-NeoX {6..10};
-    GPT-J {3..8} has 6).
-
-    Args:
-        plain: an :class:`AverageTrace` with severed curves, or the plain curve ``[n_layers]``.
-        mlp_severed: the MLP-severed curve when ``plain`` is a tensor.
-        size: number of layers in R.
-
-    Returns:
-        ``(R, L)`` with R sorted ascending.
-    """
-    if isinstance(plain, AverageTrace):
-        if "mlp" not in plain.severed_mean:
-            raise ValueError("the AverageTrace has no severed curves: run average_traces(..., severed=True)")
-        base, severed = plain.severed_mean["none"], plain.severed_mean["mlp"]
-    else:
-        if mlp_severed is None:
-            raise ValueError("pass the MLP-severed curve with a plain curve tensor")
-        base, severed = plain, mlp_severed
-    base, severed = torch.as_tensor(base).double(), torch.as_tensor(severed).double()
-    if base.shape != severed.shape or base.ndim != 1:
-        raise ValueError(f"curves must be 1-D of equal length, got {tuple(base.shape)} and {tuple(severed.shape)}")
-    n = base.shape[0]
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= n:
-        raise ValueError(f"size must be an int in 1..{n}, got {size!r}")
-    gap = base - severed
-    sums = torch.stack([gap[s : s + size].sum() for s in range(n - size + 1)])
-    start = int(torch.argmax(sums))  # first maximum
-    layers = list(range(start, start + size))
-    return layers, max(layers)

@@ -26,8 +26,8 @@ from jaxtyping import Bool, Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from pmet_lens.readout import final_logits
-from pmet_lens.tokens import encode, pad, target_ids
+from pmet_lens.core.readout import final_logits
+from pmet_lens.core.tokens import encode, pad, target_ids
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ def score_continuations(
 ) -> ContinuationScores:
     """Score each ``targets[i]`` as the continuation of ``prompts[i]`` in batched forwards.
 
-    Targets get a leading space as in ROME/MEMIT (:func:`pmet_lens.tokens.target_ids`); prompts are
-    tokenised exactly as ``model.to_tokens`` does (:func:`pmet_lens.tokens.encode`).
+    Targets get a leading space as in ROME/MEMIT (:func:`pmet_lens.core.tokens.target_ids`); prompts are
+    tokenised exactly as ``model.to_tokens`` does (:func:`pmet_lens.core.tokens.encode`).
 
     Args:
         model: any hooked model (hooks already attached stay active).
@@ -166,5 +166,5 @@ def score_token_ids(
 
 
 def _unembed(model: HookedTransformer, resid: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "n d_vocab"]:
-    """The model's read-out of gathered residual rows (:func:`pmet_lens.readout.final_logits`)."""
+    """The model's read-out of gathered residual rows (:func:`pmet_lens.core.readout.final_logits`)."""
     return final_logits(model, resid)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 from pmet_lens.data import Fact, data_path, wikitext_path
-from pmet_lens.textmetrics import Tfidf, wikitext_paragraphs
+from pmet_lens.evaluation.textmetrics import Tfidf, wikitext_paragraphs
 
 __all__ = ["ConsistencyReference", "ProxyReference", "RomeReference"]
 

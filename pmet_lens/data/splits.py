@@ -2,7 +2,7 @@
 
 Hyper-parameters (the SmolLM2 presets) are chosen on the ``tune`` cases only; results are
 reported on the ``report`` cases only. The split is written once to
-``pmet_lens/data_files/counterfact_split.json`` (seed 0: ``random.Random(0).shuffle`` of the
+``pmet_lens/data/files/counterfact_split.json`` (seed 0: ``random.Random(0).shuffle`` of the
 sorted case ids, the first 100 are ``tune``) and never regenerated.
 """
 

@@ -9,10 +9,10 @@ CounterFact (per record, then averaged over records; tables print x100):
 * magnitudes (ROME's "diff"): mean ``P(o*) - P(o^c)`` (edit, paraphrase), ``P(o^c) - P(o*)``
   (neighborhood);
 * Fluency GE: n-gram entropy of text generated from the generation prompts (eq. 27, see
-  :mod:`pmet_lens.textmetrics`); ROME/MEMIT: top-k = 5 sampling to 100 tokens, prompt included;
+  :mod:`pmet_lens.evaluation.textmetrics`); ROME/MEMIT: top-k = 5 sampling to 100 tokens, prompt included;
 * Consistency RS: TF-IDF cosine of the generated text with reference text about o*. With ROME's
-  files (see :class:`pmet_lens.consistency.RomeReference`) it is reported as ``consistency``;
-  otherwise the documented offline proxy :class:`pmet_lens.consistency.ProxyReference`, always
+  files (see :class:`pmet_lens.evaluation.consistency.RomeReference`) it is reported as ``consistency``;
+  otherwise the documented offline proxy :class:`pmet_lens.evaluation.consistency.ProxyReference`, always
   reported as ``consistency_proxy``.
 
 P(o) of a multi-token object is ``exp`` of its mean token log-probability (ROME/MEMIT compare mean
@@ -37,11 +37,11 @@ import numpy as np
 import pandas as pd
 from transformer_lens import HookedTransformer
 
-from pmet_lens.consistency import ConsistencyReference, ProxyReference, RomeReference
+from pmet_lens.evaluation.consistency import ConsistencyReference, ProxyReference, RomeReference
 from pmet_lens.data import DataError, Fact, ZsreRecord, as_facts
-from pmet_lens.generation import sample_texts
-from pmet_lens.scoring import score_continuations
-from pmet_lens.textmetrics import ngram_entropy
+from pmet_lens.core.generation import sample_texts
+from pmet_lens.evaluation.scoring import score_continuations
+from pmet_lens.evaluation.textmetrics import ngram_entropy
 
 logger = logging.getLogger(__name__)
 

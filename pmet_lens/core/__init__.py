@@ -1,0 +1,1 @@
+"""Model plumbing: architecture facts and hook names, model loading, the fast linear path, tokens, read-out, generation, statistics and file paths."""

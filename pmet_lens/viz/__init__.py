@@ -1,0 +1,1 @@
+"""Figures and dashboards: static PNGs (matplotlib, no pyplot state) and interactive plotly / HTML views."""
