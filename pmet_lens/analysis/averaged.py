@@ -10,7 +10,6 @@ once that token's later MLPs are severed.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -20,9 +19,10 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from pmet_lens.data import KnownFact
 from pmet_lens.analysis.tracing import trace
+from pmet_lens.core.stats import mean_ci95
 from pmet_lens.core.tokens import encode, subject_range, target_ids
+from pmet_lens.data import KnownFact
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ class AverageTrace:
     Attributes:
         kinds: trace kinds computed ("hidden", "mlp", "attn").
         mean: kind -> ``[6, n_layers]`` mean indirect effect (score - low score) per token class.
-        ci: kind -> ``[6, n_layers]`` half-width of the 95% normal confidence interval.
+        ci: kind -> ``[6, n_layers]`` half-width of the 95% confidence interval
+            (:func:`pmet_lens.core.stats.mean_ci95`; NaN for a class with fewer than two facts).
         count: kind -> ``[6]`` number of facts contributing to each class.
         severed_mean: "none" / "mlp" / "attn" -> ``[n_layers]`` mean indirect effect of restoring
             the hidden state of the last subject token at each layer, plain or with that token's
@@ -132,11 +133,9 @@ def knows_fact(model: HookedTransformer, fact: KnownFact) -> tuple[bool, int]:
 
 
 def _mean_ci(stack: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.stack(stack).double()
-    n = x.shape[0]
-    mean = x.mean(0)
-    ci = 1.96 * x.std(0, unbiased=True) / math.sqrt(n) if n > 1 else torch.full_like(mean, float("nan"))
-    return mean.float(), ci.float()
+    """Mean and 95% half-width (:func:`pmet_lens.core.stats.mean_ci95`) over the facts, float32."""
+    mean, half = mean_ci95(torch.stack(stack))
+    return torch.from_numpy(mean).float(), torch.from_numpy(half).float()
 
 
 def average_traces(

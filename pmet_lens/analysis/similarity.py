@@ -23,7 +23,6 @@ In both variants "after" is the component's output (``hook_attn_out`` / ``hook_m
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -35,6 +34,7 @@ from transformer_lens import HookedTransformer
 
 from pmet_lens.core.arch import Architecture, apply_ln_affine, architecture
 from pmet_lens.core.readout import final_logits
+from pmet_lens.core.stats import mean_ci95
 from pmet_lens.core.tokens import tokenize
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ VARIANTS = ("paper", "logit_lens")
 COMPONENTS = ("mhsa", "ffn")
 METRICS = ("cosine", "jaccard")
 COLUMNS = ["variant", "layer", "component", "metric", "mean", "ci_low", "ci_high", "n"]
-_Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
 @dataclass(frozen=True)
@@ -205,18 +204,17 @@ def similarity_scores(
 def summarize(scores: Iterable[SimilarityScores]) -> pd.DataFrame:
     """Long table: one row per (variant, layer, component, metric) with mean and 95% CI.
 
-    The CI is the normal approximation mean ± 1.96·s/√n (n = number of prompts; with n = 1
-    the interval collapses to the mean).
+    The CI is :func:`pmet_lens.core.stats.mean_ci95` over prompts (n = number of prompts; with
+    n = 1 there is no interval and ``ci_low`` / ``ci_high`` are NaN).
     """
     rows = []
     for s in scores:
         for metric, values in (("cosine", s.cosine), ("jaccard", s.jaccard)):
             n = values.shape[0]
-            mean = values.double().mean(0)
-            sem = values.double().std(0, unbiased=True) / math.sqrt(n) if n > 1 else torch.zeros_like(mean)
+            mean, half = mean_ci95(values)  # each [n_layers, 2]
             for layer in range(values.shape[1]):
                 for c, component in enumerate(COMPONENTS):
-                    m, e = float(mean[layer, c]), float(_Z95 * sem[layer, c])
+                    m, e = float(mean[layer, c]), float(half[layer, c])
                     rows.append((s.variant, layer, component, metric, m, m - e, m + e, n))
     return pd.DataFrame(rows, columns=COLUMNS)
 

@@ -29,9 +29,8 @@ Confidence intervals are the normal approximation mean ± 1.96·s/√n over reco
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -40,6 +39,7 @@ from transformer_lens import HookedTransformer
 from pmet_lens.evaluation.consistency import ConsistencyReference, ProxyReference, RomeReference
 from pmet_lens.data import DataError, Fact, ZsreRecord, as_facts
 from pmet_lens.core.generation import sample_texts
+from pmet_lens.core.stats import mean_ci95
 from pmet_lens.evaluation.scoring import score_continuations
 from pmet_lens.evaluation.textmetrics import ngram_entropy
 
@@ -67,15 +67,6 @@ PAPER_TABLE2_GPTJ: dict[str, dict[str, float]] = {
     "PMET": {"efficacy": 96.9, "paraphrase": 90.6, "specificity": 26.7},
 }
 """The papers' GPT-J zsRE numbers (PMET Table 2)."""
-
-
-def mean_ci95(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and 95% half-width 1.96·s/√n of the finite values (half-width 0 for n < 2; NaN mean if empty)."""
-    arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
-    if arr.size == 0:
-        return float("nan"), float("nan")
-    half = 1.96 * arr.std(ddof=1) / math.sqrt(arr.size) if arr.size > 1 else 0.0
-    return float(arr.mean()), float(half)
 
 
 def harmonic_mean(values: Sequence[float]) -> float:

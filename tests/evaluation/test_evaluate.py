@@ -226,4 +226,4 @@ def test_format_table():
                                 "neighborhood": 0.5, "fluency": 6.2, "fluency_ci95": 0.01}})
     assert table.loc["x", "efficacy"] == "99.1 (0.4)"
     assert table.loc["x", "fluency"] == "620.0 (1.0)"
-    assert mean_ci95([1.0])[1] == 0.0
+    assert math.isnan(mean_ci95([1.0])[1])  # n = 1: no interval (pmet_lens.core.stats)
