@@ -113,9 +113,9 @@ class TraceResult:
 def embedding_std(model: HookedTransformer) -> float:
     """Empirical std sigma of the token embeddings (all entries of ``model.W_E``).
 
-    ROME measures sigma over the embeddings of the subjects of its data set; the brief of this
-    project (and MEMIT Appendix A: "the empirically observed variance of embedding activations")
-    is served by the std over the whole embedding matrix, which needs no data.
+    ROME measures sigma over the embeddings of the subjects of its data set; this is the std over
+    the whole embedding matrix (MEMIT Appendix A: "the empirically observed variance of embedding
+    activations"), which needs no data set.
     """
     return float(model.W_E.detach().float().std())
 
@@ -138,13 +138,6 @@ def target_probability(
     logp = torch.log_softmax(logits.float(), dim=-1)
     picked = logp.gather(-1, ids.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1)
     return picked.mean(dim=-1).exp()
-
-
-def _final_logits(
-    model: HookedTransformer, resid: Float[torch.Tensor, "batch pos d_model"], positions: Sequence[int]
-) -> Float[torch.Tensor, "batch n d_vocab"]:
-    """The model's read-out (:func:`pmet_lens.core.readout.final_logits`) at ``positions`` only."""
-    return final_logits(model, resid[:, list(positions)])
 
 
 def _validate(
@@ -268,10 +261,10 @@ def trace(
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         eps = torch.randn(samples, subj[1] - subj[0], model.cfg.d_model, generator=gen)
         eps = (eps * (noise * embedding_std(model))).to(device=device, dtype=model.cfg.dtype)
-        noise_hooks = [("hook_embed", _noise_hook(eps, *subj))]
+        noise_hooks = [(arch.embed_hook(), _noise_hook(eps, *subj))]
         corrupt_names = set()
         for l in range(n_layers):
-            corrupt_names |= {f"blocks.{l}.hook_resid_pre", f"blocks.{l}.attn.hook_k", f"blocks.{l}.attn.hook_v"}
+            corrupt_names |= {arch.resid_pre_hook(l), arch.attn_k_hook(l), arch.attn_v_hook(l)}
         if sever is not None:
             corrupt_names |= {comp_hook[sever](l) for l in range(n_layers)}
         store: dict[str, torch.Tensor] = {}
@@ -281,7 +274,7 @@ def trace(
 
         with model.hooks(fwd_hooks=noise_hooks + [(n, keep) for n in sorted(corrupt_names)]):
             final = model(tokens.expand(samples, -1), stop_at_layer=n_layers)
-        low = float(target_probability(_final_logits(model, final, score_pos), tgt).mean())
+        low = float(target_probability(final_logits(model, final[:, score_pos]), tgt).mean())
         store["final"] = final
 
         # ---- restorations: one growing batch of (layer, sample) rows per position ----------
@@ -335,7 +328,7 @@ def _trace_position(
 
     def entering(l: int) -> torch.Tensor:
         start = starts[l]
-        base = corrupt[f"blocks.{start}.hook_resid_pre"] if start < n_layers else corrupt["final"]
+        base = corrupt[arch.resid_pre_hook(start)] if start < n_layers else corrupt["final"]
         rows = base[:, t:].clone()
         if kind == "hidden":
             rows[:, 0] = clean[arch.resid_post_hook(l)][0, t]
@@ -364,13 +357,13 @@ def _trace_position(
             rows = torch.arange(x.shape[0], device=device)
             hooks.append((name, _restore_hook(corrupt[name][sample_idx, t], rows, torch.zeros_like(rows))))
         entry = TransformerLensKeyValueCacheEntry(
-            past_keys=corrupt[f"blocks.{j}.attn.hook_k"][sample_idx, :t],
-            past_values=corrupt[f"blocks.{j}.attn.hook_v"][sample_idx, :t],
+            past_keys=corrupt[arch.attn_k_hook(j)][sample_idx, :t],
+            past_values=corrupt[arch.attn_v_hook(j)][sample_idx, :t],
             frozen=True,
         )
         with model.hooks(fwd_hooks=hooks):
             x = model.blocks[j](x, past_kv_cache_entry=entry)
-    probs = target_probability(_final_logits(model, x, [p - t for p in score_pos]), tgt)
+    probs = target_probability(final_logits(model, x[:, [p - t for p in score_pos]]), tgt)
     out = torch.empty(n_layers, device=device)
     out[torch.as_tensor(active, device=device)] = probs.view(len(active), samples).mean(dim=1)
     return out

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from transformer_lens import HookedTransformer
+from transformer_lens.components import Unembed
+from transformer_lens.components.mlps.gated_mlp import GatedMLP
 
 
 @dataclass(frozen=True)
@@ -44,14 +46,22 @@ class Architecture:
             )
         return layer
 
+    def embed_hook(self) -> str:
+        """Token embeddings before anything is added to them (ROME corrupts the subject's here)."""
+        return "hook_embed"
+
+    def resid_pre_hook(self, layer: int) -> str:
+        """Residual stream entering block ``layer`` (h^{l-1}; for ``layer = 0`` the embeddings)."""
+        return f"blocks.{self.check_layer(layer)}.hook_resid_pre"
+
     def attn_input_hook(self, layer: int) -> str:
         """Residual stream entering the MHSA of ``layer`` (h^{l-1})."""
-        return f"blocks.{self.check_layer(layer)}.hook_resid_pre"
+        return self.resid_pre_hook(layer)
 
     def ffn_input_hook(self, layer: int) -> str:
         """Residual stream entering the FFN: ``resid_mid`` (sequential) or ``resid_pre`` (parallel)."""
         layer = self.check_layer(layer)
-        return f"blocks.{layer}.hook_resid_pre" if self.parallel else f"blocks.{layer}.hook_resid_mid"
+        return self.resid_pre_hook(layer) if self.parallel else f"blocks.{layer}.hook_resid_mid"
 
     def attn_out_hook(self, layer: int) -> str:
         """MHSA output a^l written to the residual stream."""
@@ -68,6 +78,18 @@ class Architecture:
     def attn_key_hook(self, layer: int) -> str:
         """MHSA key for ``W_O`` updates: the per-head attention output before ``W_O`` (``hook_z``)."""
         return f"blocks.{self.check_layer(layer)}.attn.hook_z"
+
+    def attn_k_hook(self, layer: int) -> str:
+        """Per-head attention keys of ``layer`` (``[batch, pos, n_heads, d_head]``, after rotary)."""
+        return f"blocks.{self.check_layer(layer)}.attn.hook_k"
+
+    def attn_v_hook(self, layer: int) -> str:
+        """Per-head attention values of ``layer`` (``[batch, pos, n_heads, d_head]``)."""
+        return f"blocks.{self.check_layer(layer)}.attn.hook_v"
+
+    def attn_pattern_hook(self, layer: int) -> str:
+        """Attention probabilities of ``layer`` (``[batch, n_heads, query, key]``)."""
+        return f"blocks.{self.check_layer(layer)}.attn.hook_pattern"
 
     def resid_post_hook(self, layer: int) -> str:
         """Residual stream leaving block ``layer`` (h^l)."""
@@ -112,6 +134,30 @@ def block_index(name: str) -> int:
     if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
         raise ValueError(f"{name!r} is not a block hook or parameter name (expected 'blocks.{{l}}....')")
     return int(parts[1])
+
+
+def transposed_linear_weights(module: torch.nn.Module) -> tuple[str, ...]:
+    """Weights that ``module`` multiplies as ``F.linear(x, W.T.contiguous())`` in TransformerLens 3.9.
+
+    These are the gated MLP's ``W_in``, ``W_gate`` and ``W_out`` and the unembedding's ``W_U``;
+    other modules have none. :mod:`pmet_lens.core.fastpath` stores them column-major.
+    """
+    return _TRANSPOSED_LINEAR_WEIGHTS.get(type(module), ())
+
+
+_TRANSPOSED_LINEAR_WEIGHTS: dict[type, tuple[str, ...]] = {
+    GatedMLP: ("W_in", "W_gate", "W_out"),
+    Unembed: ("W_U",),
+}
+
+
+def optional_state_key(key: str) -> bool:
+    """Whether a ``HookedTransformer.state_dict()`` key may be absent from converted weights.
+
+    TransformerLens builds these itself (rotary tables, attention masks, ``IGNORE``, hook
+    points), and the gated MLP's ``b_in`` stays zero for checkpoints without MLP biases.
+    """
+    return key.endswith(("rotary_sin", "rotary_cos", "mask", "IGNORE", "b_in")) or ".hook_" in key
 
 
 def architecture(model: HookedTransformer) -> Architecture:

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import torch
 from transformer_lens import HookedTransformer
-from transformer_lens.components import Unembed
-from transformer_lens.components.mlps.gated_mlp import GatedMLP
 
-_TRANSPOSED_WEIGHTS = {GatedMLP: ("W_in", "W_gate", "W_out"), Unembed: ("W_U",)}
+from pmet_lens.core.arch import transposed_linear_weights
 
 
 def _column_major(param: torch.nn.Parameter) -> torch.nn.Parameter:
@@ -33,7 +31,7 @@ def _row_major(param: torch.nn.Parameter) -> torch.nn.Parameter:
 
 def _restride(model: HookedTransformer, convert) -> HookedTransformer:
     for module in model.modules():
-        for name in _TRANSPOSED_WEIGHTS.get(type(module), ()):
+        for name in transposed_linear_weights(module):
             setattr(module, name, convert(getattr(module, name)))
     return model
 
@@ -57,6 +55,6 @@ def is_fast(model: HookedTransformer) -> bool:
     found = [
         getattr(module, name)
         for module in model.modules()
-        for name in _TRANSPOSED_WEIGHTS.get(type(module), ())
+        for name in transposed_linear_weights(module)
     ]
     return bool(found) and all(p.T.is_contiguous() for p in found)

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from pmet_lens.core.paths import atomic_path
+from pmet_lens.core.arch import optional_state_key
 from pmet_lens.core.fastpath import install_fast_linear
+from pmet_lens.core.paths import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -216,15 +217,11 @@ def _load_default(*, device: str | torch.device, dtype: torch.dtype, cache_dir: 
     missing, unexpected = model.load_state_dict(
         {k: v.to(dtype) for k, v in state_dict.items()}, strict=False
     )
-    missing = [k for k in missing if not _is_buffer_key(k)]
+    missing = [k for k in missing if not optional_state_key(k)]
     if missing or unexpected:
         raise RuntimeError(f"Converted weights do not fit the model: missing {missing}, unexpected {unexpected}")
     model.to(device)
     return model
-
-
-def _is_buffer_key(key: str) -> bool:
-    return key.endswith(("rotary_sin", "rotary_cos", "mask", "IGNORE", "b_in")) or ".hook_" in key
 
 
 def _read_json(path: Path) -> dict[str, Any]:

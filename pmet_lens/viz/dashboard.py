@@ -31,10 +31,11 @@ import torch
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
-from pmet_lens.data import Fact, as_facts
-from pmet_lens.evaluation.scoring import score_continuations
+from pmet_lens.core.arch import architecture
 from pmet_lens.core.readout import final_logits
 from pmet_lens.core.tokens import encode, subject_range, target_ids
+from pmet_lens.data import Fact, as_facts
+from pmet_lens.evaluation.scoring import score_continuations
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ def logit_lens(
 ) -> Float[torch.Tensor, "n_layers n_tokens"]:
     """P of each of ``token_ids`` read from ``hook_resid_post`` of every layer at ``position``
     (final norm + unembedding applied to the intermediate stream, nostalgebraist's logit lens)."""
-    names = [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
+    arch = architecture(model)
+    names = [arch.resid_post_hook(l) for l in range(arch.n_layers)]
     with torch.no_grad():
         _, cache = model.run_with_cache(torch.tensor([encode(model, text)], device=model.cfg.device),
                                         names_filter=lambda n: n in names)
@@ -110,7 +112,8 @@ def logit_lens(
 
 def last_token_attention(model: HookedTransformer, text: str) -> Float[torch.Tensor, "n_layers n_heads query key"]:
     """All attention patterns of ``text`` ([layer, head, query, key])."""
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
+    arch = architecture(model)
+    names = [arch.attn_pattern_hook(l) for l in range(arch.n_layers)]
     with torch.no_grad():
         _, cache = model.run_with_cache(torch.tensor([encode(model, text)], device=model.cfg.device),
                                         names_filter=lambda n: n in names)
