@@ -32,8 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model name (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--limit", type=int, default=30,
-                        help="number of KNOWN facts to average (default 30: about 24 min at 10 samples on a 2-core CPU, "
-                             "measured 1453 s for the committed figures)")
+                        help="number of KNOWN facts to average (default 30; causal_trace_summary.json records the run time)")
     parser.add_argument("--samples", type=int, default=10, help="noise samples per trace (papers: 10)")
     parser.add_argument("--noise", type=float, default=3.0)
     parser.add_argument("--window", type=int, default=10)

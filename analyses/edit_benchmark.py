@@ -22,7 +22,7 @@ scaling curve (identical up to float rounding). Consistency is the documented of
 with the papers' column. Outputs go to ``--out`` (default ``figures/``): CSV, interactive HTML,
 matplotlib PNG, and ``edit_benchmark.md`` with the tables beside the papers' GPT-J numbers.
 
-The full run takes hours on a 2-core CPU, so it is resumable: every result is written to ``--out`` as soon
+The full run takes hours on a CPU, so it is resumable: every result is written to ``--out`` as soon
 as it exists, and each optimised mass edit (deltas and targets) is saved under
 ``--out/edit_benchmark_edits/``. ``--resume`` keeps the finished results and reuses the saved targets
 (checked against the facts, the hyper-parameters and the model's weights), so an interrupted run loses

@@ -155,7 +155,6 @@ def main() -> None:
 
     if not args.skip_baseline:
         from pmet_lens.editing.update import compute_and_apply_updates
-        from pmet_lens.editing import EditResult
 
         t0 = time.perf_counter()
         targets = []

@@ -1,5 +1,5 @@
-"""The one machine line every timing benchmark prints (figures depend on the processor: the project's
-machines vary between sessions, e.g. an Intel Xeon with AMX vs an AMD EPYC, about 2x apart)."""
+"""The one machine line every timing benchmark prints: timings depend on the processor, so each
+figure is reported with the processor it was measured on."""
 
 from __future__ import annotations
 

@@ -15,7 +15,6 @@ from typing import Sequence
 
 import pandas as pd
 import torch
-from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 

@@ -7,7 +7,7 @@ For every prompt, at its LAST token and for every layer l, each component's pair
 * Jaccard similarity of the top-k vocabulary tokens of the two states (PMET eq. 7):
   J_k = |T(x) ∩ T(y)| / |T(x) ∪ T(y)|, with T(h) the k token ids of highest score.
 
-Two variants (``../shared/DESIGN.md`` section 1 explains why both exist):
+Two variants, because the official code and the paper's text compare different states:
 
 ``"paper"`` (what the official PMET notebook computes)
     before = the component's own normalised input *with* the norm's learned scale (MHSA: ``ln1``

@@ -2,14 +2,14 @@
 
 TransformerLens 3.9's ``GatedMLP`` and ``Unembed`` call ``F.linear(x, W.T.contiguous())``,
 which copies a transposed weight on every forward (for SmolLM2 the 576 x 49152 unembedding
-alone is ~110 MB per call: about 230 ms of a 330 ms single-prompt forward on 2 CPU cores).
+alone is ~110 MB per call; ``benchmarks/`` measures what the copies cost).
 
 Dropping ``.contiguous()`` is *not* bit-identical (BLAS then runs a different kernel). Instead
 :func:`install_fast_linear` stores those weights **transposed in memory**: each parameter keeps
 its TransformerLens shape and values but gets column-major strides, so ``W.T`` is already
 contiguous, ``.contiguous()`` returns it without copying, and ``F.linear`` sees exactly the
 same memory layout as the stock path. The stock ``forward`` code is untouched and the logits
-are bit-identical by construction (``tests/test_fastpath.py`` checks it). In-place weight
+are bit-identical by construction (``tests/core/test_fastpath.py`` checks it). In-place weight
 updates (``W_out += delta``) work unchanged on such parameters.
 """
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from transformer_lens import HookedTransformer
 
 
@@ -31,10 +31,6 @@ class Batch:
     def last(self) -> Int[torch.Tensor, "batch"]:
         """Index of each row's last real token."""
         return self.lengths - 1
-
-
-def _prepends_bos(model: HookedTransformer) -> bool:
-    return bool(model.cfg.default_prepend_bos)
 
 
 def encode(model: HookedTransformer, text: str) -> list[int]:
@@ -126,10 +122,3 @@ def subject_last_position(model: HookedTransformer, template: str, subject: str,
         raise ValueError(f"subject {subject!r} covers no token of {text!r}")
     shift = len(encode(model, text)) - len(enc["input_ids"])
     return hits[-1] + shift
-
-
-def gather_positions(
-    acts: Float[torch.Tensor, "batch pos d"], positions: Int[torch.Tensor, "batch"]
-) -> Float[torch.Tensor, "batch d"]:
-    """``acts[i, positions[i]]`` for every row ``i``."""
-    return acts[torch.arange(acts.shape[0], device=acts.device), positions.to(acts.device)]

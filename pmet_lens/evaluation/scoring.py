@@ -8,9 +8,8 @@ the zsRE top-1 test asks, per target token, whether ``argmax`` of those logits e
 
 All pairs run in a few right-padded forwards (sorted by length, so little padding is wasted), and
 pairs with the same teacher-forced token sequence share one row: CounterFact asks for P(o*) and P(o^c)
-after the same prompt, and where both objects are single tokens (656 of the 769 report cases on
-SmolLM2's tokenizer) that is one forward instead of two. Only
-the scored positions are projected on the vocabulary: the blocks run with
+after the same prompt, and where both objects are single tokens that is one forward instead of
+two. Only the scored positions are projected on the vocabulary: the blocks run with
 ``stop_at_layer=n_layers``; the final norm and unembedding are applied to the gathered rows. Hooks a
 caller has added to the model (an edit previewed as hooks) fire as usual.
 """
