@@ -1,12 +1,12 @@
-"""``pmet-lens`` command line: ``similarity``, ``trace``, ``edit``, ``evaluate``.
+"""pmet-lens command line: similarity, trace, edit, evaluate.
 
 Each subcommand is a thin layer over the library (imported lazily, so ``--help`` is instant):
 ``similarity`` -> :func:`pmet_lens.analysis.similarity.component_similarity` (PMET Fig. 2),
 ``trace`` -> :func:`pmet_lens.analysis.tracing.trace` / ``average_traces`` (causal tracing),
 ``edit`` -> :func:`pmet_lens.editing.edit` (writes a delta file),
 ``evaluate`` -> :func:`pmet_lens.evaluation.evaluate.evaluate_counterfact` / ``evaluate_zsre`` (optionally with a
-delta file applied). Bad input (missing file, malformed JSON record, unknown method or preset, a delta
-file made for another model) ends with ``error: ...`` on stderr and exit status 2.
+delta file applied). Every input (files, records, preset names, hyper-parameters) is checked before
+the model is loaded; bad input ends with ``error: ...`` on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import Any, Sequence
 __all__ = ["main", "build_parser"]
 
 EXIT_BAD_INPUT = 2
+
+logger = logging.getLogger("pmet_lens.cli")
 
 
 class CLIError(Exception):
@@ -37,8 +39,9 @@ def _existing_file(path: str | None, what: str) -> Path | None:
 
 
 def _load_model(name: str | None):
-    from pmet_lens.core.models import load_model
+    from pmet_lens.core.models import DEFAULT_MODEL, load_model
 
+    logger.info("loading model %s", name or DEFAULT_MODEL)
     return load_model(name)
 
 
@@ -53,8 +56,8 @@ def _write_table(df, out: str | None) -> None:
 
 # ---------------------------------------------------------------------------- similarity
 def _cmd_similarity(args: argparse.Namespace) -> int:
-    from pmet_lens.data import load_known_facts
     from pmet_lens.analysis.similarity import component_similarity
+    from pmet_lens.data import load_known_facts
 
     facts = load_known_facts(_existing_file(args.facts, "known-facts file"), limit=args.limit)
     model = _load_model(args.model)
@@ -72,52 +75,37 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
     if (args.prompt is None) == (args.average is None):
         raise CLIError("give either --prompt and --subject (one prompt) or --average N (averaged run)")
+    if args.prompt is not None and not args.subject:
+        raise CLIError("--prompt needs --subject")
     model = _load_model(args.model)
     if args.prompt is not None:
-        if not args.subject:
-            raise CLIError("--prompt needs --subject")
         result = tracing.trace(model, args.prompt, args.subject, kind=args.kind, samples=args.samples,
                                window=args.window, target=args.target, seed=args.seed)
         df = pd.DataFrame(result.scores.numpy(), index=result.tokens).reset_index(names="token")
         print(f"target {result.target!r}: clean P = {result.high_score:.4f}, corrupted P = {result.low_score:.4f}")
         _write_table(df, args.out)
         return 0
+    from pmet_lens.analysis.averaged import average_traces
     from pmet_lens.data import load_known_facts
-    from pmet_lens.analysis.averaged import TOKEN_CLASSES, average_traces
 
     # --average N means N facts the model KNOWS: examine the known-facts file in order until N are found
     avg = average_traces(model, load_known_facts(), kinds=(args.kind,), severed=not args.no_sever,
                          samples=args.samples, window=args.window, seed=args.seed, limit=args.average,
                          progress=True)
-    rows = []
-    for kind in avg.kinds:
-        for c, cls in enumerate(TOKEN_CLASSES):
-            for layer in range(avg.mean[kind].shape[1]):
-                rows.append({"curve": kind, "token_class": cls, "layer": layer,
-                             "effect": float(avg.mean[kind][c, layer]), "ci95": float(avg.ci[kind][c, layer])})
-    for name, values in avg.severed_mean.items():
-        for layer, v in enumerate(values.tolist()):
-            rows.append({"curve": f"last subject token, severed={name}", "token_class": "last subject token",
-                         "layer": layer, "effect": v, "ci95": float(avg.severed_ci[name][layer])})
     print(f"averaged over {avg.n_facts} known facts (of {avg.n_seen} examined)")
-    _write_table(pd.DataFrame(rows), args.out)
+    _write_table(avg.class_frame(), args.out)
+    if avg.severed_mean:
+        _write_table(avg.severed_frame(), None if args.out is None else _severed_path(args.out))
     return 0
 
 
+def _severed_path(out: str) -> str:
+    """Where the averaged run writes its severed curves: ``<out stem>_severed<suffix>`` beside ``out``."""
+    path = Path(out)
+    return str(path.with_name(f"{path.stem}_severed{path.suffix or '.csv'}"))
+
+
 # ---------------------------------------------------------------------------- edit
-def _read_records(path: Path) -> list[Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = [json.loads(l) for l in text.splitlines() if l.strip()] if path.suffix == ".jsonl" else json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CLIError(f"{path} is not valid JSON: {exc}") from None
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list):
-        raise CLIError(f"{path} must hold a JSON list of records")
-    return data
-
-
 def _check_preset(name: str | None) -> None:
     from pmet_lens.editing.hparams import preset_names
 
@@ -126,44 +114,74 @@ def _check_preset(name: str | None) -> None:
         raise CLIError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
 
 
-def _hparams(args: argparse.Namespace, model_name: str):
+def _hparams_overrides(value: str | None, method: str) -> tuple[dict[str, Any], str]:
+    """The ``--hparams`` overrides and where they came from; ``value`` is a JSON file or an inline
+    JSON object. Names are checked here; values when the hyper-parameters are built."""
+    if value is None:
+        return {}, ""
+    from dataclasses import fields
+
+    from pmet_lens.editing.hparams import MEMITHyperParams, PMETHyperParams
+
+    if value.lstrip().startswith("{"):
+        source, text = "--hparams", value
+    else:
+        source, text = value, _existing_file(value, "hparams file").read_text(encoding="utf-8")  # type: ignore[union-attr]
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{source} is not valid JSON ({exc}); give a JSON object such as '{{\"lam\": 600}}' "
+                       "or a file holding one") from None
+    if not isinstance(overrides, dict):
+        raise CLIError(f"{source} must hold a JSON object of hyper-parameters, got {type(overrides).__name__}")
+    if overrides.get("method", method) != method:
+        raise CLIError(f"{source} names method {overrides['method']!r} but --method is {method!r}")
+    cls = PMETHyperParams if method == "pmet" else MEMITHyperParams
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(overrides) - names - {"method"})
+    if unknown:
+        raise CLIError(f"unknown hyper-parameter(s) in {source}: {unknown}; {cls.__name__} has {sorted(names)}")
+    return overrides, source
+
+
+def _hparams(args: argparse.Namespace, model_name: str, overrides: dict[str, Any], source: str):
+    """The preset of ``--preset`` (default: of ``model_name``) with the overrides applied."""
     from pmet_lens.editing import preset
     from pmet_lens.editing.hparams import hparams_from_dict
 
-    _check_preset(args.preset)
     hp = preset(args.preset or model_name, args.method)
-    if args.hparams:
-        overrides = json.loads(_existing_file(args.hparams, "hparams file").read_text())  # type: ignore[union-attr]
-        if not isinstance(overrides, dict):
-            raise CLIError(f"{args.hparams} must hold a JSON object of hyper-parameters")
-        data = {**hp.to_dict(), **overrides, "method": args.method}
-        try:
-            hp = hparams_from_dict(data)
-        except TypeError as exc:
-            raise CLIError(f"bad hyper-parameters in {args.hparams}: {exc}") from None
-        unknown = sorted(set(overrides) - set(hp.to_dict()))
-        if unknown:
-            raise CLIError(f"unknown hyper-parameter(s) in {args.hparams}: {unknown}")
-    return hp
+    if not overrides:
+        return hp
+    try:
+        return hparams_from_dict({**hp.to_dict(), **overrides, "method": args.method})
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"bad hyper-parameters in {source}: {exc}") from None
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
-    from pmet_lens.data import as_facts
-    from pmet_lens.editing import edit
+    from pmet_lens.core.models import DEFAULT_MODEL
+    from pmet_lens.data import as_facts, read_records
 
-    records = _read_records(_existing_file(args.facts, "facts file"))  # type: ignore[arg-type]
+    # every input is checked before the model is loaded
+    records = read_records(_existing_file(args.facts, "facts file"), "facts")  # type: ignore[arg-type]
     if args.limit is not None:
         records = records[: args.limit]
     facts = as_facts(records)
     corpus = _existing_file(args.corpus, "corpus file")
     _check_preset(args.preset)
+    overrides, source = _hparams_overrides(args.hparams, args.method)
+    # the preset is known without the model when it is named or the model is the default one
+    hp = _hparams(args, DEFAULT_MODEL, overrides, source) if args.preset or args.model is None else None
     model = _load_model(args.model)
-    hp = _hparams(args, str(model.cfg.model_name))
+    if hp is None:
+        hp = _hparams(args, str(model.cfg.model_name), overrides, source)
     store = None
     if corpus is not None:
         from pmet_lens.editing import CovarianceStore
 
         store = CovarianceStore(corpus=corpus, progress=True)
+    from pmet_lens.editing import edit
+
     result = edit(model, facts, method=args.method, hparams=hp, cov_store=store, apply=False, progress=True,
                   compile=args.compile)
     path = result.save(args.out)
@@ -248,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn (default 10)")
     p.add_argument("--no-sever", action="store_true", help="averaged run: skip the severed MLP/attention curves")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="CSV path (default: print)")
+    p.add_argument("--out", help="CSV path (default: print); the averaged run writes its severed curves beside it, "
+                                 "as NAME_severed.csv")
     p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("edit", help="edit facts from a JSON file; writes a delta file",
@@ -257,15 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--facts", required=True, help="JSON list (or .jsonl) of records")
     p.add_argument("--method", choices=["pmet", "memit"], default="pmet")
-    p.add_argument("--preset", help="hyper-parameter preset (SmolLM2-135M-Instruct, gpt-j, gpt-neox; default: the model's)")
-    p.add_argument("--hparams", help="JSON object of hyper-parameter overrides, e.g. {\"lam\": 600}")
+    p.add_argument("--preset", help="hyper-parameter preset (SmolLM2-135M-Instruct, gpt-j-6B, gpt-neox-20b; default: the model's)")
+    p.add_argument("--hparams", help="hyper-parameter overrides: a JSON object, inline (e.g. '{\"lam\": 600}') or "
+                                     "in a file")
     p.add_argument("--limit", type=int, default=None, help="edit the first N records")
     p.add_argument("--out", required=True, help="delta file to write (.safetensors)")
     p.add_argument("--corpus", help="text file for the key statistics C (default: the shipped WikiText-2 text); it "
                                     "needs at least the preset's cov_tokens tokens")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the target optimisation (needs a C++ compiler; about a minute to compile; "
-                        "no faster end to end on a 2-core CPU at 100 edits, see README)")
+                   help="torch.compile the target optimisation (needs a C++ compiler; compiling adds start-up time)")
     p.set_defaults(func=_cmd_edit)
 
     p = sub.add_parser("evaluate", help="CounterFact / zsRE metrics, optionally with a delta file applied",

@@ -26,9 +26,10 @@ def run(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.C
 def workdir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("cli")
     (d / "facts.json").write_text(json.dumps([f.to_counterfact() for f in load_counterfact(limit=1)]))
-    (d / "hp.json").write_text(json.dumps(TINY_HPARAMS))
     (d / "broken.json").write_text('[{"case_id": 1, "requested_rewrite": ')
     (d / "bad_record.json").write_text(json.dumps([{"case_id": 7, "requested_rewrite": {"prompt": "{} is", "subject": "X"}}]))
+    (d / "one_object.json").write_text(json.dumps(load_counterfact(limit=1)[0].to_counterfact()))
+    (d / "bad_hp.json").write_text(json.dumps({"steps": 0}))
     return d
 
 
@@ -37,6 +38,13 @@ def test_help(command):
     out = run(command, "--help")
     assert out.returncode == 0
     assert f"pmet-lens {command}" in out.stdout
+    assert "``" not in out.stdout  # plain text, no RST markup
+
+
+def test_top_level_help_is_plain_text():
+    out = run("--help")
+    assert out.returncode == 0 and "similarity" in out.stdout
+    assert "``" not in out.stdout
 
 
 def test_main_module_and_no_command():
@@ -65,12 +73,41 @@ def test_bad_input_exits_nonzero(workdir, args, message):
     assert "Traceback" not in out.stderr
 
 
+EDIT = ("edit", "--facts", "facts.json", "--out", "never.safetensors")
+
+
+@pytest.mark.parametrize("args, message", [
+    # a single JSON object where a list of records belongs
+    (("edit", "--facts", "one_object.json", "--out", "never.safetensors"), "must hold a JSON list of records"),
+    # --hparams inline, exactly as --help shows it: parsed as JSON, then checked
+    ((*EDIT, "--hparams", '{"lam": -1}'), "bad hyper-parameters in --hparams: lam must be a finite number > 0"),
+    ((*EDIT, "--hparams", '{"lamb": 600}'), "unknown hyper-parameter(s) in --hparams: ['lamb']"),
+    ((*EDIT, "--hparams", '{lam: 600}'), "--hparams is not valid JSON"),
+    ((*EDIT, "--method", "memit", "--hparams", '{"method": "pmet"}'), "names method 'pmet' but --method is 'memit'"),
+    # --hparams as a file
+    ((*EDIT, "--hparams", "bad_hp.json"), "bad hyper-parameters in bad_hp.json: steps must be an int >= 1"),
+    ((*EDIT, "--hparams", "missing.json"), "hparams file not found"),
+    ((*EDIT, "--preset", "gpt-5"), "unknown preset 'gpt-5'"),
+    (("trace", "--prompt", "The Eiffel Tower is in"), "--prompt needs --subject"),
+])
+def test_input_errors_come_before_the_model_load(workdir, args, message):
+    """Each bad input is reported before the model is loaded (the CLI logs "loading model" with -v),
+    and nothing is written."""
+    out = run("-v", *args, cwd=workdir)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert "loading model" not in out.stderr
+    assert not (workdir / "never.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_edit_then_evaluate(workdir):
     from pmet_lens.data import wikitext_path
 
     (workdir / "corpus.txt").write_text(wikitext_path()[0].read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    out = run("edit", "--facts", "facts.json", "--hparams", "hp.json", "--corpus", "corpus.txt",
+    # inline JSON, as `pmet-lens edit --help` shows it (a file is tested in the fast input checks)
+    out = run("edit", "--facts", "facts.json", "--hparams", json.dumps(TINY_HPARAMS), "--corpus", "corpus.txt",
               "--out", "delta.safetensors", cwd=workdir)
     assert out.returncode == 0, out.stderr
     assert (workdir / "delta.safetensors").is_file()
@@ -110,3 +147,4 @@ def test_similarity_and_trace(workdir):
     out = run("trace", "--average", "2", "--samples", "2", "--no-sever", "--out", "avg.csv", cwd=workdir)
     assert out.returncode == 0, out.stderr
     assert "averaged over" in out.stdout and "token_class" in (workdir / "avg.csv").read_text()
+    assert not (workdir / "avg_severed.csv").exists()  # --no-sever: no severed curves

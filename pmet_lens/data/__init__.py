@@ -14,6 +14,7 @@ from pmet_lens.data.records import (
     load_counterfact,
     load_known_facts,
     load_zsre,
+    read_records,
     wikitext_path,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "load_counterfact",
     "load_known_facts",
     "load_zsre",
+    "read_records",
     "wikitext_path",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -24,6 +24,7 @@ __all__ = [
     "load_counterfact",
     "load_known_facts",
     "load_zsre",
+    "read_records",
     "wikitext_path",
 ]
 
@@ -240,20 +241,41 @@ class ZsreRecord:
                     case_id=self.case_id, paraphrase_prompts=(self.rephrase,))
 
 
-def _read_records(path: str | Path, what: str) -> list[Any]:
+def read_records(path: str | Path, what: str = "records") -> list[Any]:
+    """The records of a JSON file (a list of objects) or of a ``.jsonl`` file (one object a line).
+
+    The records are returned as parsed; the loaders and :func:`as_facts` check their fields.
+
+    Args:
+        path: the file.
+        what: what the file holds, for messages ("CounterFact", "facts", ...).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        DataError: the text is not JSON (the message gives the line), or a ``.json`` file holds
+            something other than a list (a single record must be wrapped in ``[...]``).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        data = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    data.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{what} file {path}, line {number}: not valid JSON: {exc}") from None
+        return data
     try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            data = json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{what} file {path} is not valid JSON: {exc}") from None
     if not isinstance(data, list):
-        raise DataError(f"{what} file {path} must hold a JSON list of records, got {type(data).__name__}")
+        kind = "a JSON object" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        raise DataError(f"{what} file {path} must hold a JSON list of records, got {kind}; "
+                        "put a single record in a list: [{...}]")
     return data
 
 
@@ -291,7 +313,7 @@ def _require_fields(rec: Any, names: Sequence[str], where: str, id_field: str | 
 
 def load_known_facts(path: str | Path | None = None, limit: int | None = None) -> list[KnownFact]:
     """Load ROME's known facts (default: the shipped ``known_1000.json``, 1209 records)."""
-    records = _read_records(path or data_path("known_1000.json"), "known-facts")
+    records = read_records(path or data_path("known_1000.json"), "known-facts")
     out = []
     for i, rec in enumerate(_take(records, limit)):
         _require_fields(rec, _KNOWN_FIELDS, f"known fact #{i}", id_field="known_id")
@@ -302,13 +324,13 @@ def load_known_facts(path: str | Path | None = None, limit: int | None = None) -
 
 def load_counterfact(path: str | Path | None = None, limit: int | None = None) -> list[Fact]:
     """Load CounterFact records (default: the shipped 869-record subset) as :class:`Fact` s."""
-    records = _read_records(path or data_path("counterfact_subset.json"), "CounterFact")
+    records = read_records(path or data_path("counterfact_subset.json"), "CounterFact")
     return [Fact.from_counterfact(rec) for rec in _take(records, limit)]
 
 
 def load_zsre(path: str | Path | None = None, limit: int | None = None) -> list[ZsreRecord]:
     """Load zsRE eval records (default: the shipped 1208-record subset of ``zsre_mend_eval.json``)."""
-    records = _read_records(path or data_path("zsre_mend_eval_subset.json"), "zsRE")
+    records = read_records(path or data_path("zsre_mend_eval_subset.json"), "zsRE")
     out = []
     for i, rec in enumerate(_take(records, limit)):
         _require_fields(rec, ("subject", "src", "rephrase", "alt", "answers", "loc", "loc_ans"), f"zsRE record #{i}")

@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from pmet_lens.data import DataError, Fact, as_facts, load_counterfact, load_known_facts, load_zsre, wikitext_path
+from pmet_lens.data import (
+    DataError,
+    Fact,
+    as_facts,
+    load_counterfact,
+    load_known_facts,
+    load_zsre,
+    read_records,
+    wikitext_path,
+)
 
 
 def test_shipped_files_load():
@@ -91,3 +100,25 @@ def test_as_facts():
         as_facts(cf[0])
     with pytest.raises(DataError, match="unknown field"):
         as_facts([{"subject": "Paris", "prompt": "{} is", "target": "x"}])
+
+
+def test_read_records_json_jsonl_and_a_lone_object(tmp_path):
+    recs = [load_counterfact(limit=2)[i].to_counterfact() for i in range(2)]
+    as_json, as_jsonl = tmp_path / "r.json", tmp_path / "r.jsonl"
+    as_json.write_text(json.dumps(recs))
+    as_jsonl.write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
+    assert read_records(as_json) == read_records(as_jsonl) == recs
+    assert [f.case_id for f in load_counterfact(as_jsonl)] == [r["case_id"] for r in recs]
+    # one record without the list around it: say so, rather than failing on its fields
+    lone = tmp_path / "lone.json"
+    lone.write_text(json.dumps(recs[0]))
+    with pytest.raises(DataError, match=r"facts file .*lone.json must hold a JSON list of records, got a JSON object"):
+        read_records(lone, "facts")
+    with pytest.raises(DataError, match="must hold a JSON list of records"):
+        load_counterfact(lone)
+    bad_line = tmp_path / "bad.jsonl"
+    bad_line.write_text(json.dumps(recs[0]) + "\n{oops\n")
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2: not valid JSON"):
+        read_records(bad_line)
+    with pytest.raises(FileNotFoundError, match="CounterFact file not found"):
+        load_counterfact(tmp_path / "missing.json")
