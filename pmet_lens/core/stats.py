@@ -18,7 +18,7 @@ taken (for example a record without generation prompts), not a value.
 from __future__ import annotations
 
 import math
-from typing import Iterable, overload
+from typing import Any, Iterable, overload
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ def mean_ci95(values: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray
 def mean_ci95(values: Iterable[float | None]) -> tuple[float, float]: ...
 
 
-def mean_ci95(values):
+def mean_ci95(values: Any) -> tuple[Any, Any]:
     """Mean and 95% half-width ``Z95 · s / √n`` over the first axis, skipping non-finite values.
 
     Args:
