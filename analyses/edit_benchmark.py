@@ -47,10 +47,17 @@ import torch
 
 from pmet_lens import load_model, load_zsre
 from pmet_lens.data import as_facts
+from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, EditResult, edit, preset
 from pmet_lens.editing.hparams import PMETHyperParams, hparams_from_dict
-from pmet_lens.evaluation.evaluate import PAPER_TABLE1_GPTJ, PAPER_TABLE2_GPTJ, evaluate_counterfact, evaluate_zsre, format_table
-from pmet_lens.data.splits import split_facts
+from pmet_lens.evaluation import (
+    PAPER_TABLE1_GPTJ,
+    PAPER_TABLE2_GPTJ,
+    PAPER_TABLE3_10K,
+    evaluate_counterfact,
+    evaluate_zsre,
+    format_table,
+)
 
 logger = logging.getLogger("edit_benchmark")
 
@@ -61,12 +68,6 @@ ABLATIONS = {
 }
 ABLATION_SWITCHES = {"no_attn_delta": "PMET w/o δ_a", "update_attn": "PMET + W_O^MHSA", "even_spread": "PMET even spread"}
 """Command-line names of the ablations (``--ablations``)."""
-PAPER_TABLE3_10K = {  # PMET Table 3, 10K edits on GPT-J
-    "PMET": {"score": 86.2, "efficacy": 99.5, "paraphrase": 92.8, "neighborhood": 71.4, "fluency": 620.0, "consistency": 40.6},
-    "PMET w/o δ_a": {"score": 85.0, "efficacy": 98.9, "paraphrase": 89.0, "neighborhood": 71.6, "fluency": 621.2, "consistency": 40.0},
-    "PMET + W_O^MHSA": {"score": 84.9, "efficacy": 99.5, "paraphrase": 93.5, "neighborhood": 68.6, "fluency": 619.0, "consistency": 40.5},
-    "PMET even spread": {"score": 83.3, "efficacy": 96.7, "paraphrase": 78.4, "neighborhood": 77.3, "fluency": 621.8, "consistency": 37.4},
-}
 METRICS = ["score", "efficacy", "paraphrase", "neighborhood"]
 
 

@@ -4,7 +4,7 @@ Each subcommand is a thin layer over the library (imported lazily, so ``--help``
 ``similarity`` -> :func:`pmet_lens.analysis.similarity.component_similarity` (PMET Fig. 2),
 ``trace`` -> :func:`pmet_lens.analysis.tracing.trace` / ``average_traces`` (causal tracing),
 ``edit`` -> :func:`pmet_lens.editing.edit` (writes a delta file),
-``evaluate`` -> :func:`pmet_lens.evaluation.evaluate.evaluate_counterfact` / ``evaluate_zsre`` (optionally with a
+``evaluate`` -> :func:`pmet_lens.evaluation.counterfact.evaluate_counterfact` / ``evaluate_zsre`` (optionally with a
 delta file applied). Bad input (missing file, malformed JSON record, unknown method or preset, a delta
 file made for another model) ends with ``error: ...`` on stderr and exit status 2.
 """
@@ -174,7 +174,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- evaluate
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pmet_lens.data import load_counterfact, load_zsre
-    from pmet_lens.evaluation.evaluate import evaluate_counterfact, evaluate_zsre, format_table
+    from pmet_lens.evaluation import evaluate_counterfact, evaluate_zsre, format_table
 
     records_path = _existing_file(args.records, "records file")
     delta_path = _existing_file(args.delta, "delta file")
