@@ -203,7 +203,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             per_record, summary = evaluate_counterfact(model, records, generation=not args.no_generation,
                                                        gen_every=args.gen_every, seed=args.seed, progress=True)
         else:
-            per_record, summary = evaluate_zsre(model, records, progress=True)
+            per_record, summary = evaluate_zsre(model, records, metric=args.zsre_metric, progress=True)
     finally:
         if result is not None:
             result.restore()
@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
     p.add_argument("--no-generation", action="store_true", help="skip fluency / consistency (fast)")
     p.add_argument("--gen-every", type=int, default=1, help="generation metrics on every k-th record")
+    p.add_argument("--zsre-metric", choices=["teacher_forced", "official"], default="teacher_forced",
+                   help="zsRE: teacher-forced token accuracy, or the papers' official procedure (docs/zsre-metrics.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="per-record CSV (default: print)")
     p.add_argument("--summary", help="also write the summary as JSON here")

@@ -16,13 +16,16 @@ from pmet_lens.evaluation.tables import (
     format_table,
     harmonic_mean,
 )
-from pmet_lens.evaluation.zsre import evaluate_zsre
+from pmet_lens.evaluation.zsre import ZSRE_METRICS, ZSRE_TESTS, ZsreMetric, evaluate_zsre
 
 __all__ = [
     "PAPER_TABLE1_GPTJ",
     "PAPER_TABLE2_GPTJ",
     "PAPER_TABLE3_10K",
     "PROBABILITY_METRICS",
+    "ZSRE_METRICS",
+    "ZSRE_TESTS",
+    "ZsreMetric",
     "evaluate_counterfact",
     "evaluate_zsre",
     "format_table",

@@ -58,17 +58,23 @@ def harmonic_mean(values: Sequence[float]) -> float:
 def format_table(summaries: Mapping[str, Mapping[str, Any]], columns: Sequence[str] | None = None) -> pd.DataFrame:
     """A papers-style table: one row per editor, cells ``"99.5 (0.1)"`` (x100; fluency x100 too).
 
-    ``columns`` default: the probability metrics, score and whichever generation metrics exist.
+    ``columns`` default: the probability metrics, score and whichever generation metrics exist, after
+    a ``metric`` column when the summaries name their metric (zsRE). Text values are printed as they are.
     """
     if columns is None:
         first = next(iter(summaries.values()))
         columns = ["score", *PROBABILITY_METRICS] if "neighborhood" in first else ["score", "efficacy", "paraphrase", "specificity"]
         columns += [c for c in ("fluency", "consistency", "consistency_proxy") if c in first]
+        if any("metric" in s for s in summaries.values()):
+            columns = ["metric", *columns]
     table = {}
     for editor, s in summaries.items():
         cells = {}
         for c in columns:
             value = s.get(c, float("nan"))
+            if isinstance(value, str):
+                cells[c] = value
+                continue
             half = s.get(f"{c}_ci95")
             cells[c] = f"{100 * value:.1f}" + (f" ({100 * half:.1f})" if half is not None and np.isfinite(half) else "")
         table[editor] = cells
