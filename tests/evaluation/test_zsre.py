@@ -49,7 +49,8 @@ def _check_official(model, records, per_record):
             assert row[test] == pytest.approx(np.mean([c for c, _ in ref]), abs=1e-12), (r.case_id, test)
             rows = official_rows(model, prompt, answer)
             got = score_next_tokens(model, [c for c, _ in rows], [e for _, e in rows], batch_size=3)
-            np.testing.assert_allclose(got.mean_logprob.numpy(), [lp for _, lp in ref], atol=1e-4)
+            # float32 logits from other batch shapes: equal to ~1e-4 relative on the real model
+            np.testing.assert_allclose(got.mean_logprob.numpy(), [lp for _, lp in ref], rtol=1e-4, atol=1e-4)
             assert [bool(c) for c in got.token_correct] == [c for c, _ in ref], (r.case_id, test)
 
 
