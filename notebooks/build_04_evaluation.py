@@ -22,7 +22,7 @@ cells = [
     code("import logging, time\n"
          "import pandas as pd\n"
          "import pmet_lens\n"
-         "from pmet_lens.evaluation.evaluate import evaluate_counterfact, evaluate_zsre, format_table\n"
+         "from pmet_lens.evaluation import evaluate_counterfact, evaluate_zsre, format_table\n"
          "from pmet_lens.data.splits import split_facts\n"
          "logging.getLogger('pmet_lens').setLevel(logging.ERROR)\n"
          "t_start = time.time()\n"

@@ -40,8 +40,8 @@ _EXPORTS: dict[str, str] = {
     "PMETHyperParams": "pmet_lens.editing",
     "MEMITHyperParams": "pmet_lens.editing",
     # evaluation and dashboards
-    "evaluate_counterfact": "pmet_lens.evaluation.evaluate",
-    "evaluate_zsre": "pmet_lens.evaluation.evaluate",
+    "evaluate_counterfact": "pmet_lens.evaluation.counterfact",
+    "evaluate_zsre": "pmet_lens.evaluation.zsre",
     "dashboard": "pmet_lens.viz.dashboard",
 }
 

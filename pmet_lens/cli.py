@@ -4,7 +4,7 @@ Each subcommand is a thin layer over the library (imported lazily, so ``--help``
 ``similarity`` -> :func:`pmet_lens.analysis.similarity.component_similarity` (PMET Fig. 2),
 ``trace`` -> :func:`pmet_lens.analysis.tracing.trace` / ``average_traces`` (causal tracing),
 ``edit`` -> :func:`pmet_lens.editing.edit` (writes a delta file),
-``evaluate`` -> :func:`pmet_lens.evaluation.evaluate.evaluate_counterfact` / ``evaluate_zsre`` (optionally with a
+``evaluate`` -> :func:`pmet_lens.evaluation.counterfact.evaluate_counterfact` / ``evaluate_zsre`` (optionally with a
 delta file applied). Every input (files, records, preset names, hyper-parameters) is checked before
 the model is loaded; bad input ends with ``error: ...`` on stderr and exit status 2.
 """
@@ -192,7 +192,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- evaluate
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pmet_lens.data import load_counterfact, load_zsre
-    from pmet_lens.evaluation.evaluate import evaluate_counterfact, evaluate_zsre, format_table
+    from pmet_lens.evaluation import evaluate_counterfact, evaluate_zsre, format_table
 
     records_path = _existing_file(args.records, "records file")
     delta_path = _existing_file(args.delta, "delta file")
@@ -221,7 +221,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             per_record, summary = evaluate_counterfact(model, records, generation=not args.no_generation,
                                                        gen_every=args.gen_every, seed=args.seed, progress=True)
         else:
-            per_record, summary = evaluate_zsre(model, records, progress=True)
+            per_record, summary = evaluate_zsre(model, records, metric=args.zsre_metric, progress=True)
     finally:
         if result is not None:
             result.restore()
@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
     p.add_argument("--no-generation", action="store_true", help="skip fluency / consistency (fast)")
     p.add_argument("--gen-every", type=int, default=1, help="generation metrics on every k-th record")
+    p.add_argument("--zsre-metric", choices=["teacher_forced", "official"], default="teacher_forced",
+                   help="zsRE: teacher-forced token accuracy, or the papers' official procedure (docs/zsre-metrics.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="per-record CSV (default: print)")
     p.add_argument("--summary", help="also write the summary as JSON here")

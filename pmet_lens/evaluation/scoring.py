@@ -8,8 +8,10 @@ the zsRE top-1 test asks, per target token, whether ``argmax`` of those logits e
 
 All pairs run in a few right-padded forwards (sorted by length, so little padding is wasted), and
 pairs with the same teacher-forced token sequence share one row: CounterFact asks for P(o*) and P(o^c)
-after the same prompt, and where both objects are single tokens that is one forward instead of
-two. Only the scored positions are projected on the vocabulary: the blocks run with
+after the same prompt, and where both objects are single tokens that is one forward instead of two.
+:func:`score_next_tokens` scores one token after each of many contexts that need not extend each
+other (the official zsRE procedure), reading a context that is a prefix of another from the longer
+one's forward. Only the scored positions are projected on the vocabulary: the blocks run with
 ``stop_at_layer=n_layers``; the final norm and unembedding are applied to the gathered rows. Hooks a
 caller has added to the model (an edit previewed as hooks) fire as usual.
 """
@@ -30,7 +32,7 @@ from pmet_lens.core.tokens import encode, pad, target_ids
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ContinuationScores", "score_continuations", "score_token_ids"]
+__all__ = ["ContinuationScores", "score_continuations", "score_next_tokens", "score_token_ids"]
 
 
 @dataclass(frozen=True)
@@ -121,17 +123,7 @@ def score_token_ids(
     for i, (p, t) in enumerate(zip(prompt_ids, target_token_ids)):
         rows_of.setdefault(tuple(p) + tuple(t[:-1]), []).append(i)
     seqs, pairs_of = list(rows_of), list(rows_of.values())
-    order = sorted(range(len(seqs)), key=lambda u: -len(seqs[u]))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for u in order:
-        width = len(seqs[current[0]]) if current else len(seqs[u])
-        if current and (len(current) >= batch_size or (len(current) + 1) * width > max_tokens):
-            batches.append(current)
-            current = []
-        current.append(u)
-    if current:
-        batches.append(current)
+    batches = _plan_batches([len(q) for q in seqs], batch_size, max_tokens)
 
     mean_lp: list[torch.Tensor | None] = [None] * n
     correct: list[torch.Tensor | None] = [None] * n
@@ -162,6 +154,89 @@ def score_token_ids(
                 correct[i] = top1[offset : offset + length].cpu()
                 offset += length
     return ContinuationScores(mean_logprob=torch.stack(mean_lp), token_correct=list(correct))  # type: ignore[arg-type]
+
+
+def score_next_tokens(
+    model: HookedTransformer,
+    contexts: Sequence[Sequence[int]],
+    next_ids: Sequence[int],
+    *,
+    batch_size: int = 64,
+    max_tokens: int = 4096,
+    progress: bool = False,
+) -> ContinuationScores:
+    """Score one token after each context: ``log P(next_ids[i] | contexts[i])`` and whether it is top-1.
+
+    Each context is read at its own last position, so a context need not extend another's tokens
+    (the official zsRE procedure re-tokenises every prefix). A context that is a token prefix of a
+    longer one is read from the longer one's forward at its last position (with causal attention the
+    logits there depend on the tokens up to it only): the contexts of an answer whose prefixes
+    re-tokenise stably cost one row. Returned ``token_correct`` entries have one element each.
+
+    Raises:
+        ValueError: if the lists differ in length or a context is empty.
+    """
+    n = len(contexts)
+    if n != len(next_ids):
+        raise ValueError(f"got {n} contexts but {len(next_ids)} next tokens")
+    if n == 0:
+        return ContinuationScores(mean_logprob=torch.zeros(0), token_correct=[])
+    if any(len(c) == 0 for c in contexts):
+        raise ValueError("every context needs at least one token")
+    unique = sorted({tuple(c) for c in contexts}, key=len, reverse=True)
+    read_at: dict[tuple[int, ...], tuple[int, int]] = {}  # context -> (row, position) that computes it
+    seqs: list[tuple[int, ...]] = []
+    for c in unique:
+        if c in read_at:  # a prefix of a longer row
+            continue
+        for end in range(len(c), 0, -1):
+            read_at.setdefault(c[:end], (len(seqs), end - 1))
+        seqs.append(c)
+    items_of: dict[int, list[int]] = {}  # row -> the items read from it
+    for i, c in enumerate(contexts):
+        items_of.setdefault(read_at[tuple(c)][0], []).append(i)
+
+    logp_of = torch.empty(n)
+    correct_of = torch.empty(n, dtype=torch.bool)
+    with torch.no_grad():
+        for rows in tqdm(_plan_batches([len(q) for q in seqs], batch_size, max_tokens),
+                         desc="scoring", disable=not progress, leave=False):
+            batch = pad(model, [list(seqs[u]) for u in rows])
+            resid = model(batch.tokens, stop_at_layer=model.cfg.n_layers)  # [b, pos, d_model]
+            where: dict[tuple[int, int], int] = {}  # (batch row, position) -> index into the read-out
+            slots, labels, owners = [], [], []
+            for r, u in enumerate(rows):
+                for i in items_of.get(u, []):
+                    slots.append(where.setdefault((r, read_at[tuple(contexts[i])][1]), len(where)))
+                    labels.append(int(next_ids[i]))
+                    owners.append(i)
+            if not owners:
+                continue
+            device = resid.device
+            row_idx, pos_idx = (torch.tensor(c, device=device) for c in zip(*where))
+            logits = _unembed(model, resid[row_idx, pos_idx]).float()  # [unique positions, vocab]
+            slot_t, label_t = torch.tensor(slots, device=device), torch.tensor(labels, device=device)
+            owner_t = torch.tensor(owners)
+            logp_of[owner_t] = logits.log_softmax(-1)[slot_t, label_t].cpu()
+            correct_of[owner_t] = (logits.argmax(-1)[slot_t] == label_t).cpu()
+    return ContinuationScores(mean_logprob=logp_of, token_correct=[correct_of[i : i + 1] for i in range(n)])
+
+
+def _plan_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Rows grouped into forwards, longest first: at most ``batch_size`` rows and about
+    ``max_tokens`` tokens (rows x the widest row) per forward."""
+    order = sorted(range(len(lengths)), key=lambda u: -lengths[u])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for u in order:
+        width = lengths[current[0]] if current else lengths[u]
+        if current and (len(current) >= batch_size or (len(current) + 1) * width > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(u)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _unembed(model: HookedTransformer, resid: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "n d_vocab"]:

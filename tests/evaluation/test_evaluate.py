@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pmet_lens.evaluation.consistency import ProxyReference
-from pmet_lens.data import DataError, Fact, load_counterfact, load_zsre
-from pmet_lens.evaluation.evaluate import evaluate_counterfact, evaluate_zsre, format_table, harmonic_mean, mean_ci95
 from pmet_lens.core.generation import sample_texts
+from pmet_lens.data import DataError, Fact, load_counterfact, load_zsre
+from pmet_lens.evaluation import evaluate_counterfact, evaluate_zsre, format_table, harmonic_mean, mean_ci95
+from pmet_lens.evaluation.consistency import ProxyReference
 from pmet_lens.evaluation.textmetrics import Tfidf, ngram_entropy
 
 

@@ -63,3 +63,37 @@ def test_ablation_switches_name_every_ablation_and_reject_others(capsys):
     with pytest.raises(SystemExit):
         eb.main(["--ablations", "even_spread,bogus"])  # refused before the model is loaded
     assert "unknown ablation(s) ['bogus']" in capsys.readouterr().err
+
+
+def _zsre_summary(metric: str, value: float) -> dict:
+    from pmet_lens.evaluation import ZSRE_TESTS
+
+    return {"metric": metric, "n_records": 2, "score": value, **{t: value for t in ZSRE_TESTS},
+            **{f"{t}_ci95": 0.01 for t in ZSRE_TESTS}}
+
+
+def test_zsre_tables_use_the_official_metric_and_label_both(tmp_path):
+    """Table 2 beside the papers is scored with the official metric; the teacher-forced table is
+    written too; every row and file names its metric; --resume recomputes unlabelled zsRE results."""
+    import json
+
+    import pandas as pd
+
+    eb = load_analysis("edit_benchmark")
+    zsre = {"MEMIT": {"official": _zsre_summary("official", 0.5), "teacher_forced": _zsre_summary("teacher_forced", 0.6)}}
+    t2 = eb.zsre_vs_paper(zsre)
+    ours = t2[t2["source"].str.contains("this run")]
+    assert list(ours["metric"]) == ["official"] and ours["efficacy"].iloc[0] == "50.0 (1.0)"
+    assert (t2["source"] == "GPT-J 6B (paper)").sum() == 3 and set(t2["metric"]) == {"official"}
+    tf = eb.zsre_vs_paper(zsre, "teacher_forced")
+    assert list(tf["metric"]) == ["teacher_forced"] and tf["efficacy"].iloc[0] == "60.0 (1.0)"  # no paper rows
+
+    meta = {"n_cases": 1, "gen_every": 0, "hparams": {}}
+    cf = {"MEMIT": {"score": 0.5, "efficacy": 0.5, "paraphrase": 0.5, "neighborhood": 0.5}}
+    eb.save_progress(tmp_path, meta, cf, {"MEMIT": pd.DataFrame({"case_id": [0]})}, [], [], zsre)
+    for metric, name in eb.ZSRE_TABLE_FILES.items():
+        assert set(pd.read_csv(tmp_path / name, index_col=0)["metric"]) == {metric}
+    path = tmp_path / "edit_benchmark_zsre_summaries.json"
+    path.write_text(json.dumps({**zsre, "PMET": _zsre_summary("teacher_forced", 0.4)}))  # an older run's flat summary
+    *_, kept = eb.load_previous(tmp_path, meta)
+    assert set(kept) == {"MEMIT"} and kept["MEMIT"]["official"]["efficacy"] == 0.5

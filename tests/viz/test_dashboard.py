@@ -7,7 +7,7 @@ import torch
 
 from pmet_lens.viz.dashboard import dashboard
 from pmet_lens.data import Fact, load_counterfact
-from pmet_lens.evaluation.evaluate import evaluate_counterfact
+from pmet_lens.evaluation import evaluate_counterfact
 from pmet_lens.editing import EditResult
 
 import pytest

@@ -1,4 +1,4 @@
-"""CounterFact and zsRE evaluation of an (edited) model, as MEMIT Appendix C / PMET Appendix B define it.
+"""CounterFact evaluation of an (edited) model, as MEMIT Appendix C / PMET Appendix B define it.
 
 CounterFact (per record, then averaged over records; tables print x100):
 
@@ -18,12 +18,8 @@ CounterFact (per record, then averaged over records; tables print x100):
 P(o) of a multi-token object is ``exp`` of its mean token log-probability (ROME/MEMIT compare mean
 token NLLs; a tie is a failure, as in ROME's strict ``>``).
 
-zsRE (MEMIT Appendix C.1, ROME ``compute_rewrite_quality_zsre``): teacher-forced top-1 accuracy of
-each answer token, averaged over the answer's tokens, then over records: Efficacy on ``src`` with
-the new answer, Paraphrase on ``rephrase``, Specificity on ``loc + "?"`` with ``loc_ans``.
-
 Confidence intervals are the normal approximation mean ± 1.96·s/√n over records (the papers'
-"95% confidence interval").
+"95% confidence interval", :func:`pmet_lens.core.stats.mean_ci95`).
 """
 
 from __future__ import annotations
@@ -36,46 +32,17 @@ import numpy as np
 import pandas as pd
 from transformer_lens import HookedTransformer
 
-from pmet_lens.evaluation.consistency import ConsistencyReference, ProxyReference, RomeReference
-from pmet_lens.data import DataError, Fact, ZsreRecord, as_facts
 from pmet_lens.core.generation import sample_texts
+from pmet_lens.data import DataError, Fact, as_facts
+from pmet_lens.evaluation.consistency import ConsistencyReference, ProxyReference, RomeReference
 from pmet_lens.core.stats import mean_ci95
 from pmet_lens.evaluation.scoring import score_continuations
+from pmet_lens.evaluation.tables import PROBABILITY_METRICS, harmonic_mean
 from pmet_lens.evaluation.textmetrics import ngram_entropy
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "PAPER_TABLE1_GPTJ", "PAPER_TABLE2_GPTJ", "evaluate_counterfact", "evaluate_zsre", "format_table",
-    "harmonic_mean", "mean_ci95",
-]
-
-PROBABILITY_METRICS = ("efficacy", "paraphrase", "neighborhood")
-
-PAPER_TABLE1_GPTJ: dict[str, dict[str, float]] = {
-    # PMET Table 1 (10,000 CounterFact edits on GPT-J 6B), x100 as printed.
-    "GPT-J": {"score": 22.4, "efficacy": 15.2, "paraphrase": 17.7, "neighborhood": 83.5, "fluency": 622.4, "consistency": 29.4},
-    "MEMIT": {"score": 85.8, "efficacy": 98.9, "paraphrase": 88.6, "neighborhood": 73.7, "fluency": 619.9, "consistency": 40.1},
-    "PMET": {"score": 86.2, "efficacy": 99.5, "paraphrase": 92.8, "neighborhood": 71.4, "fluency": 620.0, "consistency": 40.6},
-}
-"""The papers' GPT-J numbers (PMET Table 1) for side-by-side tables."""
-
-PAPER_TABLE2_GPTJ: dict[str, dict[str, float]] = {
-    # PMET Table 2 (10,000 zsRE edits on GPT-J 6B).
-    "GPT-J": {"efficacy": 26.4, "paraphrase": 25.8, "specificity": 27.0},
-    "MEMIT": {"efficacy": 96.7, "paraphrase": 89.7, "specificity": 26.6},
-    "PMET": {"efficacy": 96.9, "paraphrase": 90.6, "specificity": 26.7},
-}
-"""The papers' GPT-J zsRE numbers (PMET Table 2)."""
-
-
-def harmonic_mean(values: Sequence[float]) -> float:
-    """Harmonic mean (0 if any value is 0, NaN if any is NaN): the papers' Score."""
-    if any(not np.isfinite(v) for v in values):
-        return float("nan")
-    if any(v <= 0 for v in values):
-        return 0.0
-    return float(len(values) / sum(1.0 / v for v in values))
+__all__ = ["evaluate_counterfact"]
 
 
 def _consistency_reference(
@@ -217,59 +184,3 @@ def evaluate_counterfact(
         summary["gen_every"] = gen_every
         summary["consistency_kind"] = reference.name
     return per_record, summary
-
-
-def evaluate_zsre(
-    model: HookedTransformer,
-    records: Sequence[ZsreRecord],
-    *,
-    batch_size: int = 64,
-    progress: bool = True,
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """zsRE top-1 token accuracy on src / rephrase / loc (MEMIT Appendix C.1); see the module docstring.
-
-    Returns:
-        ``(per_record, summary)``: columns ``case_id, efficacy, paraphrase, specificity`` (each the
-        fraction of the answer's tokens predicted top-1, teacher-forced); summary means with
-        ``*_ci95``, ``score`` (harmonic mean) and ``n_records``.
-    """
-    records = list(records)
-    if not records:
-        raise ValueError("no records to evaluate")
-    for i, r in enumerate(records):
-        if not isinstance(r, ZsreRecord):
-            raise DataError(f"zsRE record #{i}: expected a ZsreRecord (pmet_lens.load_zsre), got {type(r).__name__}")
-    prompts, targets = [], []
-    for r in records:
-        prompts += [r.src, r.rephrase, r.loc + "?"]
-        targets += [r.target_new, r.target_new, r.loc_ans]
-    acc = score_continuations(model, prompts, targets, batch_size=batch_size, progress=progress).token_accuracy.numpy()
-    per_record = pd.DataFrame({
-        "case_id": [r.case_id for r in records],
-        "efficacy": acc[0::3], "paraphrase": acc[1::3], "specificity": acc[2::3],
-    })
-    summary: dict[str, Any] = {"n_records": len(records)}
-    for name in ("efficacy", "paraphrase", "specificity"):
-        summary[name], summary[f"{name}_ci95"] = mean_ci95(per_record[name])
-    summary["score"] = harmonic_mean([summary[m] for m in ("efficacy", "paraphrase", "specificity")])
-    return per_record, summary
-
-
-def format_table(summaries: Mapping[str, Mapping[str, Any]], columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """A papers-style table: one row per editor, cells ``"99.5 (0.1)"`` (x100; fluency x100 too).
-
-    ``columns`` default: the probability metrics, score and whichever generation metrics exist.
-    """
-    if columns is None:
-        first = next(iter(summaries.values()))
-        columns = ["score", *PROBABILITY_METRICS] if "neighborhood" in first else ["score", "efficacy", "paraphrase", "specificity"]
-        columns += [c for c in ("fluency", "consistency", "consistency_proxy") if c in first]
-    table = {}
-    for editor, s in summaries.items():
-        cells = {}
-        for c in columns:
-            value = s.get(c, float("nan"))
-            half = s.get(f"{c}_ci95")
-            cells[c] = f"{100 * value:.1f}" + (f" ({100 * half:.1f})" if half is not None and np.isfinite(half) else "")
-        table[editor] = cells
-    return pd.DataFrame.from_dict(table, orient="index")[list(columns)]
