@@ -87,7 +87,7 @@ def baseline_targets(model, fact, hp, prefixes) -> Targets:
             top = top and bool((lp[j, pos].argmax(-1) == torch.tensor(tgt)).all())
         nll = nll / len(tpos)
         kl_lp = lp[-1, looks[-1]]
-        kl = (kl_init.exp() * (kl_init - kl_lp)).sum()
+        kl = (kl_lp.exp() * (kl_lp - kl_init)).sum()  # KL(P_edited ‖ P_init), the official direction
         wd = sum(hp.weight_decay * deltas[s].norm() / init[h].norm() ** 2 for s, h in hooks.items())
         loss = phi * nll + hp.kl_factor * kl + wd
         if loss.item() < hp.loss_stop:

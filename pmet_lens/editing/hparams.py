@@ -49,7 +49,7 @@ class EditHyperParams:
         steps: number of optimisation steps of the target vectors (``v_num_grad_steps``).
         lr: Adam learning rate of the target vectors (``v_lr``).
         weight_decay: wd, weight of the norm penalty |δ|/|initial output|² (``v_weight_decay``).
-        kl_factor: μ, weight of the KL term on "{s} is a" (PMET eq. 9, ``kl_factor``).
+        kl_factor: μ, weight of the KL term KL(P_edited ‖ P_init) on "{s} is a" (PMET eq. 9, ``kl_factor``).
         nll_factor: φ, weight of the NLL term (PMET eq. 9; 1 initially).
         clamp_norm_factor: c, after each step |δ| ≤ c · |initial output| (``clamp_norm_factor``).
         loss_stop: early stop of a fact once its loss is below this (official code: 5e-2).

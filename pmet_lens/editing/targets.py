@@ -17,7 +17,9 @@ Savings over a full forward per step, exact by construction:
 
 Loss per fact (PMET eq. 9, MEMIT eq. 16, with the official code's weights):
     φ_i · mean_j [Σ_t −log P(o*_t | pref_j ⊕ p(s_i) ⊕ o*_<t)] / |o*|
-  + μ · KL(P_orig ‖ P_edited)  at the KL prompt's lookup position
+  + μ · KL(P_edited ‖ P_init)  at the KL prompt's lookup position (the official
+    ``kl_div(kl_distr_init, kl_log_probs, log_target=True)``: ``F.kl_div(input, target)`` is
+    KL(target ‖ input), here target = the edited distribution)
   + wd · Σ_sites |δ| / |initial output|²   (norm over squared norm, as the official code)
 Stopping: loss < ``loss_stop``; PMET also: on a step where every target token is the top
 prediction in every prompt, φ_i is 0.1·``nll_factor`` (else ``nll_factor``, so it comes back if o*
@@ -381,6 +383,7 @@ def _optimise_chunk(model: HookedTransformer, requests: PreparedRequests, hparam
 
 
 def _kl_term(edited: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
-    """KL(P_init ‖ P_edited) = Σ_v P_init(v) (log P_init(v) − log P_edited(v)) per row, from the
-    ``[facts, vocab]`` log-probabilities at the KL prompt."""
-    return (init.exp() * (init - edited)).sum(-1)
+    """KL(P_edited ‖ P_init) = Σ_v P_edited(v) (log P_edited(v) − log P_init(v)) per row, from the
+    ``[facts, vocab]`` log-probabilities at the KL prompt (PMET eq. 9's KL term in the direction of the
+    official code, whose ``F.kl_div(log P_init, log P_edited, log_target=True)`` is this)."""
+    return (edited.exp() * (edited - init)).sum(-1)

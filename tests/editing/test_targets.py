@@ -79,3 +79,21 @@ def test_compiled_blocks_give_the_eager_targets(tiny_model, cls):
     for site in eager.delta:
         torch.testing.assert_close(compiled.init[site], eager.init[site])
         torch.testing.assert_close(compiled.delta[site], eager.delta[site], rtol=1e-3, atol=1e-4)
+
+
+def test_kl_term_is_kl_of_the_edited_from_the_initial_distribution():
+    """The KL term is KL(P_edited ‖ P_init), the official ``F.kl_div(log P_init, log P_edited, log_target=True)``
+    (``F.kl_div(input, target)`` is KL(target ‖ input)), on a pair worked out by hand."""
+    import math
+
+    from pmet_lens.editing.targets import _kl_term
+
+    edited = torch.tensor([[0.9, 0.1]]).log()
+    init = torch.tensor([[0.5, 0.5]]).log()
+    by_hand = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)   # 0.3681
+    other_way = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # 0.5108
+    assert _kl_term(edited, init).item() == pytest.approx(by_hand, rel=1e-6)
+    assert abs(by_hand - other_way) > 0.1
+    official = torch.nn.functional.kl_div(init, edited, log_target=True, reduction="sum")
+    assert _kl_term(edited, init).item() == pytest.approx(official.item(), rel=1e-6)
+    assert _kl_term(init, init).item() == 0.0
