@@ -1,7 +1,9 @@
 """Keys of edit requests: the input k^l of an edited weight at the subject's last token.
 
-The key of fact i at layer l is the mean of the weight's input over the context-prefixed prompts
-pref_j ⊕ p(s_i) at the lookup position (MEMIT eq. 14's k_i, official ``compute_ks``; PMET eq. 10).
+The key of fact i at layer l is the weight's input at the lookup position averaged over the
+context-prefixed prompts pref_j ⊕ p(s_i) (MEMIT eq. 14's k_i; PMET eq. 10) as the official
+``compute_ks`` averages it: the mean within each group of templates (the bare prompt; the prefixed
+prompts), then the mean over the groups, so the bare prompt carries half the weight.
 :func:`request_keys` is the one place that computes it: the weight update and any statistic over
 the edited keys (e.g. K_p K_pᵀ of earlier batches) read keys from it.
 """
@@ -49,7 +51,7 @@ class LayerReading:
 
     Attributes:
         keys: site -> ``[facts, d_k]`` keys (W_O's flattened over the heads), averaged over the
-            context templates by :func:`prefix_mean`.
+            context templates by :func:`prefix_mean` (group-weighted).
         outputs: hook name -> ``[facts, d]`` activation at the bare prompt's lookup position.
     """
 
@@ -59,9 +61,12 @@ class LayerReading:
 
 def prefix_mean(per_row: torch.Tensor, requests: PreparedRequests) -> torch.Tensor:
     """``[facts · templates, d]`` row values (fact-major, as :meth:`PreparedRequests.rows`) -> ``[facts, d]``:
-    the plain mean over each fact's context templates."""
+    per fact, the mean over the groups (:attr:`PreparedRequests.template_groups`) of the mean within
+    each group. With prefixes the bare prompt's weight is 1/2 and each prefixed prompt's 1/(2·#prefixes)."""
     n, p = len(requests), len(requests.templates)
-    return per_row.reshape(n, p, -1).mean(1)  # [facts, templates, d] -> [facts, d]
+    x = per_row.reshape(n, p, -1)                                         # [facts, templates, d]
+    groups = [x[:, list(g)].mean(1) for g in requests.template_groups]    # each [facts, d]
+    return torch.stack(groups).mean(0)                                    # [groups, facts, d] -> [facts, d]
 
 
 def request_keys(

@@ -85,6 +85,13 @@ class PreparedRequests:
                                 target_ids=pick(self.target_ids), kl_ids=pick(self.kl_ids),
                                 kl_lookup=pick(self.kl_lookup))
 
+    @property
+    def template_groups(self) -> tuple[tuple[int, ...], ...]:
+        """Indices of the context templates per group: the bare prompt alone, then every prefixed
+        template (the official ``[["{}"], [prefixed ...]]``); only the first without prefixes."""
+        rest = tuple(range(1, len(self.templates)))
+        return ((0,), rest) if rest else ((0,),)
+
     def suffix_length(self, i: int) -> int:
         """Positions from the lookup on of fact ``i``'s bare prompt ⊕ o*[:-1]: what a step of the target
         optimisation recomputes for that row."""

@@ -12,9 +12,10 @@ from pmet_lens.editing import prepare_requests, request_keys
 from pmet_lens.editing.site import edit_site
 
 
-def test_keys_are_the_prefix_mean_of_each_prompts_key(tiny_model):
-    """k_i = mean over the context templates of the weight input at the subject's last token, each
-    prompt run alone (right padding changes nothing); W_O keys are flattened over the heads."""
+def test_keys_are_the_group_mean_of_each_prompts_key(tiny_model):
+    """k_i = ½ (weight input at the subject's last token of the bare prompt) + ½ (mean of it over the
+    prefixed prompts), each prompt run alone (right padding changes nothing); W_O keys are flattened
+    over the heads."""
     prefixes = ("Once upon a time", "I think")
     requests = prepare_requests(tiny_model, as_facts([FACT, FACT2]), prefixes)
     arch = architecture(tiny_model)
@@ -34,4 +35,23 @@ def test_keys_are_the_prefix_mean_of_each_prompts_key(tiny_model):
                 torch.testing.assert_close(reading.outputs[arch.mlp_out_hook(2)][i],
                                            cache[arch.mlp_out_hook(2)][0, requests.lookup[i][0]], rtol=1e-5, atol=1e-5)
         for site in sites:
-            torch.testing.assert_close(reading.keys[site][i], torch.stack(per_prompt[site]).mean(0), rtol=1e-5, atol=1e-5)
+            k = per_prompt[site]
+            torch.testing.assert_close(reading.keys[site][i], 0.5 * k[0] + 0.5 * torch.stack(k[1:]).mean(0),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_mean_gives_the_bare_prompt_half_the_weight(tiny_model):
+    """Official compute_ks weighting on hand-built keys: groups [bare], [prefixed]; mean within, then over
+    the groups. With 3 prefixes the weights are 1/2, 1/6, 1/6, 1/6; without prefixes the bare key itself."""
+    from pmet_lens.editing.keys import prefix_mean
+
+    facts = as_facts([FACT, FACT2])
+    req = prepare_requests(tiny_model, facts, ("A", "B", "C"))
+    assert req.template_groups == ((0,), (1, 2, 3))
+    per_row = torch.eye(4).repeat(2, 1) * torch.tensor([[1.0]] * 4 + [[2.0]] * 4)  # [facts · templates, 4]
+    torch.testing.assert_close(prefix_mean(per_row, req), torch.tensor([[1 / 2, 1 / 6, 1 / 6, 1 / 6],
+                                                                          [1.0, 1 / 3, 1 / 3, 1 / 3]]))
+    bare = prepare_requests(tiny_model, facts, ())
+    assert bare.template_groups == ((0,),)
+    keys = torch.randn(2, 5)
+    assert torch.equal(prefix_mean(keys, bare), keys)
