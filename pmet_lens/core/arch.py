@@ -166,7 +166,11 @@ class Architecture:
         return self.attn_out_hook(layer) if _check_weight(weight) == "W_O" else self.mlp_out_hook(layer)
 
 
-EDIT_WEIGHTS: tuple[str, ...] = ("W_out", "W_O")
+FFN_OUT_WEIGHT = "W_out"
+"""The FFN output weight W_out ([d_mlp, d_model]), which PMET and MEMIT update."""
+ATTN_OUT_WEIGHT = "W_O"
+"""The MHSA output weight W_O ([n_heads, d_head, d_model]), updated in PMET Table 3's ablation."""
+EDIT_WEIGHTS: tuple[str, ...] = (FFN_OUT_WEIGHT, ATTN_OUT_WEIGHT)
 """The output weights an editor updates: the FFN's W_out and the MHSA's W_O."""
 
 

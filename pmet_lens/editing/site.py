@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from transformer_lens import HookedTransformer
 
-from pmet_lens.core.arch import Architecture, architecture
+from pmet_lens.core.arch import ATTN_OUT_WEIGHT, FFN_OUT_WEIGHT, Architecture, architecture
 
 __all__ = ["EditSite", "TARGET_WEIGHT", "edit_site", "site_of_param"]
 
-TARGET_WEIGHT: dict[str, str] = {"mlp_out": "W_out", "resid_post": "W_out", "attn_out": "W_O"}
+TARGET_WEIGHT: dict[str, str] = {"mlp_out": FFN_OUT_WEIGHT, "resid_post": FFN_OUT_WEIGHT, "attn_out": ATTN_OUT_WEIGHT}
 """Which output weight the target of a δ site feeds: PMET's v^m = m^L + δ_m and MEMIT's
 z = h^L + δ update the FFN's W_out; PMET's v^a = a^L + δ_a updates the MHSA's W_O (Table 3)."""
 

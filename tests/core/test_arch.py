@@ -22,9 +22,6 @@ from pmet_lens.core.arch import (
 
 PACKAGE = Path(__file__).resolve().parents[2] / "pmet_lens"
 ARCH_FILE = PACKAGE / "core" / "arch.py"
-# Sub-packages whose literals are being moved into Architecture elsewhere; the set is emptied
-# when that work lands, and the scan then covers them too.
-PENDING = {"editing"}
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["sequential", "parallel"])
@@ -211,13 +208,7 @@ def test_only_arch_names_hooks_and_parameters():
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE)
-        if path == ARCH_FILE or rel.parts[0] in PENDING:
+        if path == ARCH_FILE:
             continue
         offenders += [f"pmet_lens/{rel}:{line}: {text!r}" for line, text in name_literals(path.read_text(encoding="utf-8"))]
     assert not offenders, "hook / parameter names belong in core/arch.py (Architecture):\n" + "\n".join(offenders)
-
-
-def test_pending_packages_exist():
-    """Every excluded name is a real sub-package (a typo would silently widen the exclusion)."""
-    for name in PENDING:
-        assert (PACKAGE / name / "__init__.py").is_file(), name
