@@ -47,10 +47,16 @@ import torch
 
 from pmet_lens import load_model, load_zsre
 from pmet_lens.data import as_facts
+from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, EditResult, edit, preset
 from pmet_lens.editing.hparams import PMETHyperParams, hparams_from_dict
-from pmet_lens.evaluation.evaluate import PAPER_TABLE1_GPTJ, PAPER_TABLE2_GPTJ, evaluate_counterfact, evaluate_zsre, format_table
-from pmet_lens.data.splits import split_facts
+from pmet_lens.evaluation.evaluate import (
+    PAPER_TABLE1_GPTJ,
+    PAPER_TABLE2_GPTJ,
+    evaluate_counterfact,
+    evaluate_zsre,
+    format_table,
+)
 
 logger = logging.getLogger("edit_benchmark")
 

@@ -40,15 +40,15 @@ import argparse
 from typing import Callable
 
 import torch
+from target_realisation import site_states  # sibling script in analyses/
 
 from pmet_lens import load_model
 from pmet_lens.core.arch import architecture
+from pmet_lens.core.tokens import encode, pad, subject_last_position, target_ids
 from pmet_lens.data import load_counterfact
 from pmet_lens.editing import CovarianceStore, edit, preset
 from pmet_lens.editing.targets import site_hook
 from pmet_lens.evaluation.scoring import score_continuations
-from pmet_lens.core.tokens import encode, pad, subject_last_position, target_ids
-from target_realisation import site_states  # sibling script in analyses/
 
 
 def new_and_true(model, text: str, fact, fwd_hooks=()) -> tuple[float, float]:

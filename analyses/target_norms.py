@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 
 from pmet_lens import load_model
+from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import context_prefixes, preset
 from pmet_lens.editing.targets import optimise_targets
-from pmet_lens.data.splits import split_facts
 
 
 def main() -> None:

@@ -23,10 +23,10 @@ import torch
 
 from pmet_lens import load_model, load_zsre
 from pmet_lens.core.arch import architecture
+from pmet_lens.core.tokens import encode, subject_last_position
+from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, edit, preset
 from pmet_lens.editing.targets import site_hook
-from pmet_lens.data.splits import split_facts
-from pmet_lens.core.tokens import encode, subject_last_position
 
 
 def site_states(model, facts, hooks: dict[str, str]) -> dict[str, torch.Tensor]:

@@ -35,10 +35,10 @@ import numpy as np
 import pandas as pd
 
 from pmet_lens import load_model
+from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, edit, preset
 from pmet_lens.editing.hparams import _presets_dir
 from pmet_lens.evaluation.evaluate import evaluate_counterfact
-from pmet_lens.data.splits import split_facts
 
 logger = logging.getLogger("tune_editing")
 

@@ -22,13 +22,14 @@ import time
 import torch
 
 from pmet_lens import load_model
+from pmet_lens.core.arch import architecture
+from pmet_lens.core.tokens import encode, pad, subject_last_position, target_ids
+from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, context_prefixes, edit, preset
 from pmet_lens.editing.context import context_templates
 from pmet_lens.editing.targets import Targets, settings_for, site_hook
-from pmet_lens.core.arch import architecture
 from pmet_lens.evaluation.scoring import score_continuations
-from pmet_lens.data.splits import split_facts
-from pmet_lens.core.tokens import encode, pad, subject_last_position, target_ids
+
 from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)
 
 
@@ -155,7 +156,6 @@ def main() -> None:
 
     if not args.skip_baseline:
         from pmet_lens.editing.update import compute_and_apply_updates
-        from pmet_lens.editing import EditResult
 
         t0 = time.perf_counter()
         targets = []
