@@ -62,7 +62,7 @@ format_table({'SmolLM2 (unedited, 4 cases)': s_before, 'PMET (1 edit, its case)'
 # same content is written as a self-contained HTML report.
 
 # %%
-board = pmet_lens.viz.dashboard(model, facts[0], result, batch={'unedited': before, 'PMET': after},
+board = pmet_lens.dashboard(model, facts[0], result, batch={'unedited': before, 'PMET': after},
                             html_path='dashboard_case.html')
 board.show()
 
