@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 
 from pmet_lens import load_known_facts, load_model
-from pmet_lens.analysis.layers import write_critical_layers
-from pmet_lens.viz.tracing import average_heatmap, save_average_png, save_severed_png, severed_plot
 from pmet_lens.analysis.averaged import average_traces
-from pmet_lens.analysis.layers import critical_layers
+from pmet_lens.analysis.layers import critical_layers, write_critical_layers
+from pmet_lens.viz.tracing import average_heatmap, save_average_png, save_severed_png, severed_plot
 
 
 def main() -> None:

@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from pmet_lens import load_known_facts, load_model
-    from pmet_lens.viz.similarity import similarity_figure, similarity_png
     from pmet_lens.analysis.similarity import component_similarity
+    from pmet_lens.viz.similarity import similarity_figure, similarity_png
 
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")

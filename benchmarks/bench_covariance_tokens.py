@@ -15,10 +15,10 @@ import argparse
 import torch
 
 from pmet_lens import load_model
+from pmet_lens.core.tokens import encode, pad, subject_last_position
+from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, preset
 from pmet_lens.editing.update import solve_update
-from pmet_lens.data.splits import split_facts
-from pmet_lens.core.tokens import encode, pad, subject_last_position
 
 
 def main() -> None:

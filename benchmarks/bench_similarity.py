@@ -17,13 +17,14 @@ import resource
 import time
 
 import torch
+
 from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)
 
 
 def naive(model, prompts, k=50):
     """One run_with_cache per prompt, then the same cosine / top-k Jaccard maths."""
-    from pmet_lens.core.arch import architecture
     from pmet_lens.analysis.similarity import topk_jaccard
+    from pmet_lens.core.arch import architecture
 
     arch = architecture(model)
     out = []

