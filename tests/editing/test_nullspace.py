@@ -120,3 +120,21 @@ def test_store_caches_on_disk_and_rebuilds_corrupt_files(tmp_path):
     other = store.get("blocks-1-mlp-hook_post_mabc", cov, 1e-2)  # another τ: another entry
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
     assert other.threshold == 1e-2
+
+
+def test_alphaedit_hparams_validated_and_round_trip():
+    from pmet_lens.editing.hparams import (AlphaEditHyperParams, MEMITHyperParams, PMETHyperParams,
+                                           hparams_from_dict, preset)
+
+    hp = AlphaEditHyperParams(nullspace_threshold=1e-3, l2=5.0)
+    assert hp.method == "alphaedit" and hp.nullspace and hp.spread == "even"
+    assert hparams_from_dict(hp.to_dict()) == hp
+    assert hparams_from_dict(PMETHyperParams(nullspace=True).to_dict()).nullspace
+    for bad in ({"nullspace_threshold": -1.0}, {"l2": 0.0}, {"nullspace": False}):
+        with pytest.raises((ValueError, TypeError)):
+            AlphaEditHyperParams(**bad)
+    with pytest.raises(TypeError, match="nullspace"):
+        PMETHyperParams(nullspace=1)
+    a, m = preset("SmolLM2-135M-Instruct", "alphaedit"), preset("SmolLM2-135M-Instruct", "memit")
+    assert isinstance(a, AlphaEditHyperParams) and a.target_settings() | {"method": "memit"} == m.target_settings()
+    assert isinstance(m, MEMITHyperParams) and not m.nullspace
