@@ -98,17 +98,23 @@ def batch_keys(model: HookedTransformer, facts: Sequence[Fact], hparams: EditHyp
 
 
 def run_batch(model: HookedTransformer, facts: Sequence[Fact], hparams: EditHyperParams,
-              covs: dict[str, torch.Tensor], solve: Solve | None, *, progress: bool = False) -> EditResult:
-    """One mass edit of ``facts`` into ``model`` (applied) with the given covariances and solve.
+              covs: dict[str, torch.Tensor], solve: Solve | None, *, progress: bool = False,
+              targets: dict[str, torch.Tensor] | None = None) -> EditResult:
+    """One mass edit of ``facts`` into ``model`` (applied) with the given covariances and solve;
+    ``targets`` (site -> [facts, d_model]) skips the target optimisation.
 
     On an exception the weights are written back to their values before the call.
     """
     settings = settings_for(hparams)
     prefixes_ = hparams.context_prefixes or ()
     model_hash, _ = weights_hashes(model, [])
-    optimised = optimise_targets(model, facts, hparams, prefixes_, progress=progress)
-    values = {s: optimised.value(s).detach() for s in settings.delta_sites}
-    stats = {"steps": optimised.steps.tolist(), "loss": optimised.loss.tolist(), "prob": optimised.prob.tolist()}
+    if targets is None:
+        optimised = optimise_targets(model, facts, hparams, prefixes_, progress=progress)
+        values = {s: optimised.value(s).detach() for s in settings.delta_sites}
+        stats: dict[str, Any] = {"steps": optimised.steps.tolist(), "loss": optimised.loss.tolist(),
+                                 "prob": optimised.prob.tolist()}
+    else:
+        values, stats = dict(targets), {"targets": "given"}
     arch = architecture(model)
     layers = hparams.layers
     L = max(layers)

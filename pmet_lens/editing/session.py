@@ -148,12 +148,16 @@ class EditSession:
         return len(self.history)
 
     # ------------------------------------------------------------------ edit
-    def edit(self, facts: Sequence[Any], *, overwrite: bool = False) -> EditResult:
+    def edit(self, facts: Sequence[Any], *, overwrite: bool = False,
+             targets: dict[str, torch.Tensor] | None = None) -> EditResult:
         """Edit one batch into the model and return its :class:`EditResult` (applied).
 
         Args:
             facts: the batch's requests (as :func:`~pmet_lens.editing.edit` accepts).
             overwrite: allow requests with the subject and prompt of an earlier batch's request.
+            targets: precomputed target vectors (site -> [facts, d_model], ``EditResult.targets``);
+                they depend on the model they were optimised on, so targets from the unedited model
+                reused here are an approximation (used by the hyper-parameter search only).
 
         Raises:
             DataError: a request repeats or contradicts one of an earlier batch (same subject and
@@ -169,7 +173,8 @@ class EditSession:
         solve = self._solver() if self.hparams.nullspace else None
         start = time.perf_counter()
         try:
-            result = engine.run_batch(self.model, facts, self.hparams, self.covs, solve, progress=self.progress)
+            result = engine.run_batch(self.model, facts, self.hparams, self.covs, solve, progress=self.progress,
+                                      targets=targets)
             keys = engine.batch_keys(self.model, facts, self.hparams, sorted(self.projections)) \
                 if self.hparams.nullspace else {}
             record = BatchRecord(facts=list(facts), deltas={k: v.detach().clone() for k, v in result.deltas.items()},
