@@ -9,7 +9,7 @@ AlphaEdit's projected solve (:func:`pmet_lens.editing.nullspace.projected_solve`
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from transformer_lens import HookedTransformer
@@ -21,14 +21,26 @@ from pmet_lens.editing.context import context_prefixes, context_templates
 from pmet_lens.editing.covariance import CovarianceStore
 from pmet_lens.editing.hparams import EditHyperParams
 from pmet_lens.editing.identity import weights_hashes
+from pmet_lens.editing.nullspace import Projection, projected_solve
 from pmet_lens.editing.result import EditResult
 from pmet_lens.editing.targets import optimise_targets, settings_for, site_hook
 from pmet_lens.editing.update import get_param, key_hook, param_name, solve_update, spread
 from pmet_lens.editing.validate import validate_requests
 
-__all__ = ["Solve", "batch_keys", "covariances", "edited_params", "prefixes", "run_batch", "validate"]
+__all__ = ["Solve", "batch_keys", "covariances", "edited_params", "prefixes", "projected_solver", "run_batch", "validate"]
 
 Solve = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def projected_solver(projections: Mapping[str, Projection], l2: float,
+                     prev: Mapping[str, torch.Tensor] | None = None) -> Solve:
+    """AlphaEdit's update as a per-layer solve: :func:`~pmet_lens.editing.nullspace.projected_solve`
+    with the key hook's P and KpKp (C is unused: the projection replaces MEMIT's λC term)."""
+
+    def solve(hook: str, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        return projected_solve(keys, resid, projections[hook].P, l2, None if prev is None else prev.get(hook))
+
+    return solve
 
 
 def prefixes(model: HookedTransformer, hparams: EditHyperParams) -> tuple[str, ...]:

@@ -41,7 +41,7 @@ from pmet_lens.data import DataError, Fact, as_facts
 from pmet_lens.editing.covariance import CovarianceStore
 from pmet_lens.editing.hparams import EditHyperParams, hparams_from_dict, preset
 from pmet_lens.editing.identity import weights_hash
-from pmet_lens.editing.nullspace import NullspaceStore, Projection, projected_solve
+from pmet_lens.editing.nullspace import NullspaceStore, Projection
 from pmet_lens.editing.result import EditResult
 
 logger = logging.getLogger(__name__)
@@ -206,12 +206,9 @@ class EditSession:
 
     def _solver(self) -> Callable[..., torch.Tensor]:
         """The per-layer projected solve with this session's P and KpKp (AlphaEdit eq. 12)."""
-        projections, prev, l2 = self.projections, self.prev, self.hparams.l2
+        from pmet_lens.editing import engine
 
-        def solve(hook: str, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-            return projected_solve(keys, resid, projections[hook].P, l2, prev.get(hook))
-
-        return solve
+        return engine.projected_solver(self.projections, self.hparams.l2, self.prev)
 
     def _accumulate(self, record: BatchRecord) -> None:
         for hook, K in record.keys.items():
