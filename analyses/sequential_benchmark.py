@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zsre-batch", type=int, default=50, help="zsRE records per batch")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--gen-every", type=int, default=10, help="generation metrics on every k-th edited case")
+    parser.add_argument("--no-generation", action="store_true", help="skip Fluency / consistency (smoke runs)")
     parser.add_argument("--ppl-tokens", type=int, default=8192, help="WikiText-2 test tokens for the perplexity")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unedited model's rows")
     parser.add_argument("--resume", action="store_true", help="continue saved sessions and keep finished tables")
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         if summaries["baseline_perplexity"] is None:
             summaries["baseline_perplexity"] = perplexity(model, ppl_sample)
         if "cf" in datasets and "unedited" not in summaries["cf"]:
-            summaries["cf"]["unedited"] = evaluate_counterfact(model, datasets["cf"][1], gen_every=args.gen_every,
+            summaries["cf"]["unedited"] = evaluate_counterfact(model, datasets["cf"][1], not args.no_generation,
+                                                               gen_every=args.gen_every,
                                                                progress=not args.quiet)[1]
         if "zsre" in datasets and "unedited" not in summaries["zsre"]:
             summaries["zsre"]["unedited"] = evaluate_zsre(model, datasets["zsre"][1], progress=not args.quiet)[1]
@@ -190,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             summaries["null_dims"][method] = session.null_dims
             if method not in summaries[kind]:
                 if kind == "cf":
-                    summary = evaluate_counterfact(model, records, gen_every=args.gen_every, progress=not args.quiet)[1]
+                    summary = evaluate_counterfact(model, records, not args.no_generation, gen_every=args.gen_every,
+                                                  progress=not args.quiet)[1]
                 else:
                     summary = evaluate_zsre(model, records, progress=not args.quiet)[1]
                 summary["edit_seconds"] = float(sum(c["seconds"] for c in curves))
