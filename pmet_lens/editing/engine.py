@@ -35,10 +35,11 @@ Solve = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def projected_solver(projections: Mapping[str, Projection], l2: float,
                      prev: Mapping[str, torch.Tensor] | None = None) -> Solve:
     """AlphaEdit's update as a per-layer solve: :func:`~pmet_lens.editing.nullspace.projected_solve`
-    with the key hook's P and KpKp (C is unused: the projection replaces MEMIT's λC term)."""
+    with the key hook's P and ``prev[hook]`` = P·KpKp (C is unused: the projection replaces MEMIT's λC term)."""
 
     def solve(hook: str, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-        return projected_solve(keys, resid, projections[hook].P, l2, None if prev is None else prev.get(hook))
+        return projected_solve(keys, resid, projections[hook].P, l2,
+                               projected_prev=None if prev is None else prev.get(hook))
 
     return solve
 

@@ -48,7 +48,7 @@ from pmet_lens.editing.validate import EditError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Projection", "NullspaceStore", "nullspace_projection", "projected_solve"]
+__all__ = ["Projection", "NullspaceStore", "nullspace_projection", "project_keys_gram", "projected_solve"]
 
 _FORMAT = 1
 
@@ -102,6 +102,8 @@ def projected_solve(
     P: Float[torch.Tensor, "d_k d_k"],
     l2: float,
     prev: Float[torch.Tensor, "d_k d_k"] | None = None,
+    *,
+    projected_prev: Float[torch.Tensor, "d_k d_k"] | None = None,
 ) -> Float[torch.Tensor, "d_k d_out"]:
     """X solving ``(P (K1ᵀK1 + KpKp) + α I) X = P K1ᵀ R`` in float64 (AlphaEdit eq. 12 transposed).
 
@@ -111,6 +113,10 @@ def projected_solve(
         P: the projector (:func:`nullspace_projection`).
         l2: α, the ridge weight (official "L2": 10).
         prev: KpKp = Σ k kᵀ over earlier batches' keys, or ``None`` (none yet).
+        projected_prev: ``P · KpKp`` instead of ``prev`` (a session accumulates it batch by batch
+            as ``P Kᵀ K``, so no ``d_k³`` product is needed per batch); at most one of the two.
+
+    ``P K1ᵀ`` is formed first, so the batch costs ``O(d_k² u)`` besides the ``d_k × d_k`` solve.
 
     Returns:
         ΔW in float64 (``torch.linalg.solve``; no explicit inverse). P = 0 gives exactly 0.
@@ -120,20 +126,31 @@ def projected_solve(
     """
     if not (math.isfinite(l2) and l2 > 0):
         raise ValueError(f"α (l2) must be a finite number > 0, got {l2!r}")
+    if prev is not None and projected_prev is not None:
+        raise ValueError("pass prev (KpKp) or projected_prev (P·KpKp), not both")
     K = keys.to(torch.float64)
     R = resid.to(torch.float64)
     P64 = P.to(device=K.device, dtype=torch.float64)
-    gram = K.T @ K  # [d_k, d_k] = K1 K1ᵀ in the paper's column orientation
+    PKt = P64 @ K.T  # [d_k, u]
+    A = PKt @ K  # [d_k, d_k] = P K1 K1ᵀ in the paper's column orientation
     if prev is not None:
-        gram = gram + prev.to(device=K.device, dtype=torch.float64)
-    A = P64 @ gram + l2 * torch.eye(K.shape[1], dtype=torch.float64, device=K.device)
-    rhs = P64 @ (K.T @ R)  # [d_k, d_out]
+        A = A + P64 @ prev.to(device=K.device, dtype=torch.float64)
+    elif projected_prev is not None:
+        A = A + projected_prev.to(device=K.device, dtype=torch.float64)
+    A = A + l2 * torch.eye(K.shape[1], dtype=torch.float64, device=K.device)
+    rhs = PKt @ R  # [d_k, d_out]
     if not (torch.isfinite(A).all() and torch.isfinite(rhs).all()):
         raise EditError("non-finite keys, residuals or statistics in the projected update")
     delta = torch.linalg.solve(A, rhs)
     if not torch.isfinite(delta).all():
         raise EditError("the projected solve produced NaN/inf")
     return delta
+
+
+def project_keys_gram(P: Float[torch.Tensor, "d_k d_k"], keys: Float[torch.Tensor, "u d_k"]) -> Float[torch.Tensor, "d_k d_k"]:
+    """``P Kᵀ K`` in float64: one batch's contribution to ``P · KpKp`` (``O(d_k² u)``)."""
+    K = keys.to(torch.float64)
+    return (P.to(device=K.device, dtype=torch.float64) @ K.T) @ K  # [d_k, u] @ [u, d_k]
 
 
 class NullspaceStore:

@@ -10,14 +10,16 @@ weight (key hook),
   cached by a :class:`~pmet_lens.editing.nullspace.NullspaceStore`), and
 * ``KpKp = Σ_batches Kᵀ K``, each batch's keys recomputed on the model *after* that batch has been
   written to every layer (AlphaEdit's official ``cache_c``), so that the next batch's update
-  (P (K1ᵀK1 + KpKp) + αI) X = P K1ᵀ R (eq. 12 transposed) is discouraged from moving them.
+  (P (K1ᵀK1 + KpKp) + αI) X = P K1ᵀ R (eq. 12 transposed) is discouraged from moving them. KpKp
+  enters the update only as ``P · KpKp``, which is what :attr:`EditSession.prev` accumulates
+  (``P Kᵀ K`` per batch, ``O(d_k² u)``), so no ``d_k³`` product is paid per batch.
 
 C itself is also taken from the unedited model once (the official code caches it by model name),
 not re-estimated on the edited weights. The context prefixes are sampled once, on the unedited
 model, and reused for every batch (as the official code's template cache).
 
 State kept: the original values of the edited weights (once), each batch's ΔW and its recomputed
-keys (``[u, d_k]`` per key hook, small), and the running ``KpKp`` and ``P`` once per key hook (not
+keys (``[u, d_k]`` per key hook, small), and the running ``P · KpKp`` and ``P`` once per key hook (not
 per batch). Undo writes the originals back and replays the kept batches' ΔW additions in order,
 which reproduces each intermediate state bit for bit; ``KpKp`` is replayed from the kept keys in
 the same order, also bit for bit. ``save`` / ``load`` write and read that state (safetensors +
@@ -41,7 +43,7 @@ from pmet_lens.data import DataError, Fact, as_facts
 from pmet_lens.editing.covariance import CovarianceStore
 from pmet_lens.editing.hparams import EditHyperParams, hparams_from_dict, preset
 from pmet_lens.editing.identity import weights_hash
-from pmet_lens.editing.nullspace import NullspaceStore, Projection
+from pmet_lens.editing.nullspace import NullspaceStore, Projection, project_keys_gram
 from pmet_lens.editing.result import EditResult
 
 logger = logging.getLogger(__name__)
@@ -211,8 +213,9 @@ class EditSession:
         return engine.projected_solver(self.projections, self.hparams.l2, self.prev)
 
     def _accumulate(self, record: BatchRecord) -> None:
+        """Add a batch's ``P Kᵀ K`` to ``prev`` (P·KpKp per key hook)."""
         for hook, K in record.keys.items():
-            gram = K.T @ K  # [d_k, d_k] float64
+            gram = project_keys_gram(self.projections[hook].P, K)  # [d_k, d_k] float64
             self.prev[hook] = gram if hook not in self.prev else self.prev[hook] + gram
 
     def _metrics(self, record: BatchRecord, seconds: float) -> dict[str, Any]:

@@ -138,3 +138,21 @@ def test_alphaedit_hparams_validated_and_round_trip():
     a, m = preset("SmolLM2-135M-Instruct", "alphaedit"), preset("SmolLM2-135M-Instruct", "memit")
     assert isinstance(a, AlphaEditHyperParams) and a.target_settings() | {"method": "memit"} == m.target_settings()
     assert isinstance(m, MEMITHyperParams) and not m.nullspace
+
+
+def test_projected_prev_equals_prev():
+    """A session's running P·KpKp (sums of P Kᵀ K) gives the update of the plain KpKp form."""
+    from pmet_lens.editing.nullspace import project_keys_gram
+
+    cov, _ = _low_rank_cov()
+    proj = nullspace_projection(cov, threshold=1e-3)
+    g = torch.Generator().manual_seed(4)
+    k1, k2 = (torch.randn(5, 24, generator=g, dtype=torch.float64) for _ in range(2))
+    keys = torch.randn(4, 24, generator=g, dtype=torch.float64)
+    resid = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    plain = projected_solve(keys, resid, proj.P, 1.0, prev=k1.T @ k1 + k2.T @ k2)
+    running = projected_solve(keys, resid, proj.P, 1.0,
+                              projected_prev=project_keys_gram(proj.P, k1) + project_keys_gram(proj.P, k2))
+    torch.testing.assert_close(plain, running, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="not both"):
+        projected_solve(keys, resid, proj.P, 1.0, prev=k1.T @ k1, projected_prev=k1.T @ k1)
