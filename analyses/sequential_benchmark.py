@@ -234,9 +234,11 @@ def write_outputs(out: Path, summaries: dict[str, Any], curves: pd.DataFrame, ef
 def markdown_tables(summaries: dict[str, Any]) -> str:
     """The CounterFact and zsRE tables (x100, fluency x100 as the papers print it) beside AlphaEdit's."""
     meta = summaries["meta"]
+    zsre = (f"{meta['zsre']} zsRE records in batches of {meta['zsre_batch']}" if meta["zsre"] else "no zsRE")
+    has_gen = any("fluency" in v for v in summaries["cf"].values())
+    gen = f"generation metrics on every {meta['gen_every']}th case" if has_gen else "no generation metrics"
     lines = [f"SmolLM2-135M-Instruct: {meta['cases']} CounterFact report cases in batches of {meta['batch']}, "
-             f"{meta['zsre']} zsRE records in batches of {meta['zsre_batch']}; generation metrics on every "
-             f"{meta['gen_every']}th case. AlphaEdit Table 1: 2,000 edits in batches of 100.", ""]
+             f"{zsre}; {gen}. AlphaEdit Table 1: 2,000 edits in batches of 100.", ""]
     lines += ["| model / method | Eff. | Gen. | Spe. | Flu. | Consis. (proxy here) |", "|---|---|---|---|---|---|"]
 
     def cell(s: dict[str, Any], key: str, scale: float = 100.0) -> str:
