@@ -23,8 +23,7 @@ import torch
 from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)
 from pmet_lens import load_model
 from pmet_lens.data.splits import split_facts
-from pmet_lens.editing import CovarianceStore, preset
-from pmet_lens.editing import engine
+from pmet_lens.editing import CovarianceStore, engine, preset
 from pmet_lens.editing.nullspace import NullspaceStore, nullspace_projection
 from pmet_lens.editing.session import EditSession
 from pmet_lens.editing.targets import optimise_targets, settings_for
