@@ -152,7 +152,10 @@ class EditSession:
     # ------------------------------------------------------------------ edit
     def edit(self, facts: Sequence[Any], *, overwrite: bool = False,
              targets: dict[str, torch.Tensor] | None = None) -> EditResult:
-        """Edit one batch into the model and return its :class:`EditResult` (applied).
+        """Edit one batch into the model and return its :class:`EditResult`: a record of the batch
+        (deltas, targets, optimisation stats). The deltas stay written; undo goes through the
+        session (:meth:`undo`), so the result does not hold originals (``result.applied`` is False
+        and its ``restore()`` does nothing).
 
         Args:
             facts: the batch's requests (as :func:`~pmet_lens.editing.edit` accepts).
