@@ -40,15 +40,14 @@ import argparse
 from typing import Callable
 
 import torch
+from target_realisation import site_states  # sibling script in analyses/
 
 from pmet_lens import load_model
 from pmet_lens.core.arch import architecture
+from pmet_lens.core.tokens import encode, pad, subject_last_position, target_ids
 from pmet_lens.data import load_counterfact
 from pmet_lens.editing import CovarianceStore, edit, preset
-from pmet_lens.editing.targets import site_hook
 from pmet_lens.evaluation.scoring import score_continuations
-from pmet_lens.core.tokens import encode, pad, subject_last_position, target_ids
-from target_realisation import site_states  # sibling script in analyses/
 
 
 def new_and_true(model, text: str, fact, fwd_hooks=()) -> tuple[float, float]:
@@ -136,7 +135,7 @@ def main() -> None:
             hp = hp.with_(prefixes_per_start=args.prefixes_per_start)
         L = max(hp.layers)
         result = edit(model, [fact], hparams=hp, cov_store=store, apply=False)
-        hooks = {site: site_hook(arch, site, L) for site in result.targets}
+        hooks = {site: arch.delta_hook(site, L) for site in result.targets}
         with torch.no_grad():
             initial = site_states(model, [fact], hooks)
         deltas = {s: result.targets[s][0].float() - initial[s][0] for s in hooks}

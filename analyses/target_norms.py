@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 
 from pmet_lens import load_model
-from pmet_lens.editing import context_prefixes, preset
-from pmet_lens.editing.targets import optimise_targets
 from pmet_lens.data.splits import split_facts
+from pmet_lens.editing import context_prefixes, preset
+from pmet_lens.editing.prepared import prepare_requests
+from pmet_lens.editing.targets import optimise_targets
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
     print(f"{name}, first {len(facts)} tune-split facts")
     for method in args.methods.split(","):
         hp = preset(name, method)
-        targets = optimise_targets(model, facts, hp, context_prefixes(model, hp))
+        targets = optimise_targets(model, prepare_requests(model, facts, context_prefixes(model, hp)), hp)
         print(f"\n{method}: layer L = {max(hp.layers)}, clamp c = {hp.clamp_norm_factor}, steps = {hp.steps}")
         for site, delta in targets.delta.items():
             init_norm = targets.init[site].norm(dim=-1)

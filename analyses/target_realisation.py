@@ -23,10 +23,9 @@ import torch
 
 from pmet_lens import load_model, load_zsre
 from pmet_lens.core.arch import architecture
-from pmet_lens.editing import CovarianceStore, edit, preset
-from pmet_lens.editing.targets import site_hook
-from pmet_lens.data.splits import split_facts
 from pmet_lens.core.tokens import encode, subject_last_position
+from pmet_lens.data.splits import split_facts
+from pmet_lens.editing import CovarianceStore, edit, preset
 
 
 def site_states(model, facts, hooks: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -57,7 +56,7 @@ def main() -> None:
         for method in args.methods.split(","):
             hp = preset(name, method)
             result = edit(model, facts, hparams=hp, cov_store=store, apply=False)
-            hooks = {site: site_hook(arch, site, max(hp.layers)) for site in result.targets}
+            hooks = {site: arch.delta_hook(site, max(hp.layers)) for site in result.targets}
             with torch.no_grad():
                 before = site_states(model, facts, hooks)
                 with result:

@@ -35,10 +35,10 @@ import numpy as np
 import pandas as pd
 
 from pmet_lens import load_model
-from pmet_lens.editing import CovarianceStore, edit, preset
-from pmet_lens.editing.hparams import _presets_dir
-from pmet_lens.evaluation.evaluate import evaluate_counterfact
 from pmet_lens.data.splits import split_facts
+from pmet_lens.editing import CovarianceStore, edit, preset
+from pmet_lens.editing.hparams import shipped_presets_dir
+from pmet_lens.evaluation.evaluate import evaluate_counterfact
 
 logger = logging.getLogger("tune_editing")
 
@@ -132,7 +132,7 @@ def main() -> None:
         logger.info("best %s: c=%g steps=%d lr=%g λ=%g (score %.3f on %d tune facts)", m, row["clamp"], row["steps"],
                     row["lr"], row["lam"], row["score"], row["n_facts"])
     if args.write:
-        path = _presets_dir() / "editing.json"
+        path = shipped_presets_dir() / "editing.json"
         table = json.loads(path.read_text())
         for m, row in best.items():
             table["SmolLM2-135M-Instruct"][m].update({attr: cast(row[col]) for col, attr, cast in TUNED})

@@ -34,7 +34,9 @@ from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, preset
 from pmet_lens.editing.nullspace import NullspaceStore
 from pmet_lens.editing.session import EditSession
-from pmet_lens.editing.targets import optimise_targets, settings_for
+from pmet_lens.editing.hparams import settings_for
+from pmet_lens.editing.prepared import prepare_requests
+from pmet_lens.editing.targets import optimise_targets
 from pmet_lens.evaluation.evaluate import evaluate_counterfact
 from pmet_lens.evaluation.perplexity import perplexity, wikitext_sample
 
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = settings_for(base)
     start = time.perf_counter()
-    optimised = optimise_targets(model, facts, base.with_(context_prefixes=prefixes), prefixes, progress=True)
+    optimised = optimise_targets(model, prepare_requests(model, facts, prefixes), base.with_(context_prefixes=prefixes),
+                                 progress=True)
     target_seconds = time.perf_counter() - start
     values = {s: optimised.value(s).detach() for s in settings.kept_sites}
     rows = []

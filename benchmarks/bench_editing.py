@@ -18,18 +18,25 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from functools import partial
 
 import torch
+from machine import (
+    machine_line,  # benchmarks/machine.py (the script's folder is on sys.path)
+)
 
 from pmet_lens import load_model
+from pmet_lens.core.arch import architecture
+from pmet_lens.core.tokens import encode, pad, subject_last_position, target_ids
+from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, context_prefixes, edit, preset
 from pmet_lens.editing.context import context_templates
-from pmet_lens.editing.targets import Targets, settings_for, site_hook
-from pmet_lens.core.arch import architecture
+from pmet_lens.editing.hparams import settings_for
+from pmet_lens.editing.prepared import prepare_requests
+from pmet_lens.editing.site import TARGET_WEIGHT, edit_site
+from pmet_lens.editing.targets import Targets
+from pmet_lens.editing.update import compute_and_apply_updates, least_squares_solve
 from pmet_lens.evaluation.scoring import score_continuations
-from pmet_lens.data.splits import split_facts
-from pmet_lens.core.tokens import encode, pad, subject_last_position, target_ids
-from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)
 
 
 def baseline_targets(model, fact, hp, prefixes) -> Targets:
@@ -49,7 +56,7 @@ def baseline_targets(model, fact, hp, prefixes) -> Targets:
     seqs.append(encode(model, f"{fact.subject} is a"))
     batch = pad(model, seqs)
     rows = torch.arange(len(seqs))
-    hooks = {s: site_hook(arch, s, L) for s in settings.delta_sites}
+    hooks = {s: arch.delta_hook(s, L) for s in settings.delta_sites}
     init = {}
 
     def cap(act, hook):
@@ -80,7 +87,7 @@ def baseline_targets(model, fact, hp, prefixes) -> Targets:
             top = top and bool((lp[j, pos].argmax(-1) == torch.tensor(tgt)).all())
         nll = nll / len(tpos)
         kl_lp = lp[-1, looks[-1]]
-        kl = (kl_init.exp() * (kl_init - kl_lp)).sum()
+        kl = (kl_lp.exp() * (kl_lp - kl_init)).sum()  # KL(P_edited ‖ P_init), the official direction
         wd = sum(hp.weight_decay * deltas[s].norm() / init[h].norm() ** 2 for s, h in hooks.items())
         loss = phi * nll + hp.kl_factor * kl + wd
         if loss.item() < hp.loss_stop:
@@ -140,9 +147,9 @@ def main() -> None:
     hp = preset("SmolLM2-135M-Instruct", args.method)
     store = CovarianceStore(progress=False)
     t0 = time.perf_counter()
-    from pmet_lens.editing.update import key_hook
-
-    store.get(model, [key_hook(model, s, l) for l in hp.layers for s in settings_for(hp).kept_sites],
+    arch = architecture(model)
+    key_hooks = [edit_site(arch, TARGET_WEIGHT[s], l).key_hook for l in hp.layers for s in settings_for(hp).kept_sites]
+    store.get(model, key_hooks,
               hp.cov_tokens, hp.cov_dtype, hp.cov_seq_len)
     cov_time = time.perf_counter() - t0
     prefixes = context_prefixes(model, hp)
@@ -154,9 +161,6 @@ def main() -> None:
     results = {}
 
     if not args.skip_baseline:
-        from pmet_lens.editing.update import compute_and_apply_updates
-        from pmet_lens.editing import EditResult
-
         t0 = time.perf_counter()
         targets = []
         for f in facts:
@@ -164,11 +168,11 @@ def main() -> None:
         t_opt = time.perf_counter() - t0
         settings = settings_for(hp)
         tv = {s: torch.cat([t.value(s) for t in targets]) for s in settings.kept_sites}
-        covs = store.get(model, [key_hook(model, s, l) for l in hp.layers for s in settings.kept_sites],
-                         hp.cov_tokens, hp.cov_dtype, hp.cov_seq_len)
+        covs = store.get(model, key_hooks, hp.cov_tokens, hp.cov_dtype, hp.cov_seq_len)
         orig = {}
-        compute_and_apply_updates(model, facts, tv, hp.layers, hp.lam, settings, prefixes, covs,
-                                  lambda n, d: orig.setdefault(n, model.get_parameter(n).detach().clone()))
+        compute_and_apply_updates(model, prepare_requests(model, facts, prefixes), tv, hp.layers, settings.spread, covs,
+                                  solve=partial(least_squares_solve, lam=hp.lam),
+                                  on_write=lambda site, d: orig.setdefault(site.param_name, site.param(model).detach().clone()))
         t_a = time.perf_counter() - t0
         results["a"] = (t_a, success(model, facts))
         with torch.no_grad():

@@ -26,7 +26,9 @@ from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, engine, preset
 from pmet_lens.editing.nullspace import NullspaceStore, nullspace_projection
 from pmet_lens.editing.session import EditSession
-from pmet_lens.editing.targets import optimise_targets, settings_for
+from pmet_lens.editing.hparams import settings_for
+from pmet_lens.editing.prepared import prepare_requests
+from pmet_lens.editing.targets import optimise_targets
 
 
 def nbytes(tensors) -> int:
@@ -56,7 +58,7 @@ def main() -> None:
           "stats MB (P, KpKp) | per-batch MB (ΔW, keys)")
     for b, batch in enumerate(batches, 1):
         t = time.perf_counter()
-        opt = optimise_targets(model, batch, session.hparams, session.prefixes)
+        opt = optimise_targets(model, prepare_requests(model, batch, session.prefixes), session.hparams)
         t_targets = time.perf_counter() - t
         values = {s: opt.value(s).detach() for s in settings.kept_sites}
         # plain solve on the same state, then undo it bit for bit

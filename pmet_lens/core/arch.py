@@ -73,6 +73,22 @@ class Architecture:
         """Residual stream leaving block ``layer`` (h^l)."""
         return f"blocks.{self.check_layer(layer)}.hook_resid_post"
 
+    def attn_k_hook(self, layer: int) -> str:
+        """Attention keys of ``layer`` (``attn.hook_k``, [batch, pos, kv_heads, d_head])."""
+        return f"blocks.{self.check_layer(layer)}.attn.hook_k"
+
+    def attn_v_hook(self, layer: int) -> str:
+        """Attention values of ``layer`` (``attn.hook_v``, [batch, pos, kv_heads, d_head])."""
+        return f"blocks.{self.check_layer(layer)}.attn.hook_v"
+
+    def delta_hook(self, site: str, layer: int) -> str:
+        """Hook where an editor adds its δ at ``layer``: ``site`` is "attn_out" (a^l, PMET's δ_a),
+        "mlp_out" (m^l, PMET's δ_m) or "resid_post" (h^l, MEMIT's δ)."""
+        hooks = {"attn_out": self.attn_out_hook, "mlp_out": self.mlp_out_hook, "resid_post": self.resid_post_hook}
+        if site not in hooks:
+            raise ValueError(f"δ site must be one of {sorted(hooks)}, got {site!r}")
+        return hooks[site](layer)
+
     def ln_normalized_hook(self, layer: int, component: str) -> str:
         """``hook_normalized`` of the norm feeding ``component`` ("mhsa" -> ln1, "ffn" -> ln2).
 
@@ -93,6 +109,50 @@ class Architecture:
         """MHSA output weight W_O^l, TransformerLens shape [n_heads, d_head, d_model]."""
         return model.blocks[self.check_layer(layer)].attn.W_O
 
+    # -- the output weights an editor updates ("W_out" of the FFN, "W_O" of the MHSA) -----------
+    def edit_param(self, model: HookedTransformer, weight: str, layer: int) -> torch.nn.Parameter:
+        """The output weight ``weight`` ("W_out" or "W_O") of block ``layer``."""
+        return self.w_o(model, layer) if _check_weight(weight) == "W_O" else self.w_out(model, layer)
+
+    def edit_param_name(self, weight: str, layer: int) -> str:
+        """TransformerLens parameter name of an output weight: ``blocks.{l}.mlp.W_out`` or
+        ``blocks.{l}.attn.W_O`` (the names in ``model.named_parameters()`` and in saved edit files)."""
+        module = "attn" if _check_weight(weight) == "W_O" else "mlp"
+        return f"blocks.{self.check_layer(layer)}.{module}.{weight}"
+
+    def parse_edit_param_name(self, name: str) -> tuple[str, int]:
+        """``(weight, layer)`` of a name made by :meth:`edit_param_name` (inverse of it).
+
+        Raises:
+            ValueError: when ``name`` is not the name of an FFN or MHSA output weight of this model.
+        """
+        parts = name.split(".") if isinstance(name, str) else []
+        weight = parts[-1] if len(parts) == 4 else ""
+        if weight not in EDIT_WEIGHTS or self.edit_param_name(weight, block_index(name)) != name:
+            raise ValueError(f"{name!r} is not an editable output weight (expected 'blocks.{{l}}.mlp.W_out' "
+                             "or 'blocks.{l}.attn.W_O')")
+        return weight, block_index(name)
+
+    def edit_key_hook(self, weight: str, layer: int) -> str:
+        """Key hook of an output weight: the input of W_out (:meth:`mlp_key_hook`) or of W_O
+        (:meth:`attn_key_hook`)."""
+        return self.attn_key_hook(layer) if _check_weight(weight) == "W_O" else self.mlp_key_hook(layer)
+
+    def edit_out_hook(self, weight: str, layer: int) -> str:
+        """Output hook of an output weight: what W_out (:meth:`mlp_out_hook`) or W_O
+        (:meth:`attn_out_hook`) writes to the residual stream."""
+        return self.attn_out_hook(layer) if _check_weight(weight) == "W_O" else self.mlp_out_hook(layer)
+
+
+EDIT_WEIGHTS: tuple[str, ...] = ("W_out", "W_O")
+"""The output weights an editor updates: the FFN's W_out and the MHSA's W_O."""
+
+
+def _check_weight(weight: str) -> str:
+    if weight not in EDIT_WEIGHTS:
+        raise ValueError(f"weight must be one of {EDIT_WEIGHTS}, got {weight!r}")
+    return weight
+
 
 def _ln_name(component: str) -> str:
     if component == "mhsa":
@@ -112,6 +172,14 @@ def block_index(name: str) -> int:
     if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
         raise ValueError(f"{name!r} is not a block hook or parameter name (expected 'blocks.{{l}}....')")
     return int(parts[1])
+
+
+def feeds_layer(name: str, layer: int) -> bool:
+    """Whether the parameter ``name`` can change the activations of blocks ``0..layer``: the
+    embeddings and the parameters of those blocks (not later blocks, the final norm or the unembedding)."""
+    if name.startswith("blocks."):
+        return block_index(name) <= layer
+    return name.startswith(("embed.", "pos_embed."))
 
 
 def architecture(model: HookedTransformer) -> Architecture:

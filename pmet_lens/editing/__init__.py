@@ -1,43 +1,59 @@
 """PMET and MEMIT editors on TransformerLens hooks: ``edit(model, facts, method="pmet")``.
 
-One pipeline (DESIGN.md section 3): sample context prefixes (:mod:`.context`), optimise the
-targets of all facts in batches (:mod:`.targets`), then for each critical layer compute keys,
-spread the residual and solve the least squares (:mod:`.update`) with covariance statistics
-from a :class:`CovarianceStore`. The result is an :class:`EditResult` value.
+One pipeline: validate and tokenise the requests once (:mod:`.validate`, :mod:`.prepared`) with
+context prefixes sampled from the model (:mod:`.context`), optimise the targets of all facts in
+batches (:mod:`.targets`, PMET eq. 9 / MEMIT eq. 16), then for each critical layer read the keys
+(:mod:`.keys`), spread the residual and solve the least squares (:mod:`.update`, PMET eqs. 10-11 /
+MEMIT eqs. 14-15) with covariance statistics from a :class:`CovarianceStore`, writing to the
+:class:`~pmet_lens.editing.site.EditSite` of each weight. The result is an :class:`EditResult` value.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any, Sequence
 
 import torch
 from transformer_lens import HookedTransformer
 
+from pmet_lens.core.arch import architecture
 from pmet_lens.editing.context import context_prefixes
 from pmet_lens.editing.covariance import CovarianceStore
-from pmet_lens.editing.hparams import EditHyperParams, MEMITHyperParams, PMETHyperParams, preset
+from pmet_lens.editing.hparams import (
+    METHODS,
+    AlphaEditHyperParams,
+    EditHyperParams,
+    MEMITHyperParams,
+    PMETHyperParams,
+    preset,
+    settings_for,
+)
 from pmet_lens.editing.identity import weights_hashes
+from pmet_lens.editing.keys import request_keys
+from pmet_lens.editing.prepared import PreparedRequests, prepare_requests
 from pmet_lens.editing.result import EditResult
-from pmet_lens.editing.targets import optimise_targets, require_compiler, settings_for
-from pmet_lens.editing.update import compute_and_apply_updates, get_param, key_hook
+from pmet_lens.editing.site import TARGET_WEIGHT, EditSite, edit_site
+from pmet_lens.editing.targets import optimise_targets, require_compiler
+from pmet_lens.editing.update import compute_and_apply_updates, least_squares_solve
 from pmet_lens.editing.validate import EditError, validate_requests
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CovarianceStore", "EditError", "EditHyperParams", "EditResult", "MEMITHyperParams",
-    "PMETHyperParams", "context_prefixes", "edit", "preset",
+    "AlphaEditHyperParams", "CovarianceStore", "EditError", "EditHyperParams", "EditResult", "EditSite", "MEMITHyperParams",
+    "PMETHyperParams", "PreparedRequests", "context_prefixes", "edit", "prepare_requests", "preset", "request_keys",
 ]
 
 
 def edit(
     model: HookedTransformer,
     facts: Sequence[Any],
-    method: str = "pmet",
+    method: str | None = None,
     hparams: EditHyperParams | None = None,
     *,
     cov_store: CovarianceStore | None = None,
+    nullspace_store: Any = None,
     apply: bool = True,
     progress: bool = True,
     targets: dict[str, torch.Tensor] | None = None,
@@ -49,9 +65,15 @@ def edit(
         model: any TransformerLens model (sequential or parallel blocks), on any device.
         facts: CounterFact records (dicts with ``requested_rewrite``), :class:`pmet_lens.Fact`s
             or dicts with ``subject``, ``prompt`` (with ``{}``) and ``target_new``.
-        method: "pmet" or "memit" (ignored when ``hparams`` is given; its class decides).
-        hparams: hyper-parameters; default :func:`preset` for ``model.cfg.model_name``.
+        method: "pmet" or "memit"; with ``hparams`` it must name their method (``hparams.method``);
+            neither given: "pmet".
+        hparams: hyper-parameters; default :func:`preset` of ``method`` for ``model.cfg.model_name``.
         cov_store: covariance cache (default: a store under ``default_cache_dir()`` on WikiText-2).
+        nullspace_store: cache of AlphaEdit's projectors P for ``hparams.nullspace``
+            (:class:`~pmet_lens.editing.nullspace.NullspaceStore`; default one under ``default_cache_dir()``).
+            With ``nullspace`` (``method="alphaedit"``, or ``PMETHyperParams(nullspace=True)``) the
+            update is AlphaEdit's projected solve with no earlier batches (KpKp = 0); for sequential
+            batches use :class:`~pmet_lens.editing.session.EditSession`.
         apply: leave the edit written into the weights (otherwise the weights are restored and
             the result can be previewed with :meth:`EditResult.as_hooks` or applied later).
         progress: show progress bars.
@@ -62,37 +84,41 @@ def edit(
             ``hparams.update_only_fields`` (λ, C's corpus settings, the residual spread, which
             weights are updated), so λ sweeps and the spread / W_O ablations can skip the optimisation.
         compile: run the target optimisation's blocks after L through ``torch.compile`` (needs a C++
-            compiler on CPU). Compiling costs about a minute per process on 2 CPU cores and then
-            saves about a quarter of each step, so it pays for mass edits, not for a few facts
-            (``benchmarks/bench_editing.py --compile``). Targets equal the eager ones up to float
-            rounding.
+            compiler on CPU). Compiling is paid once per process and then makes each step cheaper, so
+            it pays for mass edits, not for a few facts (``benchmarks/bench_editing.py --compile``
+            measures both). Targets equal the eager ones up to float rounding.
 
     Returns:
         The :class:`EditResult` (applied if ``apply``).
 
     Raises:
         pmet_lens.DataError / ValueError / EditError: bad input (checked before any weight
-            changes) or NaN/inf during optimisation or solve; in every case the weights are
-            exactly as before the call.
+            changes; a ``method`` that contradicts ``hparams`` is a ValueError) or NaN/inf during
+            optimisation or solve; in every case the weights are exactly as before the call.
     """
+    if method is not None and (not isinstance(method, str) or method.lower() not in METHODS):
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     if hparams is None:
-        hparams = preset(str(getattr(model.cfg, "model_name", "")), method)
+        hparams = preset(str(getattr(model.cfg, "model_name", "")), method or "pmet")
     elif not isinstance(hparams, EditHyperParams):
-        raise TypeError(f"hparams must be PMETHyperParams or MEMITHyperParams, got {type(hparams).__name__}")
-    elif method.lower() != hparams.method and method != "pmet":
-        raise ValueError(f"method={method!r} but hparams are {type(hparams).__name__}")
+        raise TypeError(f"hparams must be PMETHyperParams, MEMITHyperParams or AlphaEditHyperParams, got {type(hparams).__name__}")
+    elif method is not None and method.lower() != hparams.method:
+        raise ValueError(f"method={method!r} contradicts hparams={type(hparams).__name__} (method "
+                         f"{hparams.method!r}): pass one of them, or hyper-parameters of that method")
     facts = validate_requests(model, facts, hparams)
     if compile:
         require_compiler(model)  # before the covariance and the optimisation, not after them
+    prefixes = context_prefixes(model, hparams)
+    requests = prepare_requests(model, facts, prefixes)
     settings = settings_for(hparams)
+    arch = architecture(model)
+    sites = [edit_site(arch, TARGET_WEIGHT[s], l) for l in hparams.layers for s in settings.kept_sites]
     store = cov_store if cov_store is not None else CovarianceStore(progress=progress)
     model_hash, layer_hashes = weights_hashes(model, hparams.layers)  # one pass over the weights
-    key_hooks = [key_hook(model, site, l) for l in hparams.layers for site in settings.kept_sites]
-    covs = store.get(model, key_hooks, hparams.cov_tokens, hparams.cov_dtype, hparams.cov_seq_len,
-                     layer_hashes=layer_hashes)
-    prefixes = context_prefixes(model, hparams)
+    covs = store.get(model, [site.key_hook for site in sites], hparams.cov_tokens, hparams.cov_dtype,
+                     hparams.cov_seq_len, layer_hashes=layer_hashes)
     if targets is None:
-        optimised = optimise_targets(model, facts, hparams, prefixes, progress=progress, compile=compile)
+        optimised = optimise_targets(model, requests, hparams, progress=progress, compile=compile)
         logger.info("targets: mean steps %.1f, mean P(o*) %.3f", optimised.steps.float().mean(), optimised.prob.mean())
         values = {s: optimised.value(s).detach() for s in settings.delta_sites}
         stats = {"steps": optimised.steps.tolist(), "loss": optimised.loss.tolist(), "prob": optimised.prob.tolist()}
@@ -101,23 +127,25 @@ def edit(
         stats = {"targets": "given"}
 
     originals: dict[str, torch.Tensor] = {}
+    written: dict[str, EditSite] = {}
 
-    def keep_original(name: str, delta: torch.Tensor) -> None:
-        if name not in originals:
-            originals[name] = get_param(model, name).detach().clone()
+    def keep_original(site: EditSite, delta: torch.Tensor) -> None:
+        if site.param_name not in originals:
+            originals[site.param_name] = site.param(model).detach().clone()
+            written[site.param_name] = site
 
     try:
         deltas = compute_and_apply_updates(
-            model, facts, {s: values[s] for s in settings.kept_sites}, hparams.layers, hparams.lam,
-            settings, prefixes, covs, keep_original)
+            model, requests, {s: values[s] for s in settings.kept_sites}, hparams.layers, settings.spread, covs,
+            solve=_solve_for(model, hparams, sites, covs, store, nullspace_store, layer_hashes), on_write=keep_original)
     except BaseException:
         with torch.no_grad():
             for name, orig in originals.items():
-                get_param(model, name).copy_(orig)
+                written[name].param(model).copy_(orig)
         raise
     result = EditResult(
         model=model, method=hparams.method, deltas=deltas,
-        targets=values, facts=list(facts), hparams=hparams.to_dict(), model_hash=model_hash, prefixes=prefixes,
+        targets=values, facts=list(requests.facts), hparams=hparams.to_dict(), model_hash=model_hash, prefixes=prefixes,
         stats=stats, _originals=originals,
     )
     if not apply:
@@ -140,3 +168,22 @@ def _check_targets(targets: dict[str, torch.Tensor], sites: Sequence[str], n_fac
         if not torch.isfinite(t).all():
             raise EditError(f"targets[{s!r}] contains NaN/inf")
     return {s: t.detach() for s, t in targets.items()}
+
+
+def _solve_for(model: HookedTransformer, hparams: EditHyperParams, sites: Sequence[EditSite],
+               covs: dict[str, torch.Tensor], store: CovarianceStore, nullspace_store: Any,
+               layer_hashes: dict[int, str]):
+    """The per-site solve of ``hparams``: MEMIT's / PMET's least squares with λ, or with
+    ``nullspace`` AlphaEdit's projected solve (AlphaEdit eq. 12) with P from C of the model as it is."""
+    if not hparams.nullspace:
+        return partial(least_squares_solve, lam=hparams.lam)
+    from pmet_lens.editing.engine import projected_site_solve
+    from pmet_lens.editing.nullspace import NullspaceStore
+
+    ns = nullspace_store if nullspace_store is not None else NullspaceStore()
+    projections = {}
+    for site in sites:
+        key = store.cache_key(model, site.key_hook, hparams.cov_tokens, hparams.cov_dtype, hparams.cov_seq_len,
+                              layer_hashes=layer_hashes)
+        projections[site.key_hook] = ns.get(key, covs[site.key_hook], hparams.nullspace_threshold)
+    return partial(projected_site_solve, projections=projections, l2=hparams.l2)

@@ -16,9 +16,9 @@ from functools import partial
 import torch
 from transformer_lens import HookedTransformer
 
-from pmet_lens.editing.hparams import EditHyperParams
 from pmet_lens.core.generation import decode
 from pmet_lens.core.tokens import encode
+from pmet_lens.editing.hparams import EditHyperParams
 
 __all__ = ["context_prefixes", "context_templates"]
 

@@ -22,11 +22,11 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from pmet_lens.core.paths import atomic_path
 from pmet_lens.core.arch import block_index
+from pmet_lens.core.models import default_cache_dir
+from pmet_lens.core.paths import atomic_path
 from pmet_lens.data import wikitext_path
 from pmet_lens.editing.identity import weights_hashes
-from pmet_lens.core.models import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ class CovarianceStore:
         *,
         layer_hashes: dict[int, str] | None = None,
     ) -> dict[str, Float[torch.Tensor, "d d"]]:
-        """C for each hook name (``blocks.{l}.mlp.hook_post`` or ``blocks.{l}.attn.hook_z``),
-        on the model's device, in ``dtype``. Missing matrices are built in one corpus pass.
+        """C for each key hook name (:attr:`~pmet_lens.editing.site.EditSite.key_hook`: the input of W_out
+        or of W_O at a layer), on the model's device, in ``dtype``. Missing matrices are built in one corpus pass.
 
         ``layer_hashes`` (layer -> ``weights_hash(model, upto_layer=layer)``, e.g. from
         :func:`~pmet_lens.editing.identity.weights_hashes`) saves the pass over the weights that
@@ -214,7 +214,6 @@ class CovarianceStore:
         from pmet_lens.core.tokens import pad
 
         chunks = self._chunks(model, n_tokens, min(seq_len, model.cfg.n_ctx))
-        device = model.cfg.device
         sums: dict[str, torch.Tensor] = {}
         count = 0
         stop = max(block_index(h) for h in hooks) + 1
@@ -266,7 +265,3 @@ def _corpus_texts(corpus: str | Path | Iterable[str | Path | Mapping[str, Any]] 
     if not any(t.strip() for t in texts):
         raise ValueError("the covariance corpus is empty")
     return texts
-
-
-def describe(store: CovarianceStore) -> str:  # pragma: no cover - convenience for logs
-    return json.dumps({"cache_dir": str(store.cache_dir), "corpus": store.corpus_hash})

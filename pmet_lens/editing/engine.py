@@ -1,47 +1,37 @@
 """The pieces of the editing pipeline an :class:`~pmet_lens.editing.session.EditSession` runs per
-batch: context prefixes, covariances of the unedited model, one batch's targets and per-layer
-update with a pluggable solve, and the batch's keys on the edited model.
+batch, on the shared engine (:func:`pmet_lens.editing.update.compute_and_apply_updates`): context
+prefixes, covariances of the unedited model, one batch's targets and per-layer update with a
+pluggable solve, and the batch's keys on the edited model (:func:`pmet_lens.editing.keys.request_keys`).
 
-``solve(hook, keys, resid, cov) -> Δ (float64, [d_k, d_out])`` replaces MEMIT's / PMET's
-``(λC + KᵀK)⁻¹ KᵀR`` (:func:`pmet_lens.editing.update.solve_update`) when given; the session passes
-AlphaEdit's projected solve (:func:`pmet_lens.editing.nullspace.projected_solve`).
+The session passes AlphaEdit's projected solve (:func:`projected_site_solve`); without one the
+update is MEMIT's / PMET's ``(λC + KᵀK)⁻¹ KᵀR`` (:func:`pmet_lens.editing.update.least_squares_solve`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from functools import partial
+from typing import Any, Mapping, Sequence
 
 import torch
 from transformer_lens import HookedTransformer
 
 from pmet_lens.core.arch import architecture
-from pmet_lens.core.tokens import encode, pad, subject_last_position
 from pmet_lens.data import Fact
-from pmet_lens.editing.context import context_prefixes, context_templates
+from pmet_lens.editing.context import context_prefixes
 from pmet_lens.editing.covariance import CovarianceStore
-from pmet_lens.editing.hparams import EditHyperParams
+from pmet_lens.editing.hparams import EditHyperParams, settings_for
 from pmet_lens.editing.identity import weights_hashes
+from pmet_lens.editing.keys import request_keys
 from pmet_lens.editing.nullspace import Projection, projected_solve
+from pmet_lens.editing.prepared import prepare_requests
 from pmet_lens.editing.result import EditResult
-from pmet_lens.editing.targets import optimise_targets, settings_for, site_hook
-from pmet_lens.editing.update import get_param, key_hook, param_name, solve_update, spread
+from pmet_lens.editing.site import TARGET_WEIGHT, EditSite, edit_site
+from pmet_lens.editing.targets import optimise_targets
+from pmet_lens.editing.update import Solve, compute_and_apply_updates, least_squares_solve
 from pmet_lens.editing.validate import validate_requests
 
-__all__ = ["Solve", "batch_keys", "covariances", "edited_params", "prefixes", "projected_solver", "run_batch", "validate"]
-
-Solve = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def projected_solver(projections: Mapping[str, Projection], l2: float,
-                     prev: Mapping[str, torch.Tensor] | None = None) -> Solve:
-    """AlphaEdit's update as a per-layer solve: :func:`~pmet_lens.editing.nullspace.projected_solve`
-    with the key hook's P and ``prev[hook]`` = P·KpKp (C is unused: the projection replaces MEMIT's λC term)."""
-
-    def solve(hook: str, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-        return projected_solve(keys, resid, projections[hook].P, l2,
-                               projected_prev=None if prev is None else prev.get(hook))
-
-    return solve
+__all__ = ["batch_keys", "covariances", "edit_sites", "edited_params", "prefixes", "projected_site_solve", "projected_solver",
+           "run_batch", "validate"]
 
 
 def prefixes(model: HookedTransformer, hparams: EditHyperParams) -> tuple[str, ...]:
@@ -54,16 +44,18 @@ def validate(model: HookedTransformer, facts: Sequence[Any], hparams: EditHyperP
     return validate_requests(model, facts, hparams)
 
 
-def _key_hooks(model: HookedTransformer, hparams: EditHyperParams) -> list[str]:
+def edit_sites(model: HookedTransformer, hparams: EditHyperParams) -> list[EditSite]:
+    """The :class:`EditSite` of every weight ``hparams`` edits (layers ascending)."""
+    arch = architecture(model)
     settings = settings_for(hparams)
-    return [key_hook(model, site, l) for l in hparams.layers for site in settings.kept_sites]
+    return [edit_site(arch, TARGET_WEIGHT[s], l) for l in hparams.layers for s in settings.kept_sites]
 
 
 def covariances(model: HookedTransformer, hparams: EditHyperParams,
                 store: CovarianceStore) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """C per key hook of the weights ``hparams`` edits, on ``model`` as it is now, and each one's
     cache key (:meth:`CovarianceStore.cache_key`)."""
-    hooks = _key_hooks(model, hparams)
+    hooks = [site.key_hook for site in edit_sites(model, hparams)]
     _, layer_hashes = weights_hashes(model, hparams.layers)
     covs = store.get(model, hooks, hparams.cov_tokens, hparams.cov_dtype, hparams.cov_seq_len, layer_hashes=layer_hashes)
     keys = {h: store.cache_key(model, h, hparams.cov_tokens, hparams.cov_dtype, hparams.cov_seq_len,
@@ -73,101 +65,72 @@ def covariances(model: HookedTransformer, hparams: EditHyperParams,
 
 def edited_params(model: HookedTransformer, hparams: EditHyperParams) -> dict[str, torch.nn.Parameter]:
     """Parameter name -> parameter of every weight ``hparams`` edits."""
-    settings = settings_for(hparams)
-    names = [param_name(site, l) for l in hparams.layers for site in settings.kept_sites]
-    return {n: get_param(model, n) for n in names}
+    return {site.param_name: site.param(model) for site in edit_sites(model, hparams)}
 
 
-def _rows(model: HookedTransformer, facts: Sequence[Fact], prefixes: tuple[str, ...]):
-    templates = context_templates(prefixes)
-    seqs, lookups = [], []
-    for fact in facts:
-        for tmpl in templates:
-            text_tmpl = tmpl.replace("{}", fact.prompt)
-            seqs.append(encode(model, text_tmpl.format(fact.subject)))
-            lookups.append(subject_last_position(model, text_tmpl, fact.subject))
-    batch = pad(model, seqs)
-    look = torch.tensor(lookups, device=batch.tokens.device)
-    return batch, look, len(templates)
+def projected_solver(projections: Mapping[str, Projection], l2: float,
+                     prev: Mapping[str, torch.Tensor] | None = None) -> Solve:
+    """The engine's :data:`~pmet_lens.editing.update.Solve` for AlphaEdit's update with these P and KpKp."""
+    return partial(projected_site_solve, projections=projections, l2=l2, prev=prev)
+
+
+def projected_site_solve(site: EditSite, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, *,
+                         projections: Mapping[str, Projection], l2: float,
+                         prev: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """AlphaEdit's update as the engine's :data:`~pmet_lens.editing.update.Solve`:
+    :func:`~pmet_lens.editing.nullspace.projected_solve` with the site's P and ``prev[key hook]`` =
+    P·KpKp (C is unused: the projection replaces MEMIT's λC term)."""
+    return projected_solve(keys, resid, projections[site.key_hook].P, l2,
+                           projected_prev=None if prev is None else prev.get(site.key_hook))
 
 
 def batch_keys(model: HookedTransformer, facts: Sequence[Fact], hparams: EditHyperParams,
                hooks: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Keys of ``facts`` at ``hooks`` on ``model`` as it is now: each fact's key at its subject's
-    last token averaged over the context prefixes (MEMIT ``compute_ks``), ``[facts, d_k]`` float64."""
-    prefixes_ = hparams.context_prefixes or ()
-    batch, look, P = _rows(model, facts, prefixes_)
-    rows = torch.arange(batch.tokens.shape[0], device=look.device)
-    got: dict[str, torch.Tensor] = {}
-
-    def grab(act, hook):
-        got[hook.name] = act[rows, look].reshape(len(rows), -1).double()  # [rows, d_k]
-
-    from pmet_lens.core.arch import block_index
-
-    with torch.no_grad(), model.hooks(fwd_hooks=[(h, grab) for h in hooks]):
-        model(batch.tokens, stop_at_layer=max(block_index(h) for h in hooks) + 1)
-    return {h: got[h].reshape(len(facts), P, -1).mean(1) for h in hooks}  # [facts, prefixes, d_k] -> [facts, d_k]
+    """Keys of ``facts`` at the key hooks ``hooks`` on ``model`` as it is now
+    (:func:`~pmet_lens.editing.keys.request_keys`, the keys the update uses), ``[facts, d_k]`` float64."""
+    requests = prepare_requests(model, facts, hparams.context_prefixes or ())
+    sites = [s for s in edit_sites(model, hparams) if s.key_hook in set(hooks)]
+    reading = request_keys(model, requests, sites)
+    return {site.key_hook: reading.keys[site].double() for site in sites}
 
 
 def run_batch(model: HookedTransformer, facts: Sequence[Fact], hparams: EditHyperParams,
               covs: dict[str, torch.Tensor], solve: Solve | None, *, progress: bool = False,
               targets: dict[str, torch.Tensor] | None = None) -> EditResult:
-    """One mass edit of ``facts`` into ``model`` (applied) with the given covariances and solve;
-    ``targets`` (site -> [facts, d_model]) skips the target optimisation.
+    """One mass edit of ``facts`` into ``model`` (applied) with the given covariances and solve
+    (default MEMIT's / PMET's least squares with λ); ``targets`` (site -> [facts, d_model]) skips the
+    target optimisation.
 
     On an exception the weights are written back to their values before the call.
     """
     settings = settings_for(hparams)
     prefixes_ = hparams.context_prefixes or ()
+    requests = prepare_requests(model, facts, prefixes_)
     model_hash, _ = weights_hashes(model, [])
     if targets is None:
-        optimised = optimise_targets(model, facts, hparams, prefixes_, progress=progress)
+        optimised = optimise_targets(model, requests, hparams, progress=progress)
         values = {s: optimised.value(s).detach() for s in settings.delta_sites}
         stats: dict[str, Any] = {"steps": optimised.steps.tolist(), "loss": optimised.loss.tolist(),
                                  "prob": optimised.prob.tolist()}
     else:
         values, stats = dict(targets), {"targets": "given"}
-    arch = architecture(model)
-    layers = hparams.layers
-    L = max(layers)
-    batch, look, P = _rows(model, facts, prefixes_)
-    rows = torch.arange(batch.tokens.shape[0], device=look.device)
-    bare = rows[::P]
     originals: dict[str, torch.Tensor] = {}
-    deltas: dict[str, torch.Tensor] = {}
+    written: dict[str, EditSite] = {}
+
+    def keep_original(site: EditSite, delta: torch.Tensor) -> None:
+        if site.param_name not in originals:
+            originals[site.param_name] = site.param(model).detach().clone()
+            written[site.param_name] = site
+
     try:
-        with torch.no_grad():
-            first = min(layers)
-            resid_first = model(batch.tokens, stop_at_layer=first)
-            for layer in layers:
-                got: dict[str, torch.Tensor] = {}
-
-                def grab(act, hook):
-                    got[hook.name] = act[rows, look].reshape(len(rows), -1).clone()  # [rows, d]
-
-                names = {site: key_hook(model, site, layer) for site in settings.kept_sites}
-                outs = {site: site_hook(arch, site, L) for site in settings.kept_sites}
-                with model.hooks(fwd_hooks=[(h, grab) for h in {*names.values(), *outs.values()}]):
-                    model(resid_first, start_at_layer=first, stop_at_layer=L + 1)
-                for site in settings.kept_sites:
-                    keys = got[names[site]].reshape(len(facts), P, -1).mean(1)  # [facts, d_k]
-                    current = got[outs[site]][bare]
-                    resid = (values[site].to(current.dtype) - current) * spread(L, layer, settings.spread)
-                    cov = covs[names[site]]
-                    delta64 = solve(names[site], keys, resid, cov) if solve is not None else \
-                        solve_update(keys, resid, cov, hparams.lam)
-                    name = param_name(site, layer)
-                    param = get_param(model, name)
-                    delta = delta64.to(param.dtype).reshape(param.shape)  # [d_k, d_out] -> param's shape
-                    originals.setdefault(name, param.detach().clone())
-                    param += delta
-                    deltas[name] = delta
+        deltas = compute_and_apply_updates(
+            model, requests, {s: values[s] for s in settings.kept_sites}, hparams.layers, settings.spread, covs,
+            solve=solve if solve is not None else partial(least_squares_solve, lam=hparams.lam), on_write=keep_original)
     except BaseException:
         with torch.no_grad():
             for name, orig in originals.items():
-                get_param(model, name).copy_(orig)
+                written[name].param(model).copy_(orig)
         raise
-    return EditResult(model=model, method=hparams.method, deltas=deltas, targets=values, facts=list(facts),
+    return EditResult(model=model, method=hparams.method, deltas=deltas, targets=values, facts=list(requests.facts),
                       hparams=hparams.to_dict(), model_hash=model_hash, prefixes=prefixes_, stats=stats,
                       _originals=originals)

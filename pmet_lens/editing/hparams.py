@@ -1,7 +1,7 @@
 """Typed hyper-parameters of the PMET and MEMIT editors, and their per-model presets.
 
 PMET and MEMIT are one pipeline (:mod:`pmet_lens.editing.targets`, :mod:`.update`); the two
-dataclasses below only choose its settings. Symbols follow DESIGN.md section 3, PMET "PMET
+dataclasses below only choose its settings (:func:`settings_for`). Symbols follow PMET "PMET
 Method" (eqs. 9-11) and Appendix D, and MEMIT section 4 (eqs. 14-16) and Appendix B.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,17 +24,19 @@ __all__ = [
     "EditHyperParams",
     "MEMITHyperParams",
     "PMETHyperParams",
-    "PROVISIONAL_SMOLLM2_LAYERS",
+    "SMOLLM2_LAYERS",
+    "Settings",
     "critical_layers_for",
+    "hparams_from_dict",
     "preset",
     "preset_names",
+    "settings_for",
+    "shipped_presets_dir",
 ]
 
-PROVISIONAL_SMOLLM2_LAYERS: tuple[int, ...] = (3, 4, 5, 6, 7)
-"""Default R of the dataclasses: SmolLM2-135M-Instruct's critical range. It was first a provisional
-guess (GPT-J's R = {3..8} of 28 layers scaled to a 5-layer run); causal tracing over 30 known facts
-(``analyses/causal_trace.py``, ``figures/causal_trace_summary.json``) then chose the same {3..7}.
-:func:`preset` always reads R from ``presets/critical_layers.json``."""
+SMOLLM2_LAYERS: tuple[int, ...] = (3, 4, 5, 6, 7)
+"""Default R of the dataclasses: the critical layers of the default model, SmolLM2-135M-Instruct,
+found by causal tracing (``presets/critical_layers.json``). :func:`preset` reads R from that file."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class EditHyperParams:
         steps: number of optimisation steps of the target vectors (``v_num_grad_steps``).
         lr: Adam learning rate of the target vectors (``v_lr``).
         weight_decay: wd, weight of the norm penalty |δ|/|initial output|² (``v_weight_decay``).
-        kl_factor: μ, weight of the KL term on "{s} is a" (PMET eq. 9, ``kl_factor``).
+        kl_factor: μ, weight of the KL term KL(P_edited ‖ P_init) on "{s} is a" (PMET eq. 9, ``kl_factor``).
         nll_factor: φ, weight of the NLL term (PMET eq. 9; 1 initially).
         clamp_norm_factor: c, after each step |δ| ≤ c · |initial output| (``clamp_norm_factor``).
         loss_stop: early stop of a fact once its loss is below this (official code: 5e-2).
@@ -75,7 +77,10 @@ class EditHyperParams:
         l2: α, the ridge weight of the projected solve (official "L2": 10).
     """
 
-    layers: tuple[int, ...] = PROVISIONAL_SMOLLM2_LAYERS
+    method: ClassVar[str]
+    """The method name ("pmet" or "memit") these hyper-parameters belong to."""
+
+    layers: tuple[int, ...] = SMOLLM2_LAYERS
     lam: float = 600.0
     steps: int = 30
     lr: float = 0.2
@@ -139,10 +144,6 @@ class EditHyperParams:
                 raise ValueError("context_prefixes must be strings without braces")
             object.__setattr__(self, "context_prefixes", prefixes)
 
-    @property
-    def method(self) -> str:  # pragma: no cover - overridden
-        raise NotImplementedError
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (with the method name), inverse of :func:`hparams_from_dict`."""
         out = asdict(self)
@@ -170,15 +171,18 @@ class PMETHyperParams(EditHyperParams):
     """PMET (PMET eqs. 9-11; official code ``edit/pmet``), with the Table 3 ablation switches.
 
     Attributes:
-        use_attn_delta: optimise δ_a on ``hook_attn_out`` of L besides δ_m on ``hook_mlp_out``
+        use_attn_delta: optimise δ_a on the MHSA output a^L besides δ_m on the FFN output m^L
             (False = PMET Table 3 "w/o δ_a").
         update_attn: also update the MHSA output weights W_O of each layer in R with keys from
-            ``attn.hook_z`` and target v^a = a^L + δ_a (Table 3 "+ W_O^MHSA"; needs δ_a).
+            the per-head attention outputs (:meth:`~pmet_lens.core.arch.Architecture.attn_key_hook`) and
+            target v^a = a^L + δ_a (Table 3 "+ W_O^MHSA"; needs δ_a).
         spread: "sqrt" divides the residual by √(L−l+1) (PMET eq. 11); "even" by (L−l+1)
             (Table 3 ablation, MEMIT's spread).
         kl_stop: once the target is the top prediction, φ ← 0.1·φ and the fact stops when the KL
             term is ≤ this (PMET Appendix D).
     """
+
+    method: ClassVar[str] = "pmet"
 
     use_attn_delta: bool = True
     update_attn: bool = False
@@ -196,19 +200,18 @@ class PMETHyperParams(EditHyperParams):
         if not (math.isfinite(self.kl_stop) and self.kl_stop >= 0):
             raise ValueError(f"kl_stop must be a finite number >= 0, got {self.kl_stop!r}")
 
-    @property
-    def method(self) -> str:
-        return "pmet"
 
 
 @dataclass(frozen=True)
 class MEMITHyperParams(EditHyperParams):
-    """MEMIT (MEMIT eqs. 14-16, Algorithm 1): one δ on ``hook_resid_post`` of L, target z = h^L + δ,
+    """MEMIT (MEMIT eqs. 14-16, Algorithm 1): one δ on the residual stream h^L leaving block L, target z = h^L + δ,
     residual spread 1/(L−l+1).
 
     Attributes:
         spread: "even" (MEMIT, 1/(L−l+1)) or "sqrt".
     """
+
+    method: ClassVar[str] = "memit"
 
     steps: int = 25
     lr: float = 0.5
@@ -221,17 +224,45 @@ class MEMITHyperParams(EditHyperParams):
         if self.spread not in ("sqrt", "even"):
             raise ValueError(f"spread must be 'sqrt' or 'even', got {self.spread!r}")
 
-    @property
-    def method(self) -> str:
-        return "memit"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What distinguishes PMET from MEMIT in the shared pipeline.
+
+    Attributes:
+        delta_sites: where δ's are added at layer L ("attn_out", "mlp_out", "resid_post"; hook names
+            from :meth:`pmet_lens.core.arch.Architecture.delta_hook`).
+        kept_sites: sites whose target (initial output + δ) is used by the weight update;
+            "mlp_out" targets (PMET's v^m) and "resid_post" targets (MEMIT's z) feed W_out,
+            "attn_out" targets (PMET's v^a) feed W_O (PMET Table 3 ablation).
+        spread: "sqrt" (PMET eq. 11) or "even" (MEMIT eq. 15 / Table 3 ablation).
+        kl_stop: PMET's second stopping rule threshold, ``None`` for MEMIT.
+    """
+
+    delta_sites: tuple[str, ...]
+    kept_sites: tuple[str, ...]
+    spread: str
+    kl_stop: float | None
+
+
+def settings_for(hparams: EditHyperParams) -> Settings:
+    """Pipeline settings of a method's hyper-parameters (ablation switches included)."""
+    if isinstance(hparams, PMETHyperParams):
+        sites = ("attn_out", "mlp_out") if hparams.use_attn_delta else ("mlp_out",)
+        kept = ("mlp_out", "attn_out") if hparams.update_attn else ("mlp_out",)
+        return Settings(sites, kept, hparams.spread, hparams.kl_stop)
+    return Settings(("resid_post",), ("resid_post",), getattr(hparams, "spread", "even"), None)
 
 
 @dataclass(frozen=True)
 class AlphaEditHyperParams(MEMITHyperParams):
-    """AlphaEdit (Fang et al., ICLR 2025, eq. 12): MEMIT's target z on ``hook_resid_post`` of L and
+    """AlphaEdit (Fang et al., ICLR 2025, eq. 12): MEMIT's target z on the residual stream h^L and
     its spread 1/(L−l+1), with the null-space projected update (``nullspace`` is always True; see
     :class:`EditHyperParams` for τ = ``nullspace_threshold`` and α = ``l2``). λ is unused.
     """
+
+    method: ClassVar[str] = "alphaedit"
 
     nullspace: bool = True
 
@@ -240,30 +271,24 @@ class AlphaEditHyperParams(MEMITHyperParams):
         if not self.nullspace:
             raise ValueError("AlphaEditHyperParams needs nullspace=True (use MEMITHyperParams for MEMIT's update)")
 
-    @property
-    def method(self) -> str:
-        return "alphaedit"
 
-
-METHODS: tuple[str, ...] = ("pmet", "memit", "alphaedit")
-"""Method names :func:`preset` and :func:`hparams_from_dict` know."""
+METHODS: dict[str, type[EditHyperParams]] = {
+    "pmet": PMETHyperParams, "memit": MEMITHyperParams, "alphaedit": AlphaEditHyperParams}
+"""Method name -> its hyper-parameter class."""
 
 
 def hparams_from_dict(data: dict[str, Any]) -> EditHyperParams:
     """Rebuild hyper-parameters from :meth:`EditHyperParams.to_dict` output."""
     data = dict(data)
     method = data.pop("method", "pmet")
-    classes: dict[str, type[EditHyperParams]] = {
-        "pmet": PMETHyperParams, "memit": MEMITHyperParams, "alphaedit": AlphaEditHyperParams}
-    if method not in classes:
-        raise ValueError(f"unknown method {method!r} in hyper-parameters (known: {', '.join(classes)})")
-    cls = classes[method]
+    cls = METHODS[method]
     names = {f.name for f in fields(cls)}
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
     return cls(**kwargs)
 
 
-def _presets_dir() -> Path:
+def shipped_presets_dir() -> Path:
+    """The folder of the presets shipped with the package (read-only package data)."""
     return Path(str(resources.files("pmet_lens") / "presets"))
 
 
@@ -286,7 +311,7 @@ def preset_names() -> list[str]:
 
 
 def _preset_table() -> dict[str, Any]:
-    return json.loads((_presets_dir() / "editing.json").read_text())
+    return json.loads((shipped_presets_dir() / "editing.json").read_text())
 
 
 def _preset_key(model_name: str) -> str | None:
@@ -321,7 +346,7 @@ def preset(model_name: str, method: str = "pmet") -> EditHyperParams:
     method = method.lower()
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    cls = {"pmet": PMETHyperParams, "memit": MEMITHyperParams, "alphaedit": AlphaEditHyperParams}[method]
+    cls = METHODS[method]
     key = _preset_key(model_name)
     values: dict[str, Any] = {}
     if key is not None:

@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 from transformer_lens import HookedTransformer
 
-from pmet_lens.core.arch import block_index
+from pmet_lens.core.arch import feeds_layer
 
 __all__ = ["weights_hash", "weights_hashes"]
 
@@ -40,7 +40,7 @@ def weights_hashes(model: HookedTransformer, upto_layers: Iterable[int]) -> tupl
         header = f"{name}|{tuple(t.shape)}|{t.dtype}".encode()
         data = t.cpu().contiguous().view(torch.uint8).numpy() if t.numel() else b""  # a buffer, not a copy
         for l in layers:
-            needed = _needed(name, l)
+            needed = feeds_layer(name, l)
             if l not in forked and not needed:
                 forked[l] = full.copy()
             elif l in forked and needed:
@@ -49,9 +49,3 @@ def weights_hashes(model: HookedTransformer, upto_layers: Iterable[int]) -> tupl
         full.update(header)
         full.update(data)
     return full.hexdigest(), {l: (forked[l] if l in forked else full).hexdigest() for l in layers}
-
-
-def _needed(name: str, upto_layer: int) -> bool:
-    if name.startswith("blocks."):
-        return block_index(name) <= upto_layer
-    return name.startswith(("embed.", "pos_embed."))

@@ -16,10 +16,12 @@ from typing import Any, Callable
 import torch
 from transformer_lens import HookedTransformer
 
+from pmet_lens.core.arch import architecture
 from pmet_lens.core.paths import atomic_path
-from pmet_lens.core.arch import architecture, block_index
-from pmet_lens.data import Fact
+from pmet_lens.data import Fact, as_facts
 from pmet_lens.editing.identity import weights_hash
+from pmet_lens.editing.site import EditSite, site_of_param
+from pmet_lens.editing.validate import EditError
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +38,9 @@ def _fingerprint(param: torch.Tensor, n: int = 4096) -> torch.Tensor:
 
 @dataclass(eq=False)
 class EditResult:
-    """An edit: ``deltas`` maps ``blocks.{l}.mlp.W_out`` (and, for the W_O ablation,
-    ``blocks.{l}.attn.W_O``) to ΔW in the parameter's shape and dtype.
+    """An edit: ``deltas`` maps the parameter name of each edited weight (:attr:`EditSite.param_name`:
+    the FFN's W_out of every layer in R and, for the W_O ablation, the MHSA's W_O) to ΔW in the
+    parameter's shape and dtype.
 
     Attributes:
         model: the model the edit belongs to.
@@ -74,10 +77,12 @@ class EditResult:
         """Whether the deltas are currently written into the model's weights (by this object)."""
         return bool(self._originals)
 
-    def _param(self, name: str) -> torch.nn.Parameter:
-        from pmet_lens.editing.update import get_param
+    def site(self, name: str) -> EditSite:
+        """The :class:`EditSite` of a key of :attr:`deltas`."""
+        return site_of_param(architecture(self.model), name)
 
-        return get_param(self.model, name)
+    def _param(self, name: str) -> torch.nn.Parameter:
+        return self.site(name).param(self.model)
 
     def apply(self) -> "EditResult":
         """Write the deltas into the weights (W += ΔW), keeping the originals for :meth:`restore`."""
@@ -137,28 +142,25 @@ class EditResult:
         for name, delta in self.deltas.items():
             weight = self._originals[name] if name in self._originals else self._param(name).detach()
             d = float(delta.float().norm())
-            rows.append({"layer": block_index(name), "weight": name.split(".")[-1], "delta_norm": d,
+            site = self.site(name)
+            rows.append({"layer": site.layer, "weight": site.weight, "delta_norm": d,
                          "relative": d / max(float(weight.float().norm()), 1e-12)})
         return rows
 
     # --------------------------------------------------------------- hooks
     def as_hooks(self) -> list[tuple[str, Callable]]:
-        """The edit as forward hooks, weights untouched: ΔW_out·k added at ``hook_mlp_out``
-        (k captured at ``mlp.hook_post`` of the same block), ΔW_O·z at ``hook_attn_out``.
+        """The edit as forward hooks, weights untouched: ΔW·k added at each site's output hook, with k
+        captured at its key hook in the same block (:class:`EditSite`).
 
         Use with ``model.hooks(fwd_hooks=result.as_hooks())``. Raises if the edit is applied
         (it would be counted twice).
         """
         if self.applied:
             raise RuntimeError("the edit is applied to the weights; restore() it before previewing it as hooks")
-        arch = architecture(self.model)
         hooks: list[tuple[str, Callable]] = []
         for name, delta in self.deltas.items():
-            layer = block_index(name)
-            is_attn = name.endswith("W_O")
-            key_name = arch.attn_key_hook(layer) if is_attn else arch.mlp_key_hook(layer)
-            out_name = arch.attn_out_hook(layer) if is_attn else arch.mlp_out_hook(layer)
-            flat = delta.reshape(-1, delta.shape[-1])
+            site = self.site(name)
+            flat = delta.reshape(-1, delta.shape[-1])  # [d_k, d_model] (W_O: [heads, d_head, d_model] -> [heads·d_head, d_model])
             store: dict[str, torch.Tensor] = {}
 
             def keep(act, hook, _store=store):
@@ -166,10 +168,10 @@ class EditResult:
 
             def add(act, hook, _store=store, _d=flat):
                 k = _store.pop("k")
-                k = k.reshape(*k.shape[:2], -1)
+                k = k.reshape(*k.shape[:2], -1)  # [batch, pos, ...] -> [batch, pos, d_k]
                 return act + (k @ _d.to(k.dtype)).to(act.dtype)
 
-            hooks += [(key_name, keep), (out_name, add)]
+            hooks += [(site.key_hook, keep), (site.out_hook, add)]
         return hooks
 
     # ----------------------------------------------------------- save/load
@@ -199,23 +201,29 @@ class EditResult:
         """Load a saved edit for ``model`` (unedited), checking it is the model it was made for.
 
         Raises:
+            FileNotFoundError: there is no file at ``path``.
+            EditError: the file is truncated or corrupt (not readable as safetensors).
             ValueError: the file is not an edit file or the model's weights hash differs.
         """
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != "pmet-lens-edit/1":
-                raise ValueError(f"{path} is not a pmet-lens edit file")
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"edit file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()} if meta.get("format") == "pmet-lens-edit/1" else {}
+        except Exception as exc:  # safetensors raises its own error types on a damaged file
+            raise EditError(f"cannot read the edit file {path}: it is truncated or corrupt ({exc}); "
+                            "save the edit again (EditResult.save) or use an intact copy") from None
+        if meta.get("format") != "pmet-lens-edit/1":
+            raise ValueError(f"{path} is not a pmet-lens edit file")
         current = weights_hash(model)
         if current != meta["model_hash"]:
             raise ValueError(
                 f"{path} was made for a different model (weights hash {meta['model_hash']}, this model "
                 f"{current}; was it saved from {meta.get('model_name')!r}, or is an edit already applied?)")
         device = model.cfg.device
-        from pmet_lens.data import as_facts
-
         result = cls(
             model=model, method=meta["method"],
             deltas={k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("delta/")},

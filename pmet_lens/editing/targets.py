@@ -1,10 +1,11 @@
 """Batched optimisation of the target vectors (PMET eq. 9; MEMIT eq. 16), one pipeline for both.
 
 Per fact i, the rows are the context-prefixed prompts pref_j ⊕ p(s_i) ⊕ o*[:-1] (j = 0 is the
-bare prompt) and the KL prompt "{s_i} is a". The δ's of all facts of a chunk live in one
-tensor per site ([facts, d_model]) and are added by hooks at each row's lookup position (the
-subject's last token); each fact has its own Adam state, φ and stopping state, and a fact that
-has stopped leaves the batch. Savings over the official code, exact by construction:
+bare prompt) and the KL prompt "{s_i} is a", all from one :class:`PreparedRequests`. The δ's of
+all facts of a chunk live in one tensor per site ([facts, d_model]) and are added by hooks at each
+row's lookup position (the subject's last token); each fact has its own Adam state
+(:class:`PerFactAdam`), φ and stopping state, and a fact that has stopped leaves the batch.
+Savings over a full forward per step, exact by construction:
 
 * layers before L do not depend on δ: ``resid_pre`` of block L is computed once without grad;
 * positions before a row's lookup position do not depend on δ either (causal attention): their
@@ -14,10 +15,11 @@ has stopped leaves the batch. Savings over the official code, exact by construct
 * ``ln_final`` and the unembedding run only at the target and KL positions;
 * the model's parameters do not require grad during the loop (only δ does).
 
-Loss per fact (official PMET/MEMIT code, DESIGN.md section 3):
+Loss per fact (PMET eq. 9, MEMIT eq. 16, with the official code's weights):
     φ_i · mean_j [Σ_t −log P(o*_t | pref_j ⊕ p(s_i) ⊕ o*_<t)] / |o*|
-  + μ · KL(P_orig ‖ P_edited)  at the KL prompt's lookup position (``F.kl_div(new, orig)`` as the
-    official code; DESIGN writes the arguments the other way round)
+  + μ · KL(P_edited ‖ P_init)  at the KL prompt's lookup position (the official
+    ``kl_div(kl_distr_init, kl_log_probs, log_target=True)``: ``F.kl_div(input, target)`` is
+    KL(target ‖ input), here target = the edited distribution)
   + wd · Σ_sites |δ| / |initial output|²   (norm over squared norm, as the official code)
 Stopping: loss < ``loss_stop``; PMET also: on a step where every target token is the top
 prediction in every prompt, φ_i is 0.1·``nll_factor`` (else ``nll_factor``, so it comes back if o*
@@ -29,62 +31,27 @@ the last iteration only evaluates (``steps`` − 1 updates at most).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache_entry import (
+    TransformerLensKeyValueCacheEntry,
+)
 
 from pmet_lens.core.arch import Architecture, architecture
-from pmet_lens.data import Fact
-from pmet_lens.editing.context import context_templates
-from pmet_lens.editing.hparams import EditHyperParams, PMETHyperParams
-from pmet_lens.editing.validate import EditError
 from pmet_lens.core.readout import final_logits
-from pmet_lens.core.tokens import encode, pad, subject_last_position, target_ids
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+from pmet_lens.editing.hparams import EditHyperParams, Settings, settings_for
+from pmet_lens.editing.prepared import PreparedRequests
+from pmet_lens.editing.validate import EditError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Settings", "Targets", "compiled_blocks", "settings_for", "optimise_targets", "require_compiler", "site_hook"]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What distinguishes PMET from MEMIT in the shared pipeline.
-
-    Attributes:
-        delta_sites: where δ's are added at layer L ("attn_out", "mlp_out", "resid_post").
-        kept_sites: sites whose target (initial output + δ) is used by the weight update;
-            "mlp_out" targets feed W_out, "resid_post" targets (MEMIT's z) feed W_out,
-            "attn_out" targets feed W_O (PMET Table 3 ablation).
-        spread: "sqrt" (PMET eq. 11) or "even" (MEMIT eq. 15 / Table 3 ablation).
-        kl_stop: PMET's second stopping rule threshold, ``None`` for MEMIT.
-    """
-
-    delta_sites: tuple[str, ...]
-    kept_sites: tuple[str, ...]
-    spread: str
-    kl_stop: float | None
-
-
-def settings_for(hparams: EditHyperParams) -> Settings:
-    """Pipeline settings of a method's hyper-parameters (ablation switches included)."""
-    if isinstance(hparams, PMETHyperParams):
-        sites = ("attn_out", "mlp_out") if hparams.use_attn_delta else ("mlp_out",)
-        kept = ("mlp_out", "attn_out") if hparams.update_attn else ("mlp_out",)
-        return Settings(sites, kept, hparams.spread, hparams.kl_stop)
-    return Settings(("resid_post",), ("resid_post",), getattr(hparams, "spread", "even"), None)
-
-
-def site_hook(arch: Architecture, site: str, layer: int) -> str:
-    """Hook name of a site at ``layer``."""
-    return {"attn_out": arch.attn_out_hook, "mlp_out": arch.mlp_out_hook, "resid_post": arch.resid_post_hook}[site](layer)
+__all__ = ["PerFactAdam", "Targets", "compiled_blocks", "optimise_targets", "require_compiler"]
 
 
 @dataclass
@@ -124,36 +91,72 @@ class _Rows:
     nll_weight: torch.Tensor  # [n_targets] 1 / (|o*| · P)
 
 
-def _rows(model: HookedTransformer, facts: Sequence[Fact], prefixes: tuple[str, ...]) -> _Rows:
-    templates = context_templates(prefixes)
-    seqs, fact_of, lookups, bare, kl = [], [], [], [], []
+def _rows(model: HookedTransformer, requests: PreparedRequests) -> _Rows:
+    """The optimisation's rows (:meth:`PreparedRequests.rows` with the target and KL prompts) and,
+    per predicted target token, where its log-probability is read and its weight in the NLL term."""
+    rows = requests.rows(model, append_target=True, kl=True)
+    n_templates = len(requests.templates)
     nll = []
-    for i, fact in enumerate(facts):
-        tgt = target_ids(model, fact.target_new)
-        for j, tmpl in enumerate(templates):
-            text_tmpl = tmpl.replace("{}", fact.prompt)
-            prompt_ids = encode(model, text_tmpl.format(fact.subject))
-            if j == 0:
-                bare.append(len(seqs))
-            for k, tok in enumerate(tgt):
-                nll.append((len(seqs), len(prompt_ids) - 1 + k, tok, i, 1.0 / (len(tgt) * len(templates))))
-            lookups.append(subject_last_position(model, text_tmpl, fact.subject))
-            seqs.append(prompt_ids + tgt[:-1])
-            fact_of.append(i)
-        kl.append(len(seqs))
-        lookups.append(subject_last_position(model, "{} is a", fact.subject))
-        seqs.append(encode(model, f"{fact.subject} is a"))
-        fact_of.append(i)
-    batch = pad(model, seqs)
-    dev = batch.tokens.device
+    for r, (i, j) in enumerate(zip(rows.fact.tolist(), rows.template.tolist())):
+        if j < 0:
+            continue
+        tgt = requests.target_ids[i]
+        prompt_len = len(requests.prompt_ids[i][j])
+        for k, tok in enumerate(tgt):
+            nll.append((r, prompt_len - 1 + k, tok, i, 1.0 / (len(tgt) * n_templates)))
+    dev = rows.tokens.device
     cols = list(zip(*nll))
     return _Rows(
-        tokens=batch.tokens, lengths=batch.lengths, fact=torch.tensor(fact_of, device=dev), lookup=torch.tensor(lookups, device=dev),
-        bare=torch.tensor(bare, device=dev), kl=torch.tensor(kl, device=dev),
+        tokens=rows.tokens, lengths=rows.lengths, fact=rows.fact, lookup=rows.lookup, bare=rows.bare, kl=rows.kl,
         nll_row=torch.tensor(cols[0], device=dev), nll_pos=torch.tensor(cols[1], device=dev),
         nll_tok=torch.tensor(cols[2], device=dev), nll_fact=torch.tensor(cols[3], device=dev),
         nll_weight=torch.tensor(cols[4], device=dev, dtype=torch.float32),
     )
+
+
+class PerFactAdam:
+    """Adam (Kingma & Ba 2015, Algorithm 1; PyTorch's defaults β = (0.9, 0.999), ε = 1e-8) on
+    tensors whose row i belongs to fact i, with a step count t_i per fact.
+
+    A step updates only the rows of the facts it is told to, so every fact follows the trajectory
+    that its own ``torch.optim.Adam`` would give it alone, whichever facts share its chunk.
+
+    Args:
+        params: name -> ``[facts, d]`` leaf tensors (``requires_grad``), updated in place.
+        lr: learning rate.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], lr: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params = params
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.m = {name: torch.zeros_like(p) for name, p in params.items()}  # [facts, d] first moments
+        self.v = {name: torch.zeros_like(p) for name, p in params.items()}  # [facts, d] second moments
+        first = next(iter(params.values()))
+        self.t = torch.zeros(first.shape[0], device=first.device)            # [facts] steps taken
+
+    @torch.no_grad()
+    def step(self, update: torch.Tensor) -> None:
+        """One Adam step on the rows where ``update`` ([facts] bool) is True, from each ``param.grad``."""
+        b1, b2 = self.betas
+        self.t = self.t + update.float()
+        upd = update[:, None]                    # [facts] -> [facts, 1]
+        tt = self.t.clamp_min(1)[:, None]        # [facts] -> [facts, 1]
+        for name, d in self.params.items():
+            g = d.grad
+            self.m[name] = torch.where(upd, b1 * self.m[name] + (1 - b1) * g, self.m[name])
+            self.v[name] = torch.where(upd, b2 * self.v[name] + (1 - b2) * g * g, self.v[name])
+            m_hat = self.m[name] / (1 - b1 ** tt)
+            v_hat = self.v[name] / (1 - b2 ** tt)
+            step = self.lr * m_hat / (v_hat.sqrt() + self.eps)
+            d -= torch.where(upd, step, torch.zeros_like(step))
+
+
+def _clamp_rows(d: torch.Tensor, max_norm: torch.Tensor) -> None:
+    """Scale each row of ``d`` ([facts, d]) in place so that its norm is at most ``max_norm`` ([facts])."""
+    norm = d.norm(dim=-1)
+    scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
+    d.mul_(scale[:, None])  # [facts] -> [facts, 1]
 
 
 @dataclass
@@ -174,7 +177,8 @@ class _Suffix:
     start: torch.Tensor               # [rows] lookup position (suffix position 0)
 
     @classmethod
-    def build(cls, resid_L: torch.Tensor, kv: dict[str, torch.Tensor], rows: "_Rows", L: int, n_layers: int) -> "_Suffix":
+    def build(cls, arch: Architecture, resid_L: torch.Tensor, kv: dict[str, torch.Tensor], rows: "_Rows", L: int,
+              n_layers: int) -> "_Suffix":
         look, lengths = rows.lookup, rows.lengths
         dev = resid_L.device
         P = int(look.max())
@@ -182,16 +186,16 @@ class _Suffix:
         src = look[:, None] + torch.arange(S, device=dev)[None]                   # [rows, S]
         keep = src < lengths[:, None]
         x = resid_L.gather(1, src.clamp(max=resid_L.shape[1] - 1)[..., None].expand(-1, -1, resid_L.shape[-1]))
-        x = x * keep[..., None].to(x.dtype)
+        x = x * keep[..., None].to(x.dtype)                                           # [rows, S, d_model]
         psrc = torch.arange(P, device=dev)[None] - (P - look)[:, None]              # [rows, P]
         pkeep = psrc >= 0
 
         def past(t: torch.Tensor) -> torch.Tensor:
-            idx = psrc.clamp(min=0)[:, :, None, None].expand(-1, -1, *t.shape[2:])
+            idx = psrc.clamp(min=0)[:, :, None, None].expand(-1, -1, *t.shape[2:])  # [rows, P] -> [rows, P, heads, d_head]
             return t.gather(1, idx) * pkeep[:, :, None, None].to(t.dtype)
 
-        keys = {j: past(kv[f"blocks.{j}.attn.hook_k"]) for j in range(L, n_layers)}
-        values = {j: past(kv[f"blocks.{j}.attn.hook_v"]) for j in range(L, n_layers)}
+        keys = {j: past(kv[arch.attn_k_hook(j)]) for j in range(L, n_layers)}
+        values = {j: past(kv[arch.attn_v_hook(j)]) for j in range(L, n_layers)}
         return cls(x=x, keys=keys, values=values, mask=torch.cat([pkeep, keep], 1).long(), start=look)
 
     def run(self, model: HookedTransformer, rows: torch.Tensor,
@@ -236,16 +240,15 @@ def _final_logprobs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tens
 
 def optimise_targets(
     model: HookedTransformer,
-    facts: Sequence[Fact],
+    requests: PreparedRequests,
     hparams: EditHyperParams,
-    prefixes: tuple[str, ...],
     progress: bool = False,
     compile: bool = False,
 ) -> Targets:
     """Optimise every fact's δ's at layer L = max(R), ``hparams.batch_size`` facts per forward.
 
     ``compile``: run the blocks after L through :func:`compiled_blocks` (``torch.compile``; needs a C++
-    compiler on CPU; the first chunk pays the compilation, about a minute on 2 cores for SmolLM2).
+    compiler on CPU; the first chunk pays the compilation).
 
     Raises:
         EditError: when a loss becomes NaN/inf.
@@ -254,10 +257,10 @@ def optimise_targets(
     # Facts with similar suffix lengths share a chunk, so little of each step is spent on padding
     # (a row's cost is its padded suffix width). Facts are optimised independently (own Adam
     # state, φ and stopping), so the grouping changes no fact's targets beyond float rounding.
-    order = sorted(range(len(facts)), key=lambda i: _suffix_length(model, facts[i]))
-    chunks = [order[s:s + hparams.batch_size] for s in range(0, len(facts), hparams.batch_size)]
+    order = sorted(range(len(requests)), key=requests.suffix_length)
+    chunks = [order[s:s + hparams.batch_size] for s in range(0, len(requests), hparams.batch_size)]
     blocks = compiled_blocks(model, max(hparams.layers)) if compile else None
-    parts = [_optimise_chunk(model, [facts[i] for i in idx], hparams, settings, prefixes, blocks)
+    parts = [_optimise_chunk(model, requests.subset(idx), hparams, settings, blocks)
              for idx in tqdm(chunks, desc="targets", disable=not progress or len(chunks) < 2)]
     back = torch.argsort(torch.tensor(order))  # row i of the result = fact i
 
@@ -271,19 +274,14 @@ def optimise_targets(
     )
 
 
-def _suffix_length(model: HookedTransformer, fact: Fact) -> int:
-    """Positions a step recomputes for the bare prompt: lookup .. end of p(s) ⊕ o*[:-1]."""
-    prompt = encode(model, fact.prompt.format(fact.subject))
-    return len(prompt) - subject_last_position(model, fact.prompt, fact.subject) + len(target_ids(model, fact.target_new)) - 1
-
-
-def _optimise_chunk(model, facts, hparams, settings: Settings, prefixes, blocks=None) -> Targets:
+def _optimise_chunk(model: HookedTransformer, requests: PreparedRequests, hparams: EditHyperParams,
+                    settings: Settings, blocks: dict[int, torch.nn.Module] | None = None) -> Targets:
     arch = architecture(model)
     L = max(hparams.layers)
-    rows = _rows(model, facts, prefixes)
-    n = len(facts)
+    rows = _rows(model, requests)
+    n = len(requests)
     n_layers = model.cfg.n_layers
-    hooks = {site: site_hook(arch, site, L) for site in settings.delta_sites}
+    hooks = {site: arch.delta_hook(site, L) for site in settings.delta_sites}
     grad_state = [(p, p.requires_grad) for p in model.parameters()]
     try:
         for p, _ in grad_state:
@@ -300,18 +298,16 @@ def _optimise_chunk(model, facts, hparams, settings: Settings, prefixes, blocks=
             def keep_kv(act, hook):
                 kv[hook.name] = act.detach()
 
-            kv_hooks = [(f"blocks.{j}.attn.hook_{c}", keep_kv) for j in range(L, n_layers) for c in "kv"]
+            kv_hooks = [(h, keep_kv) for j in range(L, n_layers) for h in (arch.attn_k_hook(j), arch.attn_v_hook(j))]
             with model.hooks(fwd_hooks=[(h, capture) for h in hooks.values()] + kv_hooks):
                 final = model(resid_L, start_at_layer=L, stop_at_layer=n_layers)
             kl_init = _final_logprobs(model, final[rows.kl, rows.lookup[rows.kl]])
-            suffix = _Suffix.build(resid_L, kv, rows, L, n_layers)
+            suffix = _Suffix.build(arch, resid_L, kv, rows, L, n_layers)
             del kv, final
         init = {site: captured[h] for site, h in hooks.items()}
         delta = {site: torch.zeros_like(v, requires_grad=True) for site, v in init.items()}
         init_norm = {site: v.norm(dim=-1) for site, v in init.items()}
-        adam_m = {s: torch.zeros_like(v) for s, v in init.items()}
-        adam_v = {s: torch.zeros_like(v) for s, v in init.items()}
-        t = torch.zeros(n, device=resid_L.device)
+        adam = PerFactAdam(delta, hparams.lr)
         phi = torch.full((n,), float(hparams.nll_factor), device=resid_L.device)
         active = torch.ones(n, dtype=torch.bool, device=resid_L.device)
         steps = torch.zeros(n, dtype=torch.long)
@@ -337,20 +333,19 @@ def _optimise_chunk(model, facts, hparams, settings: Settings, prefixes, blocks=
                 nll_rows = new_index[rows.nll_row[sel]]
                 lp = _final_logprobs(model, out[nll_rows, rows.nll_pos[sel] - rows.lookup[rows.nll_row[sel]]])
                 tok = rows.nll_tok[sel]
-                tok_lp = lp.gather(1, tok[:, None])[:, 0]
+                tok_lp = lp.gather(1, tok[:, None])[:, 0]  # [n_targets, vocab] -> [n_targets]
                 is_top = lp.argmax(-1) == tok
                 nll = torch.zeros(n, device=lp.device).index_add(0, rows.nll_fact[sel], -tok_lp * rows.nll_weight[sel])
                 all_top = torch.zeros(n, device=lp.device).index_add(0, rows.nll_fact[sel], (~is_top).float()) == 0
                 kl_lp = _final_logprobs(model, out[new_index[rows.kl[act_facts]], 0])
-                kl_init_a = kl_init[act_facts]
                 kl = torch.zeros(n, device=lp.device)
-                kl = kl.index_put((act_facts,), (kl_init_a.exp() * (kl_init_a - kl_lp)).sum(-1))
+                kl = kl.index_put((act_facts,), _kl_term(kl_lp, kl_init[act_facts]))
                 wd = torch.zeros(n, device=lp.device)
                 for site in delta:
                     wd = wd + hparams.weight_decay * delta[site].norm(dim=-1).float() / init_norm[site].float().clamp_min(1e-12) ** 2
                 loss = phi * nll + hparams.kl_factor * kl + wd
             if not torch.isfinite(loss[active]).all():
-                bad = [facts[int(i)].where for i in act_facts if not torch.isfinite(loss[i])]
+                bad = [requests.facts[int(i)].where for i in act_facts if not torch.isfinite(loss[i])]
                 raise EditError(f"the target optimisation produced NaN/inf for {bad} at step {it}")
             with torch.no_grad():
                 la = loss.detach().cpu()
@@ -373,23 +368,10 @@ def _optimise_chunk(model, facts, hparams, settings: Settings, prefixes, blocks=
                 break
             with torch.enable_grad():  # callers often run under torch.no_grad() / set_grad_enabled(False)
                 loss[still].sum().backward()
+            adam.step(still)
             with torch.no_grad():
-                t = t + still.float()
-                b1, b2, eps = 0.9, 0.999, 1e-8
                 for site, d in delta.items():
-                    g = d.grad
-                    upd = still[:, None]
-                    adam_m[site] = torch.where(upd, b1 * adam_m[site] + (1 - b1) * g, adam_m[site])
-                    adam_v[site] = torch.where(upd, b2 * adam_v[site] + (1 - b2) * g * g, adam_v[site])
-                    tt = t.clamp_min(1)[:, None]
-                    m_hat = adam_m[site] / (1 - b1 ** tt)
-                    v_hat = adam_v[site] / (1 - b2 ** tt)
-                    step = hparams.lr * m_hat / (v_hat.sqrt() + eps)
-                    d -= torch.where(upd, step, torch.zeros_like(step))
-                    max_norm = hparams.clamp_norm_factor * init_norm[site]
-                    norm = d.norm(dim=-1)
-                    scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
-                    d.mul_(scale[:, None])
+                    _clamp_rows(d, hparams.clamp_norm_factor * init_norm[site])
                     d.grad = None
             active = still
         steps += 1
@@ -398,3 +380,10 @@ def _optimise_chunk(model, facts, hparams, settings: Settings, prefixes, blocks=
     finally:
         for p, state in grad_state:
             p.requires_grad_(state)
+
+
+def _kl_term(edited: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
+    """KL(P_edited ‖ P_init) = Σ_v P_edited(v) (log P_edited(v) − log P_init(v)) per row, from the
+    ``[facts, vocab]`` log-probabilities at the KL prompt (PMET eq. 9's KL term in the direction of the
+    official code, whose ``F.kl_div(log P_init, log P_edited, log_target=True)`` is this)."""
+    return (edited.exp() * (edited - init)).sum(-1)

@@ -1,36 +1,42 @@
-"""Keys, residual spread and the least-squares weight update (MEMIT eqs. 14-15, Algorithm 1;
-PMET eqs. 10-11).
+"""The weight update: residual spread and one least-squares solve per layer (MEMIT eqs. 14-15,
+Algorithm 1; PMET eqs. 10-11), as one engine with a pluggable solve.
 
-For each l in R ascending (earlier layers already written):
-    K^l  = FFN keys ``mlp.hook_post`` at the subject's last token, averaged over the context
-           prefixes (MEMIT ``compute_ks``);
+For each l in R ascending (earlier layers already written), for each target site:
+    K^l  = keys of the requests at l (:func:`~pmet_lens.editing.keys.request_keys`);
     r_i  = (v_i − current output at L of the bare prompt) · s(L − l + 1),
            s(n) = 1/√n (PMET eq. 11) or 1/n (MEMIT eq. 15);
-    Δ^l  = (λ C^l + Kᵀ K)⁻¹ Kᵀ R   (TransformerLens orientation [d_mlp, d_model], i.e. the
-           transpose of the papers' R Kᵀ (λC + K Kᵀ)⁻¹), solved with ``torch.linalg.solve``
-           in float64, never an explicit inverse;
-    W_out^l += Δ^l.
-With ``update_attn`` (PMET Table 3) W_O^l gets the same update with keys ``attn.hook_z``
-(flattened over heads) and the attention targets v^a.
+    Δ^l  = solve(site, K^l, R, C^l), by default (λC + KᵀK)⁻¹ KᵀR (:func:`least_squares_solve`;
+           TransformerLens orientation [d_k, d_model], the transpose of the papers' R Kᵀ (λC + K Kᵀ)⁻¹);
+    W^l += Δ^l.
+A target site's weight is :data:`~pmet_lens.editing.site.TARGET_WEIGHT`: W_out for PMET's v^m and
+MEMIT's z, W_O (keys: the per-head attention outputs, flattened over heads) for PMET's v^a (Table 3).
+
+Another update rule is another ``solve`` with the signature of :data:`Solve`, specialised with
+:func:`functools.partial` (e.g. ``partial(least_squares_solve, lam=600.0)``); the engine
+:func:`compute_and_apply_updates` is shared.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
-from pmet_lens.core.arch import architecture, block_index
-from pmet_lens.data import Fact
-from pmet_lens.editing.context import context_templates
-from pmet_lens.editing.targets import Settings, site_hook
+from pmet_lens.core.arch import architecture
+from pmet_lens.editing.keys import PromptRun, request_keys
+from pmet_lens.editing.prepared import PreparedRequests
+from pmet_lens.editing.site import TARGET_WEIGHT, EditSite, edit_site
 from pmet_lens.editing.validate import EditError
-from pmet_lens.core.tokens import encode, pad, subject_last_position
 
-__all__ = ["spread", "solve_update", "key_hook", "param_name", "compute_and_apply_updates"]
+__all__ = ["Solve", "compute_and_apply_updates", "least_squares_solve", "solve_update", "spread"]
+
+Solve = Callable[[EditSite, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``solve(site, keys [n, d_k], resid [n, d_model], cov [d_k, d_k]) -> Δ [d_k, d_model]`` in float64:
+the update of ``site`` (its layer is ``site.layer``) from the requests' keys, the spread residuals and
+the site's second-moment statistics C = E[k kᵀ]. It must return finite values or raise :class:`EditError`."""
 
 
 def spread(L: int, layer: int, kind: str) -> float:
@@ -65,79 +71,54 @@ def solve_update(
     return delta
 
 
-def key_hook(model: HookedTransformer, site: str, layer: int) -> str:
-    """Key hook of the weight a kept site updates: mlp.hook_post (W_out) or attn.hook_z (W_O)."""
-    arch = architecture(model)
-    return arch.attn_key_hook(layer) if site == "attn_out" else arch.mlp_key_hook(layer)
-
-
-def param_name(site: str, layer: int) -> str:
-    """Parameter name updated for a kept site: ``blocks.l.mlp.W_out`` or ``blocks.l.attn.W_O``."""
-    return f"blocks.{layer}.attn.W_O" if site == "attn_out" else f"blocks.{layer}.mlp.W_out"
-
-
-def get_param(model: HookedTransformer, name: str) -> torch.nn.Parameter:
-    """The parameter ``blocks.l.mlp.W_out`` / ``blocks.l.attn.W_O`` through :mod:`pmet_lens.core.arch`."""
-    arch = architecture(model)
-    layer = block_index(name)
-    return arch.w_o(model, layer) if name.endswith("W_O") else arch.w_out(model, layer)
+def least_squares_solve(
+    site: EditSite, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, *, lam: float
+) -> torch.Tensor:
+    """The MEMIT / PMET :data:`Solve`: :func:`solve_update` with covariance weight λ (same for every site)."""
+    return solve_update(keys, resid, cov, lam)
 
 
 def compute_and_apply_updates(
     model: HookedTransformer,
-    facts: Sequence[Fact],
-    targets: dict[str, torch.Tensor],
+    requests: PreparedRequests,
+    targets: Mapping[str, torch.Tensor],
     layers: Sequence[int],
-    lam: float,
-    settings: Settings,
-    prefixes: tuple[str, ...],
-    covs: dict[str, torch.Tensor],
-    on_write: Callable[[str, torch.Tensor], None],
+    spread_kind: str,
+    covs: Mapping[str, torch.Tensor],
+    solve: Solve,
+    on_write: Callable[[EditSite, torch.Tensor], None] = lambda site, delta: None,
 ) -> dict[str, torch.Tensor]:
-    """Compute Δ^l for each l in ``layers`` (ascending) and write it (``on_write(name, Δ)`` is
-    called first so the caller can keep the original). Returns {param name: Δ in param dtype}.
+    """Compute Δ^l for each l in ``layers`` (ascending) and each target site, and write it into the weights.
 
     Args:
-        targets: kept site -> [facts, d_model] target vectors v_i at L.
-        covs: key hook name -> C of that hook.
+        requests: the prepared requests (row i = fact i).
+        targets: δ site ("mlp_out", "attn_out" or "resid_post") -> ``[facts, d_model]`` target vectors v_i
+            at L = max(layers).
+        spread_kind: "sqrt" (PMET eq. 11) or "even" (MEMIT eq. 15), see :func:`spread`.
+        covs: key hook name (``EditSite.key_hook``) -> C of that hook.
+        solve: the per-site update rule (:data:`Solve`), e.g. ``partial(least_squares_solve, lam=λ)``.
+        on_write: called with ``(site, Δ)`` just before Δ is added, so the caller can keep the original.
+
+    Returns:
+        ``{site.param_name: Δ}`` in the parameter's shape and dtype.
     """
     arch = architecture(model)
     L = max(layers)
-    templates = context_templates(prefixes)
-    P = len(templates)
-    seqs, lookups = [], []
-    for fact in facts:
-        for tmpl in templates:
-            text_tmpl = tmpl.replace("{}", fact.prompt)
-            seqs.append(encode(model, text_tmpl.format(fact.subject)))
-            lookups.append(subject_last_position(model, text_tmpl, fact.subject))
-    batch = pad(model, seqs)
-    look = torch.tensor(lookups, device=batch.tokens.device)
-    rows = torch.arange(len(seqs), device=look.device)
-    bare = rows[::P]
-    first = min(layers)
+    out_hooks = {target: arch.delta_hook(target, L) for target in targets}
     deltas: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        resid_first = model(batch.tokens, stop_at_layer=first)  # layers < min(R) never change
+        run = PromptRun.build(model, requests, min(layers))  # layers < min(R) never change
         for layer in layers:
-            got: dict[str, torch.Tensor] = {}
-
-            def grab(act, hook):
-                got[hook.name] = act[rows, look].reshape(len(rows), -1).clone()
-
-            names = {site: key_hook(model, site, layer) for site in settings.kept_sites}
-            outs = {site: site_hook(arch, site, L) for site in settings.kept_sites}
-            with model.hooks(fwd_hooks=[(h, grab) for h in {*names.values(), *outs.values()}]):
-                model(resid_first, start_at_layer=first, stop_at_layer=L + 1)
-            for site in settings.kept_sites:
-                keys = got[names[site]].reshape(len(facts), P, -1).mean(1)
-                current = got[outs[site]][bare]
-                resid = (targets[site].to(current.dtype) - current) * spread(L, layer, settings.spread)
-                delta64 = solve_update(keys, resid, covs[names[site]], lam)
-                name = param_name(site, layer)
-                param = get_param(model, name)
+            sites = {target: edit_site(arch, TARGET_WEIGHT[target], layer) for target in targets}
+            reading = request_keys(model, requests, list(sites.values()), outputs=list(out_hooks.values()),
+                                   stop_layer=L + 1, run=run)
+            for target, site in sites.items():
+                current = reading.outputs[out_hooks[target]]
+                resid = (targets[target].to(current.dtype) - current) * spread(L, layer, spread_kind)
+                delta64 = solve(site, reading.keys[site], resid, covs[site.key_hook])
+                param = site.param(model)
                 delta = delta64.to(param.dtype).reshape(param.shape)
-                on_write(name, delta)
+                on_write(site, delta)
                 param += delta
-                deltas[name] = delta
+                deltas[site.param_name] = delta
     return deltas

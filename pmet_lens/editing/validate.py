@@ -1,4 +1,5 @@
-"""Checks run on every edit request before any weight changes."""
+"""Checks run on every edit request before any weight changes (the tokenisation checks follow in
+:func:`pmet_lens.editing.prepared.prepare_requests`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from transformer_lens import HookedTransformer
 from pmet_lens.core.arch import architecture
 from pmet_lens.data import DataError, Fact, as_facts
 from pmet_lens.editing.hparams import EditHyperParams
-from pmet_lens.core.tokens import subject_last_position, target_ids
 
 __all__ = ["EditError", "validate_requests"]
 
@@ -19,7 +19,8 @@ class EditError(ValueError):
 
 
 def validate_requests(model: HookedTransformer, facts: Sequence[Any], hparams: EditHyperParams) -> list[Fact]:
-    """Normalise ``facts`` and reject bad input with a clear message.
+    """Normalise ``facts`` and reject bad input with a clear message (without tokenising: what only
+    the tokenizer can reject is checked by :func:`~pmet_lens.editing.prepared.prepare_requests`).
 
     Raises:
         DataError: a record is malformed, its subject is not in its prompt, its target is empty
@@ -44,11 +45,6 @@ def validate_requests(model: HookedTransformer, facts: Sequence[Any], hparams: E
             raise DataError(f"{where}: target_new {fact.target_new!r} equals the true target; nothing to edit")
         if fact.subject not in fact.text:
             raise DataError(f"{where}: subject {fact.subject!r} does not occur in the prompt {fact.text!r}")
-        try:
-            subject_last_position(model, fact.prompt, fact.subject)
-            target_ids(model, fact.target_new)
-        except ValueError as exc:
-            raise DataError(f"{where}: {exc}") from None
         key = (fact.subject, fact.prompt)
         previous = seen.get(key)
         if previous is not None and previous.strip() != fact.target_new.strip():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import load_analysis
+
+from pmet_lens.core.tokens import encode, target_ids
 from pmet_lens.data import load_counterfact, load_known_facts
 from pmet_lens.editing import CovarianceStore, edit, preset
-from pmet_lens.core.tokens import encode, target_ids
 
 EIFFEL = "The Eiffel Tower is located in the city of"
 # Measured on SmolLM2 with the presets (PMET λ 30, c 1.5; MEMIT λ 30, c 0.75; `analyses/paraphrase_probe.py`

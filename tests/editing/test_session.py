@@ -131,21 +131,29 @@ def test_preserved_keys_unchanged_and_earlier_batches_protected(cov_store):
     assert all(change[n] < change_without[n] for n in EDITED)
 
 
-def _target_logprob(model, fact) -> float:
-    tokens = model.to_tokens(fact["prompt"].format(fact["subject"]))
-    target = model.to_tokens(" " + fact["target_new"], prepend_bos=False)[0, 0]
-    with torch.no_grad():
-        return float(torch.log_softmax(model(tokens)[0, -1].double(), -1)[target])
+def _output_at_L(model, facts, L: int) -> torch.Tensor:
+    """MEMIT's target site (``hook_resid_post`` of L) at each bare prompt's subject's last token."""
+    from pmet_lens.core.tokens import subject_last_position
+
+    rows = []
+    for f in facts:
+        tokens = model.to_tokens(f["prompt"].format(f["subject"]))
+        _, cache = model.run_with_cache(tokens, names_filter=f"blocks.{L}.hook_resid_post")
+        rows.append(cache[f"blocks.{L}.hook_resid_post"][0, subject_last_position(model, f["prompt"], f["subject"])])
+    return torch.stack(rows).double()  # [facts, d_model]
 
 
 def test_batch_keys_move_toward_their_targets(cov_store):
+    """Each batch moves its requests' output at L toward their target vectors z (AlphaEdit's update
+    fits K1 X ≈ R within the null space), for the batch's own keys."""
     model = make_tiny_model(False, "LN", False)
     session = _session(model, cov_store, _hp(l2=0.1))
     for facts in BATCHES[:2]:
-        before = [_target_logprob(model, f) for f in facts]
-        session.edit(facts)
-        after = [_target_logprob(model, f) for f in facts]
-        assert all(a > b for a, b in zip(after, before))
+        before = _output_at_L(model, facts, 2)
+        result = session.edit(facts)
+        after = _output_at_L(model, facts, 2)
+        z = result.targets["resid_post"].double()
+        assert ((z - after).norm(dim=1) < (z - before).norm(dim=1)).all()
 
 
 def test_repeat_or_contradiction_of_an_earlier_batch_is_an_error(cov_store):
@@ -190,3 +198,18 @@ def test_threshold_zero_edits_nothing(cov_store, caplog):
     result = session.edit(BATCHES[0])
     assert all(torch.equal(d, torch.zeros_like(d)) for d in result.deltas.values())
     assert _equal(before, _weights(model))
+
+
+def test_single_mass_edit_with_alphaedit_equals_a_one_batch_session(cov_store):
+    """``edit(method="alphaedit")`` is the projected solve with no earlier batches: the same ΔW as a
+    session's first batch."""
+    from pmet_lens.editing import edit
+
+    model = make_tiny_model(False, "RMS", True)
+    hp = _hp()
+    result = edit(model, BATCHES[1], hparams=hp, cov_store=cov_store, nullspace_store=NullspaceStore(False),
+                  apply=False, progress=False)
+    session = _session(model, cov_store, hp)
+    first = session.edit(BATCHES[1])
+    assert set(result.deltas) == set(EDITED)
+    assert all(torch.equal(result.deltas[n], first.deltas[n]) for n in EDITED)

@@ -1,0 +1,109 @@
+"""Keys of edit requests: the input k^l of an edited weight at the subject's last token.
+
+The key of fact i at layer l is the weight's input at the lookup position averaged over the
+context-prefixed prompts pref_j ⊕ p(s_i) (MEMIT eq. 14's k_i; PMET eq. 10) as the official
+``compute_ks`` averages it: the mean within each group of templates (the bare prompt; the prefixed
+prompts), then the mean over the groups, so the bare prompt carries half the weight.
+:func:`request_keys` is the one place that computes it: the weight update and any statistic over
+the edited keys (e.g. K_p K_pᵀ of earlier batches) read keys from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformer_lens import HookedTransformer
+
+from pmet_lens.editing.prepared import PreparedRequests, PromptRows
+from pmet_lens.editing.site import EditSite
+
+__all__ = ["LayerReading", "PromptRun", "prefix_mean", "request_keys"]
+
+
+@dataclass(frozen=True)
+class PromptRun:
+    """The prompt rows of prepared requests with the residual stream entering block ``start``
+    computed once (blocks before the lowest edited layer never change during an update).
+
+    Attributes:
+        rows: :meth:`PreparedRequests.rows` (no target tokens, no KL prompts).
+        start: the block the cached residual stream enters.
+        resid: ``[rows, pos, d_model]`` residual stream entering block ``start``.
+    """
+
+    rows: PromptRows
+    start: int
+    resid: torch.Tensor
+
+    @classmethod
+    def build(cls, model: HookedTransformer, requests: PreparedRequests, start: int) -> "PromptRun":
+        rows = requests.rows(model)
+        with torch.no_grad():
+            resid = model(rows.tokens, stop_at_layer=start)
+        return cls(rows=rows, start=start, resid=resid)
+
+
+@dataclass(frozen=True)
+class LayerReading:
+    """What :func:`request_keys` read in one forward pass.
+
+    Attributes:
+        keys: site -> ``[facts, d_k]`` keys (W_O's flattened over the heads), averaged over the
+            context templates by :func:`prefix_mean` (group-weighted).
+        outputs: hook name -> ``[facts, d]`` activation at the bare prompt's lookup position.
+    """
+
+    keys: dict[EditSite, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+
+
+def prefix_mean(per_row: torch.Tensor, requests: PreparedRequests) -> torch.Tensor:
+    """``[facts · templates, d]`` row values (fact-major, as :meth:`PreparedRequests.rows`) -> ``[facts, d]``:
+    per fact, the mean over the groups (:attr:`PreparedRequests.template_groups`) of the mean within
+    each group. With prefixes the bare prompt's weight is 1/2 and each prefixed prompt's 1/(2·#prefixes)."""
+    n, p = len(requests), len(requests.templates)
+    x = per_row.reshape(n, p, -1)                                         # [facts, templates, d]
+    groups = [x[:, list(g)].mean(1) for g in requests.template_groups]    # each [facts, d]
+    return torch.stack(groups).mean(0)                                    # [groups, facts, d] -> [facts, d]
+
+
+def request_keys(
+    model: HookedTransformer,
+    requests: PreparedRequests,
+    sites: Sequence[EditSite],
+    *,
+    outputs: Sequence[str] = (),
+    stop_layer: int | None = None,
+    run: PromptRun | None = None,
+) -> LayerReading:
+    """Keys of ``requests`` at each of ``sites`` on the model as it is now, in one forward pass.
+
+    Args:
+        sites: edit sites whose keys to read (any layers).
+        outputs: hook names also read, at the bare prompt's lookup position (the update's current
+            output at L).
+        stop_layer: run blocks up to (excluding) this one; default one past the highest site. It must
+            include the blocks of ``outputs``.
+        run: prompt rows with a cached residual stream (:meth:`PromptRun.build`); default built here,
+            starting at the lowest site's block.
+    """
+    if run is None:
+        run = PromptRun.build(model, requests, min(site.layer for site in sites))
+    if stop_layer is None:
+        stop_layer = max(site.layer for site in sites) + 1
+    rows = torch.arange(run.rows.tokens.shape[0], device=run.rows.lookup.device)
+    got: dict[str, torch.Tensor] = {}
+
+    def grab(act: torch.Tensor, hook) -> None:
+        got[hook.name] = act[rows, run.rows.lookup].reshape(len(rows), -1).clone()  # [rows, ...] -> [rows, d]
+
+    names = {*(site.key_hook for site in sites), *outputs}
+    with torch.no_grad(), model.hooks(fwd_hooks=[(h, grab) for h in names]):
+        model(run.resid, start_at_layer=run.start, stop_at_layer=stop_layer)
+    missing = names - set(got)
+    if missing:
+        raise ValueError(f"hooks {sorted(missing)} did not run before block {stop_layer}: raise stop_layer")
+    return LayerReading(keys={site: prefix_mean(got[site.key_hook], requests) for site in sites},
+                        outputs={h: got[h][run.rows.bare] for h in outputs})
