@@ -39,6 +39,8 @@ _EXPORTS: dict[str, str] = {
     "EditResult": "pmet_lens.editing",
     "PMETHyperParams": "pmet_lens.editing",
     "MEMITHyperParams": "pmet_lens.editing",
+    "AlphaEditHyperParams": "pmet_lens.editing.hparams",
+    "EditSession": "pmet_lens.editing.session",
     # evaluation and dashboards
     "evaluate_counterfact": "pmet_lens.evaluation.counterfact",
     "evaluate_zsre": "pmet_lens.evaluation.zsre",

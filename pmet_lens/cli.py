@@ -189,6 +189,51 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- session
+SESSION_METHODS = ("alphaedit", "memit", "pmet", "pmet+ns")
+
+
+def _cmd_session(args: argparse.Namespace) -> int:
+    """Edit the facts in batches of ``--batch`` one after another (lifelong editing), saving the
+    session file after every batch; ``--resume`` continues a saved session."""
+    from pmet_lens.data import as_facts
+    from pmet_lens.editing.session import EditSession
+
+    records = _read_records(_existing_file(args.facts, "facts file"))  # type: ignore[arg-type]
+    if args.limit is not None:
+        records = records[: args.limit]
+    if args.batch < 1:
+        raise CLIError(f"--batch must be >= 1, got {args.batch}")
+    facts = as_facts(records)
+    corpus = _existing_file(args.corpus, "corpus file")
+    out = Path(args.out)
+    if args.resume and not out.is_file():
+        raise CLIError(f"--resume: no session file at {out}")
+    model = _load_model(args.model)
+    store = None
+    if corpus is not None:
+        from pmet_lens.editing import CovarianceStore
+
+        store = CovarianceStore(corpus=corpus, progress=True)
+    if args.resume:
+        session = EditSession.load(out, model, cov_store=store)
+    else:
+        base = "pmet" if args.method == "pmet+ns" else args.method
+        hp = _hparams(argparse.Namespace(**{**vars(args), "method": base}), str(model.cfg.model_name))
+        if args.method == "pmet+ns":
+            hp = hp.with_(nullspace=True)
+        session = EditSession(model, hparams=hp, cov_store=store)
+    batches = [facts[i:i + args.batch] for i in range(0, len(facts), args.batch)]
+    done = sum(len(r.facts) for r in session.history)
+    if args.resume and done % args.batch:
+        raise CLIError(f"{out} holds {done} edited facts, not a multiple of --batch {args.batch}")
+    for b in range(done // args.batch, len(batches)):
+        session.edit(batches[b], overwrite=args.overwrite)
+        session.save(out)
+        print(f"batch {b + 1}/{len(batches)}: {len(batches[b])} fact(s); wrote {out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- evaluate
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pmet_lens.data import load_counterfact, load_zsre
@@ -205,8 +250,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             records = load_counterfact(records_path, limit=args.limit)
     else:
         records = load_zsre(records_path, limit=args.limit)
+    session_path = _existing_file(getattr(args, "session", None), "session file")
+    if session_path is not None and delta_path is not None:
+        raise CLIError("pass --delta or --session, not both")
     model = _load_model(args.model)
     result = None
+    if session_path is not None:
+        result = _load_session(session_path, model)
     if delta_path is not None:
         from pmet_lens.editing import EditResult
 
@@ -233,9 +283,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_session(path: Path, model):
+    """The session in ``path`` written into ``model``, as an object whose ``restore()`` undoes it."""
+    from pmet_lens.editing.session import EditSession
+
+    try:
+        session = EditSession.load(path, model)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+    class _Undo:
+        def restore(self) -> None:
+            session.undo(to=0)
+
+    return _Undo()
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of ``pmet-lens`` (four subcommands)."""
+    """The argparse parser of ``pmet-lens`` (five subcommands)."""
     parser = argparse.ArgumentParser(prog="pmet-lens", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -287,6 +353,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the target optimisation (needs a C++ compiler; compiling adds start-up time)")
     p.set_defaults(func=_cmd_edit)
 
+    p = sub.add_parser("session", help="lifelong editing: facts in batches, one after another; writes a session file",
+                       description="Edit facts in batches of --batch into one model, one batch after another "
+                                   "(AlphaEdit's protocol; alphaedit and pmet+ns use the null-space projected update), "
+                                   "saving the session (every batch's deltas and statistics) after each batch.")
+    common(p)
+    p.add_argument("--facts", required=True, help="JSON list (or .jsonl) of records")
+    p.add_argument("--method", choices=SESSION_METHODS, default="alphaedit")
+    p.add_argument("--batch", type=int, required=True, help="facts per batch")
+    p.add_argument("--preset", help="hyper-parameter preset (default: the model's)")
+    p.add_argument("--hparams", help="JSON object of hyper-parameter overrides, e.g. {\"nullspace_threshold\": 0.01}")
+    p.add_argument("--limit", type=int, default=None, help="edit the first N records")
+    p.add_argument("--out", required=True, help="session file to write (.safetensors)")
+    p.add_argument("--resume", action="store_true", help="continue the session saved in --out")
+    p.add_argument("--overwrite", action="store_true", help="allow re-editing a subject and prompt of an earlier batch")
+    p.add_argument("--corpus", help="text file for the key statistics C (default: the shipped WikiText-2 text)")
+    p.set_defaults(func=_cmd_session)
+
     p = sub.add_parser("evaluate", help="CounterFact / zsRE metrics, optionally with a delta file applied",
                        description="CounterFact (efficacy, paraphrase, neighborhood, score, fluency, consistency proxy) "
                                    "or zsRE (top-1 token accuracy) evaluation.")
@@ -295,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records", help="records file (default: the shipped subset)")
     p.add_argument("--split", choices=["tune", "report"], help="CounterFact: only this part of the shipped split")
     p.add_argument("--delta", help="delta file from `pmet-lens edit` to apply first")
+    p.add_argument("--session", help="session file from `pmet-lens session` to apply first (all its batches)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
     p.add_argument("--no-generation", action="store_true", help="skip fluency / consistency (fast)")
     p.add_argument("--gen-every", type=int, default=1, help="generation metrics on every k-th record")

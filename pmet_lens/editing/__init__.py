@@ -22,6 +22,7 @@ from pmet_lens.editing.context import context_prefixes
 from pmet_lens.editing.covariance import CovarianceStore
 from pmet_lens.editing.hparams import (
     METHODS,
+    AlphaEditHyperParams,
     EditHyperParams,
     MEMITHyperParams,
     PMETHyperParams,
@@ -40,7 +41,7 @@ from pmet_lens.editing.validate import EditError, validate_requests
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CovarianceStore", "EditError", "EditHyperParams", "EditResult", "EditSite", "MEMITHyperParams",
+    "AlphaEditHyperParams", "CovarianceStore", "EditError", "EditHyperParams", "EditResult", "EditSite", "MEMITHyperParams",
     "PMETHyperParams", "PreparedRequests", "context_prefixes", "edit", "prepare_requests", "preset", "request_keys",
 ]
 
@@ -52,6 +53,7 @@ def edit(
     hparams: EditHyperParams | None = None,
     *,
     cov_store: CovarianceStore | None = None,
+    nullspace_store: Any = None,
     apply: bool = True,
     progress: bool = True,
     targets: dict[str, torch.Tensor] | None = None,
@@ -67,6 +69,11 @@ def edit(
             neither given: "pmet".
         hparams: hyper-parameters; default :func:`preset` of ``method`` for ``model.cfg.model_name``.
         cov_store: covariance cache (default: a store under ``default_cache_dir()`` on WikiText-2).
+        nullspace_store: cache of AlphaEdit's projectors P for ``hparams.nullspace``
+            (:class:`~pmet_lens.editing.nullspace.NullspaceStore`; default one under ``default_cache_dir()``).
+            With ``nullspace`` (``method="alphaedit"``, or ``PMETHyperParams(nullspace=True)``) the
+            update is AlphaEdit's projected solve with no earlier batches (KpKp = 0); for sequential
+            batches use :class:`~pmet_lens.editing.session.EditSession`.
         apply: leave the edit written into the weights (otherwise the weights are restored and
             the result can be previewed with :meth:`EditResult.as_hooks` or applied later).
         progress: show progress bars.
@@ -94,7 +101,7 @@ def edit(
     if hparams is None:
         hparams = preset(str(getattr(model.cfg, "model_name", "")), method or "pmet")
     elif not isinstance(hparams, EditHyperParams):
-        raise TypeError(f"hparams must be PMETHyperParams or MEMITHyperParams, got {type(hparams).__name__}")
+        raise TypeError(f"hparams must be PMETHyperParams, MEMITHyperParams or AlphaEditHyperParams, got {type(hparams).__name__}")
     elif method is not None and method.lower() != hparams.method:
         raise ValueError(f"method={method!r} contradicts hparams={type(hparams).__name__} (method "
                          f"{hparams.method!r}): pass one of them, or hyper-parameters of that method")
@@ -130,7 +137,7 @@ def edit(
     try:
         deltas = compute_and_apply_updates(
             model, requests, {s: values[s] for s in settings.kept_sites}, hparams.layers, settings.spread, covs,
-            solve=partial(least_squares_solve, lam=hparams.lam), on_write=keep_original)
+            solve=_solve_for(model, hparams, sites, covs, store, nullspace_store, layer_hashes), on_write=keep_original)
     except BaseException:
         with torch.no_grad():
             for name, orig in originals.items():
@@ -161,3 +168,22 @@ def _check_targets(targets: dict[str, torch.Tensor], sites: Sequence[str], n_fac
         if not torch.isfinite(t).all():
             raise EditError(f"targets[{s!r}] contains NaN/inf")
     return {s: t.detach() for s, t in targets.items()}
+
+
+def _solve_for(model: HookedTransformer, hparams: EditHyperParams, sites: Sequence[EditSite],
+               covs: dict[str, torch.Tensor], store: CovarianceStore, nullspace_store: Any,
+               layer_hashes: dict[int, str]):
+    """The per-site solve of ``hparams``: MEMIT's / PMET's least squares with λ, or with
+    ``nullspace`` AlphaEdit's projected solve (AlphaEdit eq. 12) with P from C of the model as it is."""
+    if not hparams.nullspace:
+        return partial(least_squares_solve, lam=hparams.lam)
+    from pmet_lens.editing.engine import projected_site_solve
+    from pmet_lens.editing.nullspace import NullspaceStore
+
+    ns = nullspace_store if nullspace_store is not None else NullspaceStore()
+    projections = {}
+    for site in sites:
+        key = store.cache_key(model, site.key_hook, hparams.cov_tokens, hparams.cov_dtype, hparams.cov_seq_len,
+                              layer_hashes=layer_hashes)
+        projections[site.key_hook] = ns.get(key, covs[site.key_hook], hparams.nullspace_threshold)
+    return partial(projected_site_solve, projections=projections, l2=hparams.l2)

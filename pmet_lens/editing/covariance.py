@@ -118,6 +118,17 @@ class CovarianceStore:
         device = model.cfg.device
         return {h: out[h].to(device) for h in hooks}
 
+    def cache_key(self, model: HookedTransformer, hook: str, n_tokens: int, dtype: str = "float32",
+                  seq_len: int = 256, *, layer_hashes: dict[int, str] | None = None) -> str:
+        """The name of one matrix in the cache (hook, weights hash up to its layer, tokenizer, corpus,
+        token count, sequence length, dtype); statistics derived from C (the null-space projector of
+        :class:`~pmet_lens.editing.nullspace.NullspaceStore`) are cached under it. ``layer_hashes``
+        as in :meth:`get`."""
+        layer = block_index(hook)
+        if layer_hashes is None or layer not in layer_hashes:
+            layer_hashes = weights_hashes(model, [layer])[1]
+        return self._key_for(layer_hashes[layer], self._tokenizer_hash(model), hook, n_tokens, dtype, seq_len)
+
     def path_for(self, model: HookedTransformer, hook: str, n_tokens: int, dtype: str = "float32",
                  seq_len: int = 256) -> Path | None:
         """Cache file of one matrix (``None`` without a disk cache)."""

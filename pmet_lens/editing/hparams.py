@@ -20,6 +20,7 @@ from pmet_lens.analysis.layers import default_critical_layers
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AlphaEditHyperParams",
     "EditHyperParams",
     "MEMITHyperParams",
     "PMETHyperParams",
@@ -66,6 +67,14 @@ class EditHyperParams:
             ``None`` samples them from the model (seeded). The bare prompt is always included.
         seed: seed of the prefix sampling generator.
         batch_size: facts optimised together in one forward/backward.
+        nullspace: replace the update's λC term by AlphaEdit's null-space projection (AlphaEdit
+            eq. 12, :mod:`pmet_lens.editing.nullspace`): ΔW solves (P(K1ᵀK1 + KpKp) + αI) ΔW = P K1ᵀR;
+            λ is then unused. In an :class:`~pmet_lens.editing.session.EditSession`, KpKp sums the
+            keys of the earlier batches; in a single :func:`~pmet_lens.editing.edit` it is zero.
+        nullspace_threshold: τ, the absolute eigenvalue threshold of C = E[kkᵀ] below which an
+            eigenvector spans the null space (official AlphaEdit: 2e-2 for GPT2-XL / GPT-J /
+            Llama3-8B; it depends on the model's key scale, choose it per model).
+        l2: α, the ridge weight of the projected solve (official "L2": 10).
     """
 
     method: ClassVar[str]
@@ -89,6 +98,9 @@ class EditHyperParams:
     context_prefixes: tuple[str, ...] | None = None
     seed: int = 0
     batch_size: int = 8
+    nullspace: bool = False
+    nullspace_threshold: float = 2e-2
+    l2: float = 10.0
 
     def __post_init__(self) -> None:
         layers = tuple(self.layers)
@@ -115,6 +127,14 @@ class EditHyperParams:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not isinstance(self.prefixes_per_start, int) or self.prefixes_per_start < 0:
             raise ValueError(f"prefixes_per_start must be an int >= 0, got {self.prefixes_per_start!r}")
+        if not isinstance(self.nullspace, bool):
+            raise TypeError(f"nullspace must be True or False, got {self.nullspace!r}")
+        tau = self.nullspace_threshold
+        if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and math.isfinite(tau) and tau >= 0):
+            raise ValueError(f"nullspace_threshold (τ) must be a finite number >= 0, got {tau!r}")
+        if not (isinstance(self.l2, (int, float)) and not isinstance(self.l2, bool) and math.isfinite(self.l2)
+                and self.l2 > 0):
+            raise ValueError(f"l2 (α) must be a finite number > 0, got {self.l2!r}")
         if self.cov_dtype not in ("float32", "float64"):
             raise ValueError(f"cov_dtype must be 'float32' or 'float64', got {self.cov_dtype!r}")
         object.__setattr__(self, "prefix_starts", tuple(self.prefix_starts))
@@ -136,7 +156,8 @@ class EditHyperParams:
 
     #: Fields that only enter the weight update (λ, C, the spread, which weights are written), not
     #: the optimisation of the target vectors (PMET eq. 9, MEMIT eq. 16).
-    update_only_fields: ClassVar[frozenset[str]] = frozenset({"lam", "cov_tokens", "cov_seq_len", "cov_dtype"})
+    update_only_fields: ClassVar[frozenset[str]] = frozenset(
+        {"lam", "cov_tokens", "cov_seq_len", "cov_dtype", "nullspace", "nullspace_threshold", "l2"})
 
     def target_settings(self) -> dict[str, Any]:
         """The JSON-ready settings the optimised targets depend on: :meth:`to_dict` without
@@ -234,7 +255,25 @@ def settings_for(hparams: EditHyperParams) -> Settings:
     return Settings(("resid_post",), ("resid_post",), getattr(hparams, "spread", "even"), None)
 
 
-METHODS: dict[str, type[EditHyperParams]] = {"pmet": PMETHyperParams, "memit": MEMITHyperParams}
+@dataclass(frozen=True)
+class AlphaEditHyperParams(MEMITHyperParams):
+    """AlphaEdit (Fang et al., ICLR 2025, eq. 12): MEMIT's target z on the residual stream h^L and
+    its spread 1/(L−l+1), with the null-space projected update (``nullspace`` is always True; see
+    :class:`EditHyperParams` for τ = ``nullspace_threshold`` and α = ``l2``). λ is unused.
+    """
+
+    method: ClassVar[str] = "alphaedit"
+
+    nullspace: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.nullspace:
+            raise ValueError("AlphaEditHyperParams needs nullspace=True (use MEMITHyperParams for MEMIT's update)")
+
+
+METHODS: dict[str, type[EditHyperParams]] = {
+    "pmet": PMETHyperParams, "memit": MEMITHyperParams, "alphaedit": AlphaEditHyperParams}
 """Method name -> its hyper-parameter class."""
 
 
@@ -293,6 +332,10 @@ def preset(model_name: str, method: str = "pmet") -> EditHyperParams:
       lr 0.2, c = 3/4; MEMIT λ 15000, 25 steps, lr 0.5, c = 3/4.
     * ``gpt-neox-20b``: R = {6..10}; PMET λ 15000, 30 steps, lr 0.5, c = 4/5, 5k samples;
       MEMIT λ 20000, 20 steps, lr 0.5, c = 3/10, 50k samples.
+    * ``alphaedit``: MEMIT's preset (targets and spread) with the model's ``nullspace`` block of
+      ``presets/editing.json`` (τ, α); without one, AlphaEdit's official τ = 2e-2, α = 10. Every
+      method's hyper-parameters carry that block too, so ``preset(name, "pmet").with_(nullspace=True)``
+      is PMET with the projection at the same τ and α.
     * any other model whose R is stored in ``presets/critical_layers.json``: the class defaults
       with that R (and a warning: λ and the optimisation settings were not tuned for it).
 
@@ -301,11 +344,15 @@ def preset(model_name: str, method: str = "pmet") -> EditHyperParams:
             layers (the message says how to find R or pass it).
     """
     method = method.lower()
-    if method not in ("pmet", "memit"):
-        raise ValueError(f"method must be 'pmet' or 'memit', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     cls = METHODS[method]
     key = _preset_key(model_name)
-    values = _tuplify(_preset_table()[key][method]) if key is not None else {}
+    values: dict[str, Any] = {}
+    if key is not None:
+        table = _preset_table()[key]
+        values = _tuplify(table["memit" if method == "alphaedit" else method])
+        values.update(_tuplify(table.get("nullspace", {})))  # τ and α (used when nullspace=True)
     if "layers" not in values:
         layers = critical_layers_for(key or model_name)
         if layers is None:

@@ -14,6 +14,10 @@ For a chosen fact and (optionally) its :class:`pmet_lens.editing.EditResult`:
   tokens (mean over heads) before / after, and circuitsvis attention patterns of the layer that
   attends most to the subject. PMET argues MHSA *extracts* rather than stores knowledge, so an FFN
   edit should leave these patterns nearly unchanged downstream of the edit's lookup;
+* **session view** (:func:`session_dashboard`, for an :class:`pmet_lens.EditSession` or the
+  tables of ``analyses/sequential_benchmark.py``): the per-batch curves (efficacy of the batch just
+  edited and of batch 1, perplexity, weight norms) and, for a chosen batch, each of its edits'
+  P(o*) − P(o^c) right after it was written and after every later batch;
 * **batch view** (``batch=`` a per-record DataFrame of :func:`pmet_lens.evaluate_counterfact`, or a
   dict of them by editor): the distributions of the per-record metrics.
 """
@@ -39,7 +43,7 @@ from pmet_lens.evaluation.scoring import score_continuations
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Dashboard", "dashboard", "logit_lens", "last_token_attention"]
+__all__ = ["Dashboard", "dashboard", "logit_lens", "last_token_attention", "session_dashboard"]
 
 BATCH_COLUMNS = ("efficacy_success", "paraphrase_success", "neighborhood_success", "efficacy_magnitude",
                  "paraphrase_magnitude", "neighborhood_magnitude", "fluency", "consistency", "consistency_proxy")
@@ -265,6 +269,61 @@ def dashboard(
                          title="Per-record metric distributions")
             board.figures["Batch: metric distributions"] = fig
 
+    if html_path is not None:
+        board.write_html(html_path)
+    if show:
+        board.show()
+    return board
+
+
+def session_dashboard(
+    curves: pd.DataFrame | Any,
+    efficacy: pd.DataFrame | None = None,
+    *,
+    batch: int = 1,
+    html_path: str | Path | None = None,
+    show: bool = False,
+) -> Dashboard:
+    """The session view: per-batch curves and the fate of batch ``batch``'s edits.
+
+    Args:
+        curves: the per-batch curves table (``method, batch, efficacy_batch, ...``), or an
+            :class:`pmet_lens.EditSession` (its :meth:`~pmet_lens.EditSession.curves`).
+        efficacy: per request and evaluation point (:func:`pmet_lens.evaluation.sequential.batch_efficacy`
+            rows, with ``method``), for the survival figure and the per-edit table.
+        batch: the batch (1-based) whose edits are followed through the later batches.
+        html_path: also write the self-contained HTML report here.
+        show: display in Jupyter.
+    """
+    import plotly.graph_objects as go
+
+    from pmet_lens.viz.sequential import curves_figure, survival_figure
+
+    if not isinstance(curves, pd.DataFrame):
+        curves = pd.DataFrame(curves.curves()).assign(method=getattr(curves, "method", "session"))
+    board = Dashboard(title=f"Sequential editing: {curves['batch'].max() if len(curves) else 0} batches")
+    board.tables["curves"] = curves
+    board.figures["per-batch curves"] = curves_figure(curves)
+    if efficacy is not None and len(efficacy):
+        if batch not in set(efficacy["batch"]):
+            raise ValueError(f"batch {batch} is not in the efficacy table (batches: {sorted(set(efficacy['batch']))})")
+        board.figures[f"batch {batch} after later batches"] = survival_figure(efficacy, batch)
+        part = efficacy[efficacy["batch"] == batch].copy()
+        part["margin"] = part["p_new"] - part["p_true"].fillna(0.0)
+        key = ["method", "case_id"] if "method" in part else ["case_id"]
+        table = part.pivot_table(index=key, columns="after", values="margin").reset_index()
+        board.tables[f"batch {batch} edits"] = table
+        fig = go.Figure()
+        for method in dict.fromkeys(part["method"]) if "method" in part else [None]:
+            rows = part if method is None else part[part["method"] == method]
+            first, last = rows["after"].min(), rows["after"].max()
+            a = rows[rows["after"] == first].set_index("case_id")["margin"]
+            b = rows[rows["after"] == last].set_index("case_id")["margin"].reindex(a.index)
+            fig.add_trace(go.Scatter(x=a.values, y=b.values, mode="markers", name=str(method or "session"),
+                                     text=[str(c) for c in a.index]))
+        fig.update_layout(title=f"Batch {batch}'s edits: P(o*) − P(o^c) right after (x) and after the last batch (y)",
+                          xaxis_title="after its own batch", yaxis_title="after the last batch", template="plotly_white")
+        board.figures[f"batch {batch} edits before / after"] = fig
     if html_path is not None:
         board.write_html(html_path)
     if show:

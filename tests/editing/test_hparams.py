@@ -46,7 +46,8 @@ def test_update_only_fields_do_not_change_the_targets(tiny_model, cls):
 
     hp = hp_(cls, steps=4)
     changes = {"lam": 7.0, "cov_tokens": 900, "cov_seq_len": 32, "cov_dtype": "float64",
-               "spread": "sqrt" if hp.spread == "even" else "even"}
+               "spread": "sqrt" if hp.spread == "even" else "even",
+               "nullspace": True, "nullspace_threshold": 0.5, "l2": 3.0}
     if cls is PMETHyperParams:
         changes["update_attn"] = True
     assert set(changes) == cls.update_only_fields

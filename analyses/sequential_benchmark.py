@@ -1,0 +1,269 @@
+"""Lifelong editing on the default model: AlphaEdit's sequential protocol, scaled to this machine.
+
+AlphaEdit (Fang et al., ICLR 2025, Table 1) edits 2,000 CounterFact / zsRE cases in 20 batches of
+100 into one model and evaluates every edit once at the end. Here, by default:
+
+* CounterFact: the first ``--cases`` (400) REPORT cases of the fixed split
+  (:mod:`pmet_lens.data.splits`; τ and α were chosen on the TUNE part only) in batches of
+  ``--batch`` (50), then :func:`~pmet_lens.evaluation.evaluate.evaluate_counterfact` on all edited
+  cases (Efficacy, Generalization = paraphrase, Specificity = neighborhood, Fluency, consistency
+  proxy, 95% CIs; generation metrics on every ``--gen-every``-th case);
+* zsRE: the first ``--zsre`` (200) shipped records in batches of ``--zsre-batch`` (50), then
+  :func:`~pmet_lens.evaluation.evaluate.evaluate_zsre` (``--zsre 0`` skips it);
+* per-batch curves (cheap): after every batch, edit-prompt efficacy of every batch so far (the
+  batch just edited, batch 1, all), perplexity of a fixed WikiText-2 test sample
+  (:mod:`pmet_lens.evaluation.perplexity`; AlphaEdit's GLUE is not available offline), ‖ΔW‖ of the
+  batch, ‖ΣΔW‖ and ‖W + ΣΔW‖ (means over the edited layers; per layer in the session files).
+
+Methods (``--methods``): ``memit`` and ``pmet`` (each batch a plain mass edit of the current model),
+``alphaedit`` (MEMIT's targets with the null-space projected update) and ``pmet+ns`` (PMET's
+targets with the same projection, new). Each method starts from the unedited model (the previous
+method's session is undone bit for bit). Every batch's session is saved under ``--out/sessions/``;
+``--resume`` continues each method's session from its file (a resumed run equals an uninterrupted
+one bit for bit) and keeps finished tables.
+
+Outputs in ``--out`` (default ``figures/sequential``): ``sequential_table.csv`` (CounterFact),
+``sequential_zsre.csv``, ``sequential_curves.csv``, ``sequential_efficacy.csv`` (per request after each
+batch), ``sequential_null_dims.csv``, ``sequential.html`` (interactive session view), PNG curves,
+``sequential_summaries.json`` and ``sequential_tables.md``.
+
+    python analyses/sequential_benchmark.py --cases 100 --batch 25 --methods memit,alphaedit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pmet_lens import load_model, load_zsre
+from pmet_lens.data import Fact
+from pmet_lens.data.splits import split_facts
+from pmet_lens.editing import CovarianceStore, preset
+from pmet_lens.editing.nullspace import NullspaceStore
+from pmet_lens.editing.session import EditSession
+from pmet_lens.evaluation.evaluate import evaluate_counterfact, evaluate_zsre, format_table
+from pmet_lens.evaluation.perplexity import perplexity, wikitext_sample
+from pmet_lens.evaluation.sequential import batch_efficacy, curve_row
+from pmet_lens.viz.dashboard import session_dashboard
+from pmet_lens.viz.sequential import curves_png
+
+logger = logging.getLogger("sequential_benchmark")
+
+METHODS = ("memit", "alphaedit", "pmet", "pmet+ns")
+
+PAPER_TABLE1: dict[str, dict[str, float]] = {
+    # AlphaEdit Table 1: 2,000 sequential edits in batches of 100. CounterFact Eff. / Gen. / Spe. /
+    # Flu. / Consis.; zsRE Eff. / Gen. / Spe.
+    "LLaMA3-8B MEMIT": {"efficacy": 65.65, "paraphrase": 64.65, "neighborhood": 51.56, "fluency": 437.43,
+                        "consistency": 6.58, "zsre_efficacy": 34.62, "zsre_paraphrase": 31.28, "zsre_specificity": 18.49},
+    "LLaMA3-8B AlphaEdit": {"efficacy": 98.90, "paraphrase": 94.22, "neighborhood": 67.88, "fluency": 622.49,
+                            "consistency": 32.40, "zsre_efficacy": 94.47, "zsre_paraphrase": 91.13, "zsre_specificity": 32.55},
+    "GPT-J MEMIT": {"efficacy": 98.55, "paraphrase": 95.50, "neighborhood": 63.64, "fluency": 546.28,
+                    "consistency": 34.89, "zsre_efficacy": 94.91, "zsre_paraphrase": 90.22, "zsre_specificity": 30.39},
+    "GPT-J AlphaEdit": {"efficacy": 99.75, "paraphrase": 96.38, "neighborhood": 75.48, "fluency": 618.50,
+                        "consistency": 42.08, "zsre_efficacy": 99.79, "zsre_paraphrase": 96.00, "zsre_specificity": 28.29},
+    "GPT2-XL MEMIT": {"efficacy": 94.70, "paraphrase": 85.82, "neighborhood": 60.50, "fluency": 477.26,
+                      "consistency": 22.72},
+    "GPT2-XL AlphaEdit": {"efficacy": 99.50, "paraphrase": 93.95, "neighborhood": 66.39, "fluency": 597.88,
+                          "consistency": 39.38},
+}
+"""AlphaEdit Table 1 (x100 as printed; fluency as printed)."""
+
+
+def hparams_for(model, method: str):
+    """The preset of ``method`` ("pmet+ns" = PMET's preset with the projection)."""
+    name = str(model.cfg.model_name)
+    if method == "pmet+ns":
+        return preset(name, "pmet").with_(nullspace=True)
+    return preset(name, method)
+
+
+def batches_of(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def run_session(model, method: str, kind: str, batches: list[list[Fact]], args, stores, ppl_sample,
+                out: Path) -> tuple[EditSession, list[dict[str, Any]], pd.DataFrame]:
+    """Edit ``batches`` one after another with ``method``; after each, the cheap curves. Resumable."""
+    path = out / "sessions" / f"{method.replace('+', '_')}_{kind}.safetensors"
+    track = out / "sessions" / f"{method.replace('+', '_')}_{kind}_curves.json"
+    kwargs = dict(cov_store=stores[0], nullspace_store=stores[1], perplexity_sample=ppl_sample,
+                  perplexity_fn=perplexity, progress=not args.quiet)
+    curves: list[dict[str, Any]] = []
+    eff_rows: list[pd.DataFrame] = []
+    if args.resume and path.is_file() and track.is_file():
+        session = EditSession.load(path, model, **kwargs)
+        saved = json.loads(track.read_text())
+        done = len(session)
+        planned = [[(f.case_id, f.text, f.target_new) for f in b] for b in batches[:done]]
+        got = [[(f.case_id, f.text, f.target_new) for f in r.facts] for r in session.history]
+        if planned != got or len(saved["curves"]) != done:
+            raise SystemExit(f"{path} holds other batches than this run plans; remove it or drop --resume")
+        curves = saved["curves"]
+        eff_rows = [pd.DataFrame(saved["efficacy"])]
+        logger.info("%s/%s: resumed after batch %d", method, kind, done)
+    else:
+        session = EditSession(model, hparams=hparams_for(model, method), **kwargs)
+    logger.info("%s/%s: null-space dimensions %s", method, kind, session.null_dims)
+    for b in range(len(session), len(batches)):
+        start = time.perf_counter()
+        session.edit(batches[b])
+        eff = batch_efficacy(model, batches[:b + 1], after=b + 1)
+        eff_rows.append(eff)
+        row = curve_row(eff, session.history[-1].metrics, b + 1)
+        row["wall_seconds"] = time.perf_counter() - start
+        curves.append(row)
+        logger.info("%s/%s batch %d/%d: %s", method, kind, b + 1, len(batches),
+                    {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
+        session.save(path)
+        effs = pd.concat(eff_rows, ignore_index=True)
+        track.write_text(json.dumps({"curves": curves, "efficacy": effs.to_dict("records")}))
+    effs = pd.concat(eff_rows, ignore_index=True) if eff_rows else pd.DataFrame()
+    return session, curves, effs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", type=int, default=400, help="first N CounterFact REPORT cases (0: skip)")
+    parser.add_argument("--batch", type=int, default=50, help="CounterFact cases per batch")
+    parser.add_argument("--zsre", type=int, default=200, help="first N zsRE records (0: skip)")
+    parser.add_argument("--zsre-batch", type=int, default=50, help="zsRE records per batch")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--gen-every", type=int, default=10, help="generation metrics on every k-th edited case")
+    parser.add_argument("--no-generation", action="store_true", help="skip Fluency / consistency (smoke runs)")
+    parser.add_argument("--ppl-tokens", type=int, default=8192, help="WikiText-2 test tokens for the perplexity")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unedited model's rows")
+    parser.add_argument("--resume", action="store_true", help="continue saved sessions and keep finished tables")
+    parser.add_argument("--out", default="figures/sequential", help="output directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model = load_model()
+    stores = (CovarianceStore(progress=not args.quiet), NullspaceStore())
+    ppl_sample = wikitext_sample(model, n_tokens=args.ppl_tokens)
+    datasets: dict[str, tuple[list[list[Any]], list[Any]]] = {}
+    if args.cases:
+        cf = split_facts("report", limit=args.cases)
+        datasets["cf"] = (batches_of(cf, args.batch), cf)
+    if args.zsre:
+        zs = load_zsre(limit=args.zsre)
+        datasets["zsre"] = (batches_of([r.to_fact() for r in zs], args.zsre_batch), zs)
+
+    summaries_path = out / "sequential_summaries.json"
+    summaries: dict[str, Any] = json.loads(summaries_path.read_text()) if args.resume and summaries_path.is_file() else {}
+    summaries.setdefault("cf", {})
+    summaries.setdefault("zsre", {})
+    summaries.setdefault("null_dims", {})
+    summaries.setdefault("baseline_perplexity", None)
+    summaries["meta"] = {"cases": args.cases, "batch": args.batch, "zsre": args.zsre, "zsre_batch": args.zsre_batch,
+                         "gen_every": args.gen_every, "ppl_tokens": args.ppl_tokens, "methods": methods,
+                         "model": str(model.cfg.model_name)}
+    all_curves, all_eff = [], []
+
+    def write() -> None:
+        summaries_path.write_text(json.dumps(summaries, indent=1, default=float))
+
+    if not args.no_baseline:
+        if summaries["baseline_perplexity"] is None:
+            summaries["baseline_perplexity"] = perplexity(model, ppl_sample)
+        if "cf" in datasets and "unedited" not in summaries["cf"]:
+            summaries["cf"]["unedited"] = evaluate_counterfact(model, datasets["cf"][1], not args.no_generation,
+                                                               gen_every=args.gen_every,
+                                                               progress=not args.quiet)[1]
+        if "zsre" in datasets and "unedited" not in summaries["zsre"]:
+            summaries["zsre"]["unedited"] = evaluate_zsre(model, datasets["zsre"][1], progress=not args.quiet)[1]
+        write()
+    for method in methods:
+        for kind, (batches, records) in datasets.items():
+            session, curves, effs = run_session(model, method, kind, batches, args, stores, ppl_sample, out)
+            summaries["null_dims"][method] = session.null_dims
+            if method not in summaries[kind]:
+                if kind == "cf":
+                    summary = evaluate_counterfact(model, records, not args.no_generation, gen_every=args.gen_every,
+                                                  progress=not args.quiet)[1]
+                else:
+                    summary = evaluate_zsre(model, records, progress=not args.quiet)[1]
+                summary["edit_seconds"] = float(sum(c["seconds"] for c in curves))
+                summaries[kind][method] = summary
+                write()
+            all_curves += [dict(c, method=method, dataset=kind) for c in curves]
+            if len(effs):
+                all_eff.append(effs.assign(method=method, dataset=kind))
+            session.undo(to=0)  # the next method starts from the unedited model, bit for bit
+    summaries["seconds"] = time.perf_counter() - t0
+    write()
+    write_outputs(out, summaries, pd.DataFrame(all_curves), pd.concat(all_eff) if all_eff else pd.DataFrame())
+    return 0
+
+
+def write_outputs(out: Path, summaries: dict[str, Any], curves: pd.DataFrame, eff: pd.DataFrame) -> None:
+    """Tables (CSV, markdown), curves (CSV, PNG) and the HTML session view."""
+    if summaries["cf"]:
+        table = format_table(summaries["cf"])
+        table.to_csv(out / "sequential_table.csv")
+    if summaries["zsre"]:
+        format_table(summaries["zsre"], columns=["efficacy", "paraphrase", "specificity", "score"]).to_csv(
+            out / "sequential_zsre.csv")
+    dims = [{"method": m, "hook": h, "null_dim": d} for m, hooks in summaries["null_dims"].items() for h, d in hooks.items()]
+    pd.DataFrame(dims).to_csv(out / "sequential_null_dims.csv", index=False)
+    if len(curves):
+        curves.to_csv(out / "sequential_curves.csv", index=False)
+        eff.to_csv(out / "sequential_efficacy.csv", index=False)
+        for kind in dict.fromkeys(curves["dataset"]):
+            part = curves[curves["dataset"] == kind]
+            curves_png(part, out / f"sequential_curves_{kind}.png", title=f"Sequential editing ({kind})")
+        cf_curves = curves[curves["dataset"] == "cf"] if "cf" in set(curves["dataset"]) else curves
+        cf_eff = eff[eff["dataset"] == cf_curves["dataset"].iloc[0]]
+        session_dashboard(cf_curves, cf_eff, batch=1, html_path=out / "sequential.html")
+    (out / "sequential_tables.md").write_text(markdown_tables(summaries))
+
+
+def markdown_tables(summaries: dict[str, Any]) -> str:
+    """The CounterFact and zsRE tables (x100, fluency x100 as the papers print it) beside AlphaEdit's."""
+    meta = summaries["meta"]
+    zsre = (f"{meta['zsre']} zsRE records in batches of {meta['zsre_batch']}" if meta["zsre"] else "no zsRE")
+    has_gen = any("fluency" in v for v in summaries["cf"].values())
+    gen = f"generation metrics on every {meta['gen_every']}th case" if has_gen else "no generation metrics"
+    lines = [f"SmolLM2-135M-Instruct: {meta['cases']} CounterFact report cases in batches of {meta['batch']}, "
+             f"{zsre}; {gen}. AlphaEdit Table 1: 2,000 edits in batches of 100.", ""]
+    lines += ["| model / method | Eff. | Gen. | Spe. | Flu. | Consis. (proxy here) |", "|---|---|---|---|---|---|"]
+
+    def cell(s: dict[str, Any], key: str, scale: float = 100.0) -> str:
+        if key not in s or s[key] is None:
+            return "–"
+        ci = s.get(f"{key}_ci95")
+        return f"{s[key] * scale:.1f}" + (f" ± {ci * scale:.1f}" if ci is not None else "")
+
+    for name, s in summaries["cf"].items():
+        cons = "consistency_proxy" if "consistency_proxy" in s else "consistency"
+        lines.append(f"| SmolLM2 {name} | {cell(s, 'efficacy')} | {cell(s, 'paraphrase')} | {cell(s, 'neighborhood')} | "
+                     f"{cell(s, 'fluency')} | {cell(s, cons)} |")
+    for name, p in PAPER_TABLE1.items():
+        lines.append(f"| {name} (paper) | {p['efficacy']:.1f} | {p['paraphrase']:.1f} | {p['neighborhood']:.1f} | "
+                     f"{p['fluency']:.1f} | {p['consistency']:.1f} |")
+    if summaries["zsre"]:
+        lines += ["", "| model / method | zsRE Eff. | Gen. | Spe. |", "|---|---|---|---|"]
+        for name, s in summaries["zsre"].items():
+            lines.append(f"| SmolLM2 {name} | {cell(s, 'efficacy')} | {cell(s, 'paraphrase')} | {cell(s, 'specificity')} |")
+        for name, p in PAPER_TABLE1.items():
+            if "zsre_efficacy" in p:
+                lines.append(f"| {name} (paper) | {p['zsre_efficacy']:.1f} | {p['zsre_paraphrase']:.1f} | "
+                             f"{p['zsre_specificity']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

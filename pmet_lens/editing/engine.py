@@ -1,0 +1,136 @@
+"""The pieces of the editing pipeline an :class:`~pmet_lens.editing.session.EditSession` runs per
+batch, on the shared engine (:func:`pmet_lens.editing.update.compute_and_apply_updates`): context
+prefixes, covariances of the unedited model, one batch's targets and per-layer update with a
+pluggable solve, and the batch's keys on the edited model (:func:`pmet_lens.editing.keys.request_keys`).
+
+The session passes AlphaEdit's projected solve (:func:`projected_site_solve`); without one the
+update is MEMIT's / PMET's ``(λC + KᵀK)⁻¹ KᵀR`` (:func:`pmet_lens.editing.update.least_squares_solve`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Mapping, Sequence
+
+import torch
+from transformer_lens import HookedTransformer
+
+from pmet_lens.core.arch import architecture
+from pmet_lens.data import Fact
+from pmet_lens.editing.context import context_prefixes
+from pmet_lens.editing.covariance import CovarianceStore
+from pmet_lens.editing.hparams import EditHyperParams, settings_for
+from pmet_lens.editing.identity import weights_hashes
+from pmet_lens.editing.keys import request_keys
+from pmet_lens.editing.nullspace import Projection, projected_solve
+from pmet_lens.editing.prepared import prepare_requests
+from pmet_lens.editing.result import EditResult
+from pmet_lens.editing.site import TARGET_WEIGHT, EditSite, edit_site
+from pmet_lens.editing.targets import optimise_targets
+from pmet_lens.editing.update import Solve, compute_and_apply_updates, least_squares_solve
+from pmet_lens.editing.validate import validate_requests
+
+__all__ = ["batch_keys", "covariances", "edit_sites", "edited_params", "prefixes", "projected_site_solve", "projected_solver",
+           "run_batch", "validate"]
+
+
+def prefixes(model: HookedTransformer, hparams: EditHyperParams) -> tuple[str, ...]:
+    """The context prefixes of ``hparams`` on ``model`` (sampled unless given)."""
+    return context_prefixes(model, hparams)
+
+
+def validate(model: HookedTransformer, facts: Sequence[Any], hparams: EditHyperParams) -> list[Fact]:
+    """The requests normalised and checked (:func:`~pmet_lens.editing.validate.validate_requests`)."""
+    return validate_requests(model, facts, hparams)
+
+
+def edit_sites(model: HookedTransformer, hparams: EditHyperParams) -> list[EditSite]:
+    """The :class:`EditSite` of every weight ``hparams`` edits (layers ascending)."""
+    arch = architecture(model)
+    settings = settings_for(hparams)
+    return [edit_site(arch, TARGET_WEIGHT[s], l) for l in hparams.layers for s in settings.kept_sites]
+
+
+def covariances(model: HookedTransformer, hparams: EditHyperParams,
+                store: CovarianceStore) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """C per key hook of the weights ``hparams`` edits, on ``model`` as it is now, and each one's
+    cache key (:meth:`CovarianceStore.cache_key`)."""
+    hooks = [site.key_hook for site in edit_sites(model, hparams)]
+    _, layer_hashes = weights_hashes(model, hparams.layers)
+    covs = store.get(model, hooks, hparams.cov_tokens, hparams.cov_dtype, hparams.cov_seq_len, layer_hashes=layer_hashes)
+    keys = {h: store.cache_key(model, h, hparams.cov_tokens, hparams.cov_dtype, hparams.cov_seq_len,
+                               layer_hashes=layer_hashes) for h in hooks}
+    return covs, keys
+
+
+def edited_params(model: HookedTransformer, hparams: EditHyperParams) -> dict[str, torch.nn.Parameter]:
+    """Parameter name -> parameter of every weight ``hparams`` edits."""
+    return {site.param_name: site.param(model) for site in edit_sites(model, hparams)}
+
+
+def projected_solver(projections: Mapping[str, Projection], l2: float,
+                     prev: Mapping[str, torch.Tensor] | None = None) -> Solve:
+    """The engine's :data:`~pmet_lens.editing.update.Solve` for AlphaEdit's update with these P and KpKp."""
+    return partial(projected_site_solve, projections=projections, l2=l2, prev=prev)
+
+
+def projected_site_solve(site: EditSite, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, *,
+                         projections: Mapping[str, Projection], l2: float,
+                         prev: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """AlphaEdit's update as the engine's :data:`~pmet_lens.editing.update.Solve`:
+    :func:`~pmet_lens.editing.nullspace.projected_solve` with the site's P and ``prev[key hook]`` =
+    P·KpKp (C is unused: the projection replaces MEMIT's λC term)."""
+    return projected_solve(keys, resid, projections[site.key_hook].P, l2,
+                           projected_prev=None if prev is None else prev.get(site.key_hook))
+
+
+def batch_keys(model: HookedTransformer, facts: Sequence[Fact], hparams: EditHyperParams,
+               hooks: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Keys of ``facts`` at the key hooks ``hooks`` on ``model`` as it is now
+    (:func:`~pmet_lens.editing.keys.request_keys`, the keys the update uses), ``[facts, d_k]`` float64."""
+    requests = prepare_requests(model, facts, hparams.context_prefixes or ())
+    sites = [s for s in edit_sites(model, hparams) if s.key_hook in set(hooks)]
+    reading = request_keys(model, requests, sites)
+    return {site.key_hook: reading.keys[site].double() for site in sites}
+
+
+def run_batch(model: HookedTransformer, facts: Sequence[Fact], hparams: EditHyperParams,
+              covs: dict[str, torch.Tensor], solve: Solve | None, *, progress: bool = False,
+              targets: dict[str, torch.Tensor] | None = None) -> EditResult:
+    """One mass edit of ``facts`` into ``model`` (applied) with the given covariances and solve
+    (default MEMIT's / PMET's least squares with λ); ``targets`` (site -> [facts, d_model]) skips the
+    target optimisation.
+
+    On an exception the weights are written back to their values before the call.
+    """
+    settings = settings_for(hparams)
+    prefixes_ = hparams.context_prefixes or ()
+    requests = prepare_requests(model, facts, prefixes_)
+    model_hash, _ = weights_hashes(model, [])
+    if targets is None:
+        optimised = optimise_targets(model, requests, hparams, progress=progress)
+        values = {s: optimised.value(s).detach() for s in settings.delta_sites}
+        stats: dict[str, Any] = {"steps": optimised.steps.tolist(), "loss": optimised.loss.tolist(),
+                                 "prob": optimised.prob.tolist()}
+    else:
+        values, stats = dict(targets), {"targets": "given"}
+    originals: dict[str, torch.Tensor] = {}
+    written: dict[str, EditSite] = {}
+
+    def keep_original(site: EditSite, delta: torch.Tensor) -> None:
+        if site.param_name not in originals:
+            originals[site.param_name] = site.param(model).detach().clone()
+            written[site.param_name] = site
+
+    try:
+        deltas = compute_and_apply_updates(
+            model, requests, {s: values[s] for s in settings.kept_sites}, hparams.layers, settings.spread, covs,
+            solve=solve if solve is not None else partial(least_squares_solve, lam=hparams.lam), on_write=keep_original)
+    except BaseException:
+        with torch.no_grad():
+            for name, orig in originals.items():
+                written[name].param(model).copy_(orig)
+        raise
+    return EditResult(model=model, method=hparams.method, deltas=deltas, targets=values, facts=list(requests.facts),
+                      hparams=hparams.to_dict(), model_hash=model_hash, prefixes=prefixes_, stats=stats,
+                      _originals=originals)

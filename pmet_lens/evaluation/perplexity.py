@@ -1,0 +1,108 @@
+"""General ability as edits accumulate: perplexity of a fixed sample of WikiText-2 test text.
+
+AlphaEdit (section 4.3) tracks general ability with GLUE, which is not available offline; the
+perplexity of held-out encyclopaedic text is the offline stand-in used here. The sample is fixed
+and deterministic: the article paragraphs (non-blank lines that are not ``= heading =`` lines) of
+the shipped ``wiki.test.raw`` in file order, tokenised without special tokens and joined by the
+newline token, cut after ``n_tokens`` tokens into windows of ``seq_len`` tokens, each scored
+independently (the first token of a window is context only). With the defaults it is the first
+8,192 tokens of the test split; the covariance C's default 100k tokens come from the validation
+split, which precedes it in the covariance corpus.
+
+    perplexity = exp( Σ_windows Σ_{t ≥ 1} −log P(x_t | x_<t) / #predicted tokens )
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformer_lens import HookedTransformer
+
+from pmet_lens.data import data_path
+
+__all__ = ["PerplexitySample", "perplexity", "wikitext_sample"]
+
+
+@dataclass(frozen=True)
+class PerplexitySample:
+    """Token windows of a fixed text sample.
+
+    Attributes:
+        windows: ``[n_windows, seq_len]`` token ids (every window full length).
+        source: where the text came from.
+    """
+
+    windows: torch.Tensor
+    source: str
+
+    @property
+    def n_predicted(self) -> int:
+        """Number of scored tokens (all but each window's first)."""
+        return int(self.windows.shape[0] * (self.windows.shape[1] - 1))
+
+
+def _paragraphs(text: str) -> list[str]:
+    out = []
+    for line in text.split("\n"):
+        stripped = line.strip()
+        if stripped and not (stripped.startswith("=") and stripped.endswith("=")):
+            out.append(stripped)
+    return out
+
+
+def wikitext_sample(
+    model: HookedTransformer,
+    n_tokens: int = 8192,
+    seq_len: int = 256,
+    path: str | Path | None = None,
+) -> PerplexitySample:
+    """The fixed sample (see the module docstring) tokenised for ``model``.
+
+    Raises:
+        ValueError: ``n_tokens`` < ``seq_len``, ``seq_len`` < 2 or above the model's context, or a
+            text with fewer than ``n_tokens`` tokens.
+    """
+    if not (isinstance(seq_len, int) and 2 <= seq_len <= model.cfg.n_ctx):
+        raise ValueError(f"seq_len must be an int in [2, n_ctx={model.cfg.n_ctx}], got {seq_len!r}")
+    if not (isinstance(n_tokens, int) and n_tokens >= seq_len):
+        raise ValueError(f"n_tokens must be an int >= seq_len ({seq_len}), got {n_tokens!r}")
+    source = Path(path) if path is not None else data_path("wiki.test.raw")
+    tok = model.tokenizer
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for para in _paragraphs(source.read_text(encoding="utf-8")):
+        ids.extend(tok(para, add_special_tokens=False)["input_ids"])
+        ids.extend(newline)
+        if len(ids) >= n_tokens:
+            break
+    if len(ids) < n_tokens:
+        raise ValueError(f"{source} has {len(ids)} tokens of article text, fewer than n_tokens={n_tokens}")
+    n_windows = n_tokens // seq_len
+    flat = torch.tensor(ids[:n_windows * seq_len], dtype=torch.long, device=model.cfg.device)
+    return PerplexitySample(windows=flat.reshape(n_windows, seq_len), source=source.name)  # [windows, seq_len]
+
+
+def perplexity(
+    model: HookedTransformer,
+    sample: PerplexitySample | None = None,
+    batch_size: int = 8,
+    hooks: Sequence[tuple[str, object]] = (),
+) -> float:
+    """Perplexity of ``model`` (as it is now, optionally with forward ``hooks`` attached for the
+    call only) on ``sample`` (default :func:`wikitext_sample`)."""
+    if sample is None:
+        sample = wikitext_sample(model)
+    total = 0.0
+    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+        for start in range(0, sample.windows.shape[0], batch_size):
+            tokens = sample.windows[start:start + batch_size]
+            logits = model(tokens)  # [b, seq, vocab]
+            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            nll = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [b, seq-1]
+            total += float(nll.double().sum())
+    return math.exp(total / sample.n_predicted)
