@@ -216,14 +216,16 @@ def hooked_from_hf(
     return attach_hf_config(model, hf_model.config)
 
 
-def checkpoint_name(path: Path, hf_config: Any) -> str:
-    """Identity of a checkpoint: the hub-style ``_name_or_path`` of its config (its last part) when it
-    names one, else the directory's name."""
-    recorded = str(getattr(hf_config, "_name_or_path", "") or "")
-    if recorded and not Path(recorded).expanduser().is_absolute() and not recorded.startswith("."):
-        candidate = Path(recorded)
-        if not candidate.exists():
-            return recorded.rsplit("/", 1)[-1]
+def checkpoint_name(path: Path) -> str:
+    """Identity of a checkpoint directory: the name its ``config.json`` records in ``_name_or_path``
+    (its last part, e.g. "HuggingFaceTB/SmolLM2-135M" -> "SmolLM2-135M"; export writes the model's
+    name there) unless that is a filesystem path, else the directory's name."""
+    try:
+        recorded = str(json.loads((path / "config.json").read_text()).get("_name_or_path") or "")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        recorded = ""
+    if recorded and not recorded.startswith(("/", ".", "~")) and "\\" not in recorded:
+        return recorded.rstrip("/").rsplit("/", 1)[-1]
     return path.resolve().name
 
 
@@ -262,7 +264,7 @@ def load_checkpoint(
                                 "tokenizer.save_pretrained(dir)") from exc
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     hf_model.eval()
-    model = hooked_from_hf(hf_model, tokenizer, model_name=checkpoint_name(path, hf_config), device=device,
+    model = hooked_from_hf(hf_model, tokenizer, model_name=checkpoint_name(path), device=device,
                            dtype=dtype, default_prepend_bos=default_prepend_bos)
     del hf_model
     return model
