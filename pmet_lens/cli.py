@@ -335,7 +335,7 @@ def _add_own_model_commands(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of ``pmet-lens`` (four subcommands)."""
+    """The argparse parser of ``pmet-lens`` (six subcommands)."""
     parser = argparse.ArgumentParser(prog="pmet-lens", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -114,7 +114,14 @@ def gguf_source_of(model: HookedTransformer) -> Path:
 
 
 def _architecture_name(hf_config: Any) -> str:
+    """``config.architectures[0]``, or, for a config that names none (e.g. one read from GGUF), the
+    causal-LM class transformers maps its ``model_type`` to."""
     names = list(getattr(hf_config, "architectures", None) or [])
+    if not names:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        mapped = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(getattr(hf_config, "model_type", "")))
+        names = [mapped] if isinstance(mapped, str) else []
     if not names:
         raise ValueError("the checkpoint's config.json names no architecture ('architectures' is missing or empty); "
                          f"pmet-lens loads these: {', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -142,6 +149,7 @@ def _tl_config(hf_config: Any, dtype: torch.dtype, device: str | torch.device | 
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 
     data = hf_config.to_dict()
+    data["architectures"] = [_architecture_name(hf_config)]  # the converter dispatches on it
     for legacy, current in _LEGACY_FIELDS.items():
         if legacy not in data and current in data:
             data[legacy] = data[current]
