@@ -14,7 +14,8 @@ from pmet_lens.editing import CovarianceStore, preset
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "The mother tongue of Danielle Darrieux is"]
 EIFFEL = PROMPTS[0]
-TOL = 1e-4
+TOL = 1e-3  # the default model's own parity bound against transformers (tests/core/test_models.py): over 30
+# layers TransformerLens's and transformers' float32 kernels differ by up to about 2e-4 in the logits
 
 
 def _ids(model) -> torch.Tensor:
