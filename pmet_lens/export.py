@@ -18,7 +18,13 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer
 
-from pmet_lens.core.hf import gguf_source_of, hf_config_of, hf_layout, hooked_from_hf, replace_dir
+from pmet_lens.core.hf import (
+    gguf_source_of,
+    hf_config_of,
+    hf_layout,
+    hooked_from_hf,
+    replace_dir,
+)
 
 logger = logging.getLogger(__name__)
 

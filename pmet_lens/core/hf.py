@@ -118,7 +118,9 @@ def _architecture_name(hf_config: Any) -> str:
     causal-LM class transformers maps its ``model_type`` to."""
     names = list(getattr(hf_config, "architectures", None) or [])
     if not names:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        )
 
         mapped = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(getattr(hf_config, "model_type", "")))
         names = [mapped] if isinstance(mapped, str) else []
@@ -396,11 +398,6 @@ def hf_layout(hf_config: Any, cfg: HookedTransformerConfig) -> HFLayout:
         index[name] = v.round().clamp(0, offset).to(torch.int64)
     del probe, converted
     return HFLayout(hf_config=hf_config, hf_params=params, index=index, computed=tuple(computed))
-
-
-def save_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON."""
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def replace_dir(tmp: Path, path: Path, overwrite: bool) -> None:
