@@ -6,8 +6,9 @@ Writes into --out (default figures/):
   causal_trace_{hidden,mlp,attn}.html/.png   token class x layer heat maps
   causal_trace_severed.html/.png             severed-path line plot, R shaded
   causal_trace_summary.json     settings, facts used, R, L, per-layer gap
-and stores R under the model's cfg.model_name in pmet_lens/presets/critical_layers.json (unless --no-preset),
-where pmet_lens.editing.preset reads it.
+and stores R under the model's cfg.model_name in the user's critical_layers.json (the user preset directory,
+$PMET_LENS_CACHE/presets by default; --presets DIR for another; never the package's read-only presets),
+where pmet_lens.editing.preset reads it before the shipped table (unless --no-preset).
 
 Usage: python analyses/causal_trace.py [--model NAME] [--limit N] [--samples 10] [--seed 0] [--out figures]
 """
@@ -38,7 +39,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=5, help="number of layers in R")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("figures"))
-    parser.add_argument("--no-preset", action="store_true", help="do not write presets/critical_layers.json")
+    parser.add_argument("--no-preset", action="store_true", help="do not write the user's critical_layers.json")
+    parser.add_argument("--presets", type=Path, default=None,
+                        help="user preset directory to write R into (default: pmet_lens.core.presets.user_presets_dir())")
     args = parser.parse_args()
 
     torch.set_grad_enabled(False)
@@ -70,7 +73,8 @@ def main() -> None:
     }
     (args.out / "causal_trace_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not args.no_preset:
-        write_critical_layers(name, R, f"analyses/causal_trace.py, {avg.n_facts} facts")
+        written = write_critical_layers(name, R, f"analyses/causal_trace.py, {avg.n_facts} facts", args.presets)
+        print(f"R stored in {written}")
 
     print(f"{avg.n_facts} known facts of {avg.n_seen} examined, {args.samples} samples, {elapsed:.0f} s")
     print(f"mean P clean {avg.high_score:.3f}, corrupted {avg.low_score:.3f}")

@@ -5,11 +5,11 @@ AlphaEdit (Fang et al., ICLR 2025, Table 1) edits 2,000 CounterFact / zsRE cases
 
 * CounterFact: the first ``--cases`` (400) REPORT cases of the fixed split
   (:mod:`pmet_lens.data.splits`; τ and α were chosen on the TUNE part only) in batches of
-  ``--batch`` (50), then :func:`~pmet_lens.evaluation.evaluate.evaluate_counterfact` on all edited
+  ``--batch`` (50), then :func:`~pmet_lens.evaluation.counterfact.evaluate_counterfact` on all edited
   cases (Efficacy, Generalization = paraphrase, Specificity = neighborhood, Fluency, consistency
   proxy, 95% CIs; generation metrics on every ``--gen-every``-th case);
 * zsRE: the first ``--zsre`` (200) shipped records in batches of ``--zsre-batch`` (50), then
-  :func:`~pmet_lens.evaluation.evaluate.evaluate_zsre` (``--zsre 0`` skips it);
+  :func:`~pmet_lens.evaluation.zsre.evaluate_zsre` (``--zsre 0`` skips it);
 * per-batch curves (cheap): after every batch, edit-prompt efficacy of every batch so far (the
   batch just edited, batch 1, all), perplexity of a fixed WikiText-2 test sample
   (:mod:`pmet_lens.evaluation.perplexity`; AlphaEdit's GLUE is not available offline), ‖ΔW‖ of the
@@ -47,7 +47,7 @@ from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, preset
 from pmet_lens.editing.nullspace import NullspaceStore
 from pmet_lens.editing.session import EditSession
-from pmet_lens.evaluation.evaluate import evaluate_counterfact, evaluate_zsre, format_table
+from pmet_lens.evaluation import evaluate_counterfact, evaluate_zsre, format_table
 from pmet_lens.evaluation.perplexity import perplexity, wikitext_sample
 from pmet_lens.evaluation.sequential import batch_efficacy, curve_row
 from pmet_lens.viz.dashboard import session_dashboard

@@ -9,8 +9,9 @@ and lr but not on λ), then for every λ of the grid the weight update (MEMIT eq
 written, the probability metrics of ROME/MEMIT (efficacy, paraphrase, neighborhood and their
 harmonic mean, the Score) are computed on the tune facts, and the weights are restored
 bit-for-bit. The (c, steps, lr, C's tokens, λ) with the best Score (ties: the one closest to the preset) is
-reported, and with ``--write`` stored in
-``pmet_lens/presets/editing.json``. All tune facts are edited in one mass edit, as in the
+reported, and with ``--write`` stored in the user's ``editing.json``
+(``pmet_lens.core.presets.user_presets_dir()``, or ``--presets DIR``), which ``pmet_lens.editing.preset``
+reads before the package's read-only presets. All tune facts are edited in one mass edit, as in the
 benchmark (PMET Table 1).
 
     python analyses/tune_editing.py --limit 100 --write
@@ -35,9 +36,9 @@ import numpy as np
 import pandas as pd
 
 from pmet_lens import load_model
+from pmet_lens.core.presets import find_entry, write_entry
 from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, edit, preset
-from pmet_lens.editing.hparams import shipped_presets_dir
 from pmet_lens.evaluation import evaluate_counterfact
 
 logger = logging.getLogger("tune_editing")
@@ -105,7 +106,10 @@ def main() -> None:
     parser.add_argument("--cov-tokens", default=None,
                         help="comma-separated corpus token counts for C (the targets are reused); default: the preset's")
     parser.add_argument("--out", type=Path, default=Path("figures"))
-    parser.add_argument("--write", action="store_true", help="store the best (c, steps, lr, cov_tokens, λ) in presets/editing.json")
+    parser.add_argument("--write", action="store_true",
+                        help="store the best (c, steps, lr, cov_tokens, λ) in the user's editing.json (read before the shipped presets)")
+    parser.add_argument("--presets", type=Path, default=None,
+                        help="user preset directory for --write (default: pmet_lens.core.presets.user_presets_dir())")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -132,11 +136,11 @@ def main() -> None:
         logger.info("best %s: c=%g steps=%d lr=%g λ=%g (score %.3f on %d tune facts)", m, row["clamp"], row["steps"],
                     row["lr"], row["lam"], row["score"], row["n_facts"])
     if args.write:
-        path = shipped_presets_dir() / "editing.json"
-        table = json.loads(path.read_text())
+        found = find_entry("editing.json", name, args.presets)
+        entry = json.loads(json.dumps(found[1])) if found is not None else {}
         for m, row in best.items():
-            table["SmolLM2-135M-Instruct"][m].update({attr: cast(row[col]) for col, attr, cast in TUNED})
-        path.write_text(json.dumps(table, indent=2) + "\n")
+            entry.setdefault(m, {}).update({attr: cast(row[col]) for col, attr, cast in TUNED})
+        path = write_entry("editing.json", name, entry, args.presets)
         logger.info("wrote %s", path)
     print(df.to_string(index=False))
 

@@ -37,7 +37,7 @@ from pmet_lens.editing.session import EditSession
 from pmet_lens.editing.hparams import settings_for
 from pmet_lens.editing.prepared import prepare_requests
 from pmet_lens.editing.targets import optimise_targets
-from pmet_lens.evaluation.evaluate import evaluate_counterfact
+from pmet_lens.evaluation import evaluate_counterfact
 from pmet_lens.evaluation.perplexity import perplexity, wikitext_sample
 
 logger = logging.getLogger("tune_nullspace")

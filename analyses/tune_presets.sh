@@ -2,7 +2,7 @@
 # Re-tune the SmolLM2 editing presets on the TUNE part of the CounterFact split (never the report part),
 # by coordinate search: stage 1 sweeps steps x lr (x λ) at the preset's clamp c; stage 2 sweeps c (x λ) at
 # stage 1's best steps and lr, and writes the best (c, steps, lr, λ) of stage 2 into
-# pmet_lens/presets/editing.json. The grids are fixed: ½x, 1x and 2x the papers' steps and lr (PMET: 30, 0.2;
+# the user preset directory (its editing.json; copy an entry into the shipped pmet_lens/presets/editing.json by hand to ship it). The grids are fixed: ½x, 1x and 2x the papers' steps and lr (PMET: 30, 0.2;
 # MEMIT: 25, 0.5), stage 1 at the clamp chosen before the φ fix (PMET 1.5, MEMIT 0.75), and λ at a third of,
 # at, and three times the presets' λ of 2026-11-23 (PMET 30, MEMIT 300). Every run edits the same first N tune
 # facts in one mass edit. Outputs: figures/tune_<method>_steps_lr/ and figures/tune_<method>_clamp/.

@@ -41,6 +41,13 @@ _EXPORTS: dict[str, str] = {
     "MEMITHyperParams": "pmet_lens.editing",
     "AlphaEditHyperParams": "pmet_lens.editing.hparams",
     "EditSession": "pmet_lens.editing.session",
+    # transformers checkpoints and GGUF out, saved edits onto transformers models
+    "export_hf": "pmet_lens.export",
+    "export_gguf": "pmet_lens.export",
+    "apply_delta": "pmet_lens.export",
+    # calibration: R, λ and the clamp of a model without a preset
+    "calibrate": "pmet_lens.calibration",
+    "CalibrationResult": "pmet_lens.calibration",
     # evaluation and dashboards
     "evaluate_counterfact": "pmet_lens.evaluation.counterfact",
     "evaluate_zsre": "pmet_lens.evaluation.zsre",

@@ -1,11 +1,12 @@
-"""pmet-lens command line: similarity, trace, edit, evaluate.
+"""pmet-lens command line: similarity, trace, edit, session, evaluate, calibrate, export.
 
 Each subcommand is a thin layer over the library (imported lazily, so ``--help`` is instant):
 ``similarity`` -> :func:`pmet_lens.analysis.similarity.component_similarity` (PMET Fig. 2),
 ``trace`` -> :func:`pmet_lens.analysis.tracing.trace` / ``average_traces`` (causal tracing),
 ``edit`` -> :func:`pmet_lens.editing.edit` (writes a delta file),
 ``evaluate`` -> :func:`pmet_lens.evaluation.counterfact.evaluate_counterfact` / ``evaluate_zsre`` (optionally with a
-delta file applied). Every input (files, records, preset names, hyper-parameters) is checked before
+delta file applied), ``calibrate`` -> :func:`pmet_lens.calibration.calibrate` (R, λ, c; a user
+preset), ``export`` -> :func:`pmet_lens.export.export_hf` / ``export_gguf``. Every input (files, records, preset names, hyper-parameters) is checked before
 the model is loaded; bad input ends with ``error: ...`` on stderr and exit status 2.
 """
 
@@ -300,8 +301,125 @@ def _load_session(path: Path, model):
 
 
 # ---------------------------------------------------------------------------- parser
+# ------------------------------------------------------------------------ calibrate, export
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CLIError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise CLIError(f"{what} must be positive numbers, got {text!r}")
+    return values
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from pmet_lens.calibration import calibrate
+
+    methods = [m for m in args.methods.split(",") if m] if args.methods else []
+    bad = [m for m in methods if m not in ("pmet", "memit")]
+    if bad:
+        raise CLIError(f"--methods takes pmet and/or memit, got {bad}")
+    lams, clamps = _floats(args.lams, "--lams"), _floats(args.clamps, "--clamps")
+    base = {k: v for k, v in (("steps", args.steps), ("cov_tokens", args.cov_tokens)) if v is not None}
+    out = Path(args.out) if args.out else None
+    model = _load_model(args.model)
+    result = calibrate(model, n_facts=args.facts, min_facts=args.min_facts, known_only=not args.any_facts,
+                       size=args.size, samples=args.samples, n_boot=args.boot, methods=methods,
+                       tune_facts=args.tune_facts, lams=lams, clamps=clamps, base=base or None,
+                       write=not args.no_write, preset_dir=args.presets, seed=args.seed, progress=True)
+    summary = result.summary()
+    scan = result.scan
+    print(f"{result.model_name}: R = {result.layers} (L = {scan.last}) from {scan.n_facts} facts "
+          f"({scan.n_seen} examined) in {result.seconds['layers']:.0f} s; R wins {100 * scan.confidence:.1f}% of "
+          f"{scan.n_boot} bootstrap resamples; 95% band: {summary['band95']}")
+    for method, chosen in result.chosen.items():
+        print(f"{method}: λ = {chosen['lam']:g}, clamp c = {chosen['clamp_norm_factor']:g} "
+              f"(grid of {len(lams)} λ x {len(clamps)} c on {args.tune_facts} tune facts)")
+    if len(result.search):
+        print(result.search.to_string(index=False))
+    for path in result.preset_paths:
+        print(f"preset written: {path}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        result.curves().to_csv(out / "calibrate_curves.csv", index=False)
+        result.wins().to_csv(out / "calibrate_wins.csv", index=False)
+        result.search.to_csv(out / "calibrate_search.csv", index=False)
+        (out / "calibrate_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        result.figure().write_html(out / "calibrate.html", include_plotlyjs="cdn")
+        print(f"wrote {out}/calibrate_{{curves,wins,search}}.csv, calibrate_summary.json, calibrate.html")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pmet_lens.export import export_gguf, export_hf
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"{out} exists; pass --overwrite to replace it")
+    delta = _existing_file(args.delta, "delta file")
+    model = _load_model(args.model)
+    if delta is not None:
+        from pmet_lens.editing import EditResult
+
+        try:
+            EditResult.load(delta, model, apply=True)
+        except Exception as exc:  # a truncated or foreign file: report it as bad input
+            if isinstance(exc, ValueError):
+                raise
+            raise CLIError(f"cannot read delta file {delta}: {exc}") from exc
+    if args.format == "gguf":
+        export_gguf(model, out, dtype=args.dtype, overwrite=args.overwrite)
+    else:
+        export_hf(model, out, overwrite=args.overwrite)
+    print(f"wrote {out} ({args.format}{', ' + args.dtype if args.format == 'gguf' else ''}"
+          f"{', edited by ' + str(delta) if delta else ''})")
+    return 0
+
+
+def _add_own_model_commands(sub: Any) -> None:
+    """The ``calibrate`` and ``export`` subcommands (a model of the user's own: its R, λ and export)."""
+    p = sub.add_parser("calibrate", help="choose R, λ and the clamp for a model; writes a user preset",
+                       description="R from the critical-layers rule on the last subject token's plain and MLP-severed "
+                                   "traces over known facts (with a bootstrap band), then λ and the clamp c of PMET and "
+                                   "MEMIT on the tune split; the preset goes to the user preset directory, where "
+                                   "`edit` finds it by the model's name.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model name, checkpoint directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--facts", type=int, default=100, help="known facts for R (default 100)")
+    p.add_argument("--min-facts", type=int, default=None, help="fewest usable facts accepted (default: --facts)")
+    p.add_argument("--any-facts", action="store_true", help="trace facts the model gets wrong too (its own answers)")
+    p.add_argument("--size", type=int, default=5, help="layers in R (default 5)")
+    p.add_argument("--samples", type=int, default=10, help="noise samples per trace (default 10)")
+    p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples for the band on R (default 1000)")
+    p.add_argument("--methods", default="pmet,memit", help="editors to search λ and c for ('' for R only)")
+    p.add_argument("--tune-facts", type=int, default=32, help="tune-split cases edited per grid point (default 32)")
+    p.add_argument("--lams", default="3,10,30,100,300,1000,3000,10000", help="λ grid")
+    p.add_argument("--clamps", default="0.75,1.5", help="clamp factor grid")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the method's)")
+    p.add_argument("--cov-tokens", type=int, default=None, help="corpus tokens for C (default: the method's)")
+    p.add_argument("--presets", default=None, help="user preset directory to write (default: $PMET_LENS_CACHE/presets)")
+    p.add_argument("--no-write", action="store_true", help="do not write a preset")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="directory for the evidence: CSV tables, summary JSON, figure (HTML)")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("export", help="write a model (optionally with a delta file applied) as a transformers "
+                                      "checkpoint or GGUF",
+                       description="Export the model as it is after applying --delta: a transformers checkpoint "
+                                   "directory (safetensors, config, tokenizer) or, for a model loaded from GGUF, a "
+                                   "GGUF file (f32/f16). Nothing is written until the export is complete.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model name, checkpoint directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="directory (hf) or file (gguf) to write")
+    p.add_argument("--delta", help="delta file from `pmet-lens edit` to apply first")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf")
+    p.add_argument("--dtype", choices=["f32", "f16"], default="f32", help="GGUF weight type (default f32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of ``pmet-lens`` (five subcommands)."""
+    """The argparse parser of ``pmet-lens`` (seven subcommands)."""
     parser = argparse.ArgumentParser(prog="pmet-lens", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -388,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="per-record CSV (default: print)")
     p.add_argument("--summary", help="also write the summary as JSON here")
     p.set_defaults(func=_cmd_evaluate)
+    _add_own_model_commands(sub)
     return parser
 
 
@@ -402,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CLIError as exc:
         print(f"error: {exc}", file=sys.stderr)
-    except (FileNotFoundError, DataError) as exc:
+    except (FileNotFoundError, FileExistsError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
     except ValueError as exc:  # the library's validation errors (EditError is a ValueError)
         print(f"error: {exc}", file=sys.stderr)

@@ -4,16 +4,13 @@ Appendix A, Fig. 3) and the stored ranges that the editors' presets read.
 
 from __future__ import annotations
 
-import json
-from datetime import date
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 
-from pmet_lens.core.paths import atomic_path
+from pmet_lens.core.presets import find_entry, user_presets_dir, write_entry
 
 if TYPE_CHECKING:
     from pmet_lens.analysis.averaged import AverageTrace
@@ -21,30 +18,28 @@ if TYPE_CHECKING:
 __all__ = ["critical_layers", "critical_layers_path", "default_critical_layers", "write_critical_layers"]
 
 
-def critical_layers_path() -> Path:
-    """Path of ``pmet_lens/presets/critical_layers.json``."""
-    return Path(str(resources.files("pmet_lens") / "presets" / "critical_layers.json"))
+def critical_layers_path(user_dir: str | Path | None = None) -> Path:
+    """Path of the USER critical-layers table (``user_presets_dir()/critical_layers.json``, or in
+    ``user_dir``), where :func:`write_critical_layers` stores R. The shipped table is read-only."""
+    return (Path(user_dir) if user_dir is not None else user_presets_dir()) / "critical_layers.json"
 
 
-def default_critical_layers(model_name: str) -> list[int] | None:
-    """The critical layers R (ascending) stored for ``model_name``, or None when there are none."""
-    path = critical_layers_path()
-    if not path.is_file():
+def default_critical_layers(model_name: str, user_dir: str | Path | None = None) -> list[int] | None:
+    """The critical layers R (ascending) stored for ``model_name`` (the user's entry first, then the
+    shipped one; see :mod:`pmet_lens.core.presets`), or None when there are none."""
+    found = find_entry("critical_layers.json", model_name, user_dir)
+    if found is None or not isinstance(found[1], dict) or "layers" not in found[1]:
         return None
-    entry = json.loads(path.read_text()).get(model_name)
-    if not entry or "layers" not in entry:
-        return None
-    return sorted(int(l) for l in entry["layers"])
+    return sorted(int(l) for l in found[1]["layers"])
 
 
-def write_critical_layers(model_name: str, layers: list[int], source: str, path: Path | None = None) -> Path:
-    """Store R for ``model_name`` (other models' entries are kept); ``source`` gets today's date appended."""
-    path = path or critical_layers_path()
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[model_name] = {"layers": sorted(int(l) for l in layers), "source": f"{source}, {date.today().isoformat()}"}
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-    return path
+def write_critical_layers(model_name: str, layers: list[int], source: str, path: Path | None = None,
+                          **extra: object) -> Path:
+    """Store R for ``model_name`` in the user's preset directory (``path``: another directory), other
+    models' entries kept; ``source`` gets today's date appended; ``extra`` fields (e.g. the
+    confidence band) are stored beside it. Returns the file written."""
+    entry: dict[str, object] = {"layers": sorted(int(l) for l in layers), "source": source, **extra}
+    return write_entry("critical_layers.json", model_name, entry, path)
 
 
 def critical_layers(

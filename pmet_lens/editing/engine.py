@@ -9,6 +9,7 @@ update is MEMIT's / PMET's ``(λC + KᵀK)⁻¹ KᵀR`` (:func:`pmet_lens.editin
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Any, Mapping, Sequence
 
@@ -29,6 +30,8 @@ from pmet_lens.editing.site import TARGET_WEIGHT, EditSite, edit_site
 from pmet_lens.editing.targets import optimise_targets
 from pmet_lens.editing.update import Solve, compute_and_apply_updates, least_squares_solve
 from pmet_lens.editing.validate import validate_requests
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["batch_keys", "covariances", "edit_sites", "edited_params", "prefixes", "projected_site_solve", "projected_solver",
            "run_batch", "validate"]
@@ -96,19 +99,24 @@ def batch_keys(model: HookedTransformer, facts: Sequence[Fact], hparams: EditHyp
 
 def run_batch(model: HookedTransformer, facts: Sequence[Fact], hparams: EditHyperParams,
               covs: dict[str, torch.Tensor], solve: Solve | None, *, progress: bool = False,
-              targets: dict[str, torch.Tensor] | None = None) -> EditResult:
-    """One mass edit of ``facts`` into ``model`` (applied) with the given covariances and solve
-    (default MEMIT's / PMET's least squares with λ); ``targets`` (site -> [facts, d_model]) skips the
-    target optimisation.
+              targets: dict[str, torch.Tensor] | None = None, prefixes: tuple[str, ...] | None = None,
+              compile: bool = False, model_hash: str | None = None) -> EditResult:
+    """One mass edit of validated ``facts`` into ``model`` (applied): optimise the targets (PMET eq. 9,
+    MEMIT eq. 16) unless ``targets`` (site -> [facts, d_model]) are given, then write the per-layer
+    update with the given covariances and solve (default MEMIT's / PMET's least squares with λ,
+    MEMIT eq. 14, PMET eq. 10). ``prefixes`` default to ``hparams.context_prefixes``; ``model_hash``
+    (of the weights before the edit) is computed when not given.
 
     On an exception the weights are written back to their values before the call.
     """
     settings = settings_for(hparams)
-    prefixes_ = hparams.context_prefixes or ()
+    prefixes_ = prefixes if prefixes is not None else (hparams.context_prefixes or ())
     requests = prepare_requests(model, facts, prefixes_)
-    model_hash, _ = weights_hashes(model, [])
+    if model_hash is None:
+        model_hash, _ = weights_hashes(model, [])
     if targets is None:
-        optimised = optimise_targets(model, requests, hparams, progress=progress)
+        optimised = optimise_targets(model, requests, hparams, progress=progress, compile=compile)
+        logger.info("targets: mean steps %.1f, mean P(o*) %.3f", optimised.steps.float().mean(), optimised.prob.mean())
         values = {s: optimised.value(s).detach() for s in settings.delta_sites}
         stats: dict[str, Any] = {"steps": optimised.steps.tolist(), "loss": optimised.loss.tolist(),
                                  "prob": optimised.prob.tolist()}

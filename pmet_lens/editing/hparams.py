@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, fields, replace
-from importlib import resources
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pmet_lens.analysis.layers import default_critical_layers
+from pmet_lens.core.presets import find_entry, merged_table
 
 logger = logging.getLogger(__name__)
 
@@ -287,42 +287,27 @@ def hparams_from_dict(data: dict[str, Any]) -> EditHyperParams:
     return cls(**kwargs)
 
 
-def shipped_presets_dir() -> Path:
-    """The folder of the presets shipped with the package (read-only package data)."""
-    return Path(str(resources.files("pmet_lens") / "presets"))
+def critical_layers_for(model_name: str, user_dir: str | Path | None = None) -> tuple[int, ...] | None:
+    """Critical layers R stored for ``model_name`` (the user's ``critical_layers.json`` first, then
+    the shipped one), or None.
 
-
-def critical_layers_for(model_name: str) -> tuple[int, ...] | None:
-    """Critical layers R found by causal tracing (``presets/critical_layers.json``), or None.
-
-    Thin wrapper over :func:`pmet_lens.analysis.layers.default_critical_layers`, the one reader of that file.
+    Thin wrapper over :func:`pmet_lens.analysis.layers.default_critical_layers`, the one reader of that table.
     """
-    try:
-        layers = default_critical_layers(model_name)
-    except (json.JSONDecodeError, AttributeError) as exc:
-        logger.warning("presets/critical_layers.json is unreadable (%s); ignoring it", exc)
-        return None
+    layers = default_critical_layers(model_name, user_dir)
     return None if layers is None else tuple(layers)
 
 
-def preset_names() -> list[str]:
-    """Model names that have an editing preset in ``presets/editing.json``."""
-    return [k for k in _preset_table() if not k.startswith("_")]
+def preset_names(user_dir: str | Path | None = None) -> list[str]:
+    """Model names that have an editing preset (the user's ``editing.json`` and the shipped one)."""
+    return [k for k in merged_table("editing.json", user_dir) if not k.startswith("_")]
 
 
-def _preset_table() -> dict[str, Any]:
-    return json.loads((shipped_presets_dir() / "editing.json").read_text())
-
-
-def _preset_key(model_name: str) -> str | None:
-    """The ``editing.json`` key of ``model_name``: exact match, case-insensitive; a hub-style
-    ``org/name`` matches its last part (TransformerLens's ``cfg.model_name`` drops the org)."""
-    wanted = {model_name.lower(), model_name.rsplit("/", 1)[-1].lower()}
-    return next((k for k in preset_names() if k.lower() in wanted), None)
-
-
-def preset(model_name: str, method: str = "pmet") -> EditHyperParams:
+def preset(model_name: str, method: str = "pmet", user_dir: str | Path | None = None) -> EditHyperParams:
     """Hyper-parameters for ``model_name`` (exact names, no substring guessing).
+
+    The user's presets (``user_presets_dir()``, or ``user_dir``: written by ``pmet_lens.calibrate``,
+    ``analyses/tune_editing.py --write`` and ``analyses/causal_trace.py``) are read before the
+    shipped ones (see :mod:`pmet_lens.core.presets`); the shipped ones are:
 
     * ``SmolLM2-135M-Instruct``: layers R from ``presets/critical_layers.json`` (written by
       ``analyses/causal_trace.py``); λ, steps, lr and clamp from ``presets/editing.json``, all
@@ -347,19 +332,20 @@ def preset(model_name: str, method: str = "pmet") -> EditHyperParams:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     cls = METHODS[method]
-    key = _preset_key(model_name)
+    found = find_entry("editing.json", model_name, user_dir)
+    stored = "memit" if method == "alphaedit" else method
+    key = found[0] if found is not None and stored in found[1] else None
     values: dict[str, Any] = {}
-    if key is not None:
-        table = _preset_table()[key]
-        values = _tuplify(table["memit" if method == "alphaedit" else method])
-        values.update(_tuplify(table.get("nullspace", {})))  # τ and α (used when nullspace=True)
+    if found is not None and key is not None:
+        values = _tuplify(found[1][stored])
+        values.update(_tuplify(found[1].get("nullspace", {})))  # τ and α (used when nullspace=True)
     if "layers" not in values:
-        layers = critical_layers_for(key or model_name)
+        layers = critical_layers_for(key or model_name, user_dir)
         if layers is None:
             raise ValueError(
-                f"no critical layers R are known for model {model_name!r} (presets: {', '.join(preset_names())}). "
-                f"Find them with `python analyses/causal_trace.py --model {model_name}` (pmet_lens.average_traces + "
-                f"pmet_lens.critical_layers), or pass hparams={cls.__name__}(layers=(...), ...).")
+                f"no critical layers R are known for model {model_name!r} (presets: {', '.join(preset_names(user_dir))}). "
+                f"Find them and λ with `pmet-lens calibrate {model_name}` (pmet_lens.calibrate, which writes a user "
+                f"preset), or pass hparams={cls.__name__}(layers=(...), ...).")
         values["layers"] = layers
     if key is None:
         logger.warning("no tuned editing preset for %s: using %s defaults with R = %s from causal tracing",

@@ -1,0 +1,234 @@
+"""Calibrate a model with no preset in one call: R, then λ and the clamp c of PMET and MEMIT, then a
+user preset that :func:`pmet_lens.edit` picks up by the model's name.
+
+1. R: :func:`pmet_lens.analysis.calibrate.scan_layers`, the critical-layers rule (MEMIT section 3,
+   Fig. 3) on the last subject token's plain and MLP-severed curves over known facts, with a
+   bootstrap band.
+2. λ and c, per method, on the TUNE part of the CounterFact split only
+   (:func:`pmet_lens.data.splits.split_facts`; never the report part). The search is a grid:
+   for each clamp factor c in ``clamps`` the targets of all tune facts are optimised once (PMET
+   eq. 9 / MEMIT eq. 16: they depend on c but not on λ, an
+   :attr:`~pmet_lens.editing.EditHyperParams.update_only_fields` field), then for each λ in
+   ``lams`` the update (MEMIT eq. 14 / PMET eq. 10) is solved from those targets
+   (``edit(targets=...)``), the probability metrics are computed (efficacy, paraphrase,
+   neighborhood and their harmonic mean, the Score), and the weights are restored bit for bit.
+   The best Score wins; ties go to the setting nearest the method's defaults (summed |log ratio|
+   of λ and c), so a flat region never moves a setting away from them.
+3. The preset: R into the user's ``critical_layers.json`` (with its band), the chosen settings
+   into the user's ``editing.json`` (:mod:`pmet_lens.core.presets`), under ``cfg.model_name``.
+
+This module sits above evaluation (the λ search scores edits) and viz (the figure); the R step
+alone lives in :mod:`pmet_lens.analysis.calibrate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+from transformer_lens import HookedTransformer
+
+from pmet_lens.analysis.calibrate import LayerScan, scan_layers
+from pmet_lens.analysis.layers import write_critical_layers
+from pmet_lens.core.presets import write_entry
+from pmet_lens.data import KnownFact, load_known_facts
+from pmet_lens.data.splits import split_facts
+from pmet_lens.editing import CovarianceStore, MEMITHyperParams, PMETHyperParams, edit
+from pmet_lens.evaluation import evaluate_counterfact
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_CLAMPS", "DEFAULT_LAMS", "CalibrationResult", "calibrate", "search_lambda"]
+
+DEFAULT_LAMS: tuple[float, ...] = (3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
+"""λ grid: half-decade steps from 3 to 10^4 (the papers' GPT-J / GPT-NeoX λ are 6000-20000; a
+135M model's keys are smaller, so the grid reaches well below)."""
+DEFAULT_CLAMPS: tuple[float, ...] = (0.75, 1.5)
+"""Clamp factors c: the papers' 3/4 and twice that."""
+
+_CLASSES = {"pmet": PMETHyperParams, "memit": MEMITHyperParams}
+
+
+@dataclass
+class CalibrationResult:
+    """The evidence of :func:`calibrate`.
+
+    Attributes:
+        model_name: ``cfg.model_name`` the preset was written for.
+        scan: the R scan (per-fact curves, R, bootstrap wins).
+        search: one row per (method, c, λ): Score, efficacy, paraphrase, neighborhood.
+        chosen: method -> the chosen settings (``lam``, ``clamp_norm_factor`` and the rest).
+        preset_paths: the preset files written (empty when nothing was written).
+        seconds: wall time of each stage ("layers", "search").
+    """
+
+    model_name: str
+    scan: LayerScan
+    search: pd.DataFrame
+    chosen: dict[str, dict[str, Any]]
+    preset_paths: list[Path] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        """R."""
+        return list(self.scan.layers)
+
+    def curves(self) -> pd.DataFrame:
+        """Per layer: mean plain / MLP-severed effect, gap, its 95% half-width, membership of R."""
+        return self.scan.curves_frame()
+
+    def wins(self) -> pd.DataFrame:
+        """Bootstrap share of each candidate run (the band on R)."""
+        return self.scan.wins_frame()
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready summary: R, its confidence and band, chosen settings, timings."""
+        return {"model": self.model_name, "R": self.layers, "L": self.scan.last, "facts": self.scan.n_facts,
+                "facts_seen": self.scan.n_seen, "known_only": self.scan.known_only,
+                "R_bootstrap_share": self.scan.confidence, "band95": self.scan.band(0.95),
+                "n_boot": self.scan.n_boot, "chosen": self.chosen,
+                "preset_paths": [str(p) for p in self.preset_paths], "seconds": self.seconds}
+
+    def figure(self) -> Any:
+        """Plotly figure: the gap per layer with R shaded, and the bootstrap shares of the runs."""
+        from pmet_lens.viz.calibration import calibration_figure
+
+        return calibration_figure(self)
+
+
+def _distance(row: dict[str, Any], base: Any) -> float:
+    return abs(math.log(row["lam"] / base.lam)) + abs(math.log(row["clamp"] / base.clamp_norm_factor))
+
+
+def search_lambda(
+    model: HookedTransformer,
+    method: str,
+    layers: Sequence[int],
+    facts: Sequence[Any],
+    *,
+    lams: Sequence[float] = DEFAULT_LAMS,
+    clamps: Sequence[float] = DEFAULT_CLAMPS,
+    base: dict[str, Any] | None = None,
+    cov_store: CovarianceStore | None = None,
+    progress: bool = False,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The λ x c grid of one method on ``facts`` (module docstring, step 2).
+
+    Returns:
+        ``(rows, chosen)``: the grid as a table, and the chosen hyper-parameters as a dict
+        (:meth:`EditHyperParams.to_dict` without ``method`` and ``layers``).
+    """
+    if method not in _CLASSES:
+        raise ValueError(f"method must be 'pmet' or 'memit', got {method!r}")
+    if not lams or not clamps or any(not (x > 0) for x in [*lams, *clamps]):
+        raise ValueError(f"lams and clamps must be non-empty lists of positive numbers, got {lams!r} and {clamps!r}")
+    if not facts:
+        raise ValueError("no tune facts to search λ on")
+    cls = _CLASSES[method]
+    defaults = cls(layers=tuple(layers), **(base or {}))
+    store = cov_store if cov_store is not None else CovarianceStore(progress=progress)
+    rows: list[dict[str, Any]] = []
+    for c in clamps:
+        hp = defaults.with_(clamp_norm_factor=float(c))
+        first = edit(model, facts, hparams=hp, cov_store=store, apply=False, progress=progress)
+        for lam in lams:
+            solved = hp.with_(lam=float(lam), context_prefixes=first.prefixes)
+            with edit(model, facts, hparams=solved, cov_store=store, targets=first.targets, progress=False):
+                _, summary = evaluate_counterfact(model, facts, generation=False, progress=False)
+            row = {"method": method, "clamp": float(c), "lam": float(lam), "n_facts": len(facts)}
+            row.update({k: float(summary[k]) for k in ("score", "efficacy", "paraphrase", "neighborhood")})
+            logger.info("%s c=%g λ=%g: Score %.3f (efficacy %.3f, paraphrase %.3f, neighborhood %.3f)", method, c,
+                        lam, row["score"], row["efficacy"], row["paraphrase"], row["neighborhood"])
+            rows.append(row)
+    ranked = sorted(rows, key=lambda r: (-round(r["score"], 9) if math.isfinite(r["score"]) else math.inf,
+                                         _distance(r, defaults)))
+    best = ranked[0]
+    chosen_hp = defaults.with_(lam=best["lam"], clamp_norm_factor=best["clamp"])
+    chosen = {k: v for k, v in chosen_hp.to_dict().items() if k not in ("method", "layers")}
+    return pd.DataFrame(rows), chosen
+
+
+def calibrate(
+    model: HookedTransformer,
+    *,
+    facts: Sequence[KnownFact] | None = None,
+    n_facts: int = 100,
+    min_facts: int | None = None,
+    known_only: bool = True,
+    size: int = 5,
+    samples: int = 10,
+    n_boot: int = 1000,
+    methods: Sequence[str] = ("pmet", "memit"),
+    tune_facts: int = 32,
+    lams: Sequence[float] = DEFAULT_LAMS,
+    clamps: Sequence[float] = DEFAULT_CLAMPS,
+    base: dict[str, Any] | None = None,
+    cov_store: CovarianceStore | None = None,
+    write: bool = True,
+    preset_dir: str | Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> CalibrationResult:
+    """R, λ and c for ``model`` and a user preset that :func:`pmet_lens.edit` then uses.
+
+    Args:
+        model: any hooked model pmet-lens loads (``cfg.model_name`` names the preset).
+        facts: known facts for R (default ROME's shipped known facts).
+        n_facts, min_facts, known_only, size, samples, n_boot: see
+            :func:`pmet_lens.analysis.calibrate.scan_layers`.
+        methods: editors to search λ and c for (empty: R only).
+        tune_facts: first N cases of the TUNE split edited together in each grid point.
+        lams, clamps: the grid (:data:`DEFAULT_LAMS`, :data:`DEFAULT_CLAMPS`).
+        base: other hyper-parameter fields for the search (e.g. ``{"steps": 10}``), kept in the preset.
+        cov_store: covariance cache (default: the user's cache on WikiText-2).
+        write: write the preset; preset_dir: the user preset directory to write it to (default
+            :func:`pmet_lens.core.presets.user_presets_dir`).
+
+    Raises:
+        ValueError: bad settings, or too few usable facts (see ``scan_layers``); nothing is written then.
+    """
+    methods = [m.lower() for m in methods]
+    bad = [m for m in methods if m not in _CLASSES]
+    if bad:
+        raise ValueError(f"methods must be among 'pmet', 'memit'; got {bad}")
+    if isinstance(tune_facts, bool) or not isinstance(tune_facts, int) or tune_facts < 1:
+        raise ValueError(f"tune_facts must be an int >= 1, got {tune_facts!r}")
+    name = str(model.cfg.model_name)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    scan = scan_layers(model, facts if facts is not None else load_known_facts(), n_facts=n_facts,
+                       min_facts=min_facts, known_only=known_only, size=size, samples=samples, seed=seed,
+                       n_boot=n_boot, progress=progress)
+    seconds["layers"] = round(time.perf_counter() - t0, 1)
+    tables, chosen = [], {}
+    t0 = time.perf_counter()
+    if methods:
+        tune = split_facts("tune", limit=tune_facts)
+        store = cov_store if cov_store is not None else CovarianceStore(progress=progress)
+        for method in methods:
+            table, chosen[method] = search_lambda(model, method, scan.layers, tune, lams=lams, clamps=clamps,
+                                                  base=base, cov_store=store, progress=progress)
+            tables.append(table)
+    seconds["search"] = round(time.perf_counter() - t0, 1)
+    search = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
+        columns=["method", "clamp", "lam", "n_facts", "score", "efficacy", "paraphrase", "neighborhood"])
+    result = CalibrationResult(model_name=name, scan=scan, search=search, chosen=chosen, seconds=seconds)
+    if write:
+        result.preset_paths.append(write_critical_layers(
+            name, scan.layers, f"pmet_lens.calibrate, {scan.n_facts} facts", preset_dir,
+            bootstrap_share=round(scan.confidence, 3), band95=scan.band(0.95)))
+        if chosen:
+            entry: dict[str, Any] = {"source": f"pmet_lens.calibrate, {tune_facts} tune facts, "
+                                               f"λ in {list(lams)}, c in {list(clamps)}"}
+            entry.update(chosen)
+            result.preset_paths.append(write_entry("editing.json", name, entry, preset_dir))
+    logger.info("calibrated %s: R = %s; %s", name, scan.layers,
+                ", ".join(f"{m} λ={c['lam']:g} c={c['clamp_norm_factor']:g}" for m, c in chosen.items()))
+    return result
+

@@ -1,0 +1,65 @@
+"""pmet_lens.calibrate on a tiny random model with no preset: the preset it writes is what edit uses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from conftest import _tokenizer
+from pmet_lens import calibrate, edit, load_model
+from pmet_lens.core.models import default_gguf_path
+from pmet_lens.data import load_known_facts
+from pmet_lens.editing import CovarianceStore, preset
+
+FACT = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
+TINY = {"steps": 3, "cov_tokens": 2000, "cov_seq_len": 64}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         architectures=["LlamaForCausalLM"])
+    path = tmp_path_factory.mktemp("models") / "my-tiny-llama"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    _tokenizer(str(default_gguf_path())).save_pretrained(path)
+    return path
+
+
+def test_edit_uses_the_preset_calibrate_wrote(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("PMET_LENS_CACHE", str(tmp_path / "cache"))
+    model = load_model(tiny_checkpoint, device="cpu")
+    with pytest.raises(ValueError, match="pmet-lens calibrate"):
+        preset(model.cfg.model_name, "pmet")  # no preset before
+    store = CovarianceStore(cache_dir=tmp_path / "cov", progress=False)
+    result = calibrate(model, facts=load_known_facts(limit=6), n_facts=4, known_only=False, size=2, samples=2,
+                       n_boot=50, tune_facts=2, lams=(10.0, 1000.0), clamps=(0.75,), base=TINY, cov_store=store,
+                       progress=False)
+    assert len(result.layers) == 2 and result.layers == sorted(result.layers)
+    assert set(result.search["method"]) == {"pmet", "memit"} and len(result.search) == 4
+    assert abs(result.wins()["share"].sum() - 1) < 1e-9
+    assert [p.parent for p in result.preset_paths] == [tmp_path / "cache" / "presets"] * 2
+    stored = json.loads((tmp_path / "cache" / "presets" / "critical_layers.json").read_text())
+    assert stored["my-tiny-llama"]["layers"] == result.layers and "band95" in stored["my-tiny-llama"]
+    assert result.figure().data  # the figure has traces
+    for method in ("pmet", "memit"):
+        hp = preset(model.cfg.model_name, method)
+        assert list(hp.layers) == result.layers
+        assert hp.lam == result.chosen[method]["lam"] and hp.steps == 3
+    # edit without hparams finds the calibrated preset by the model's name
+    out = edit(model, [FACT], method="memit", cov_store=store, progress=False, apply=False)
+    assert out.hparams["layers"] == result.layers and out.hparams["lam"] == result.chosen["memit"]["lam"]
+
+
+def test_calibrate_writes_nothing_on_bad_input(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("PMET_LENS_CACHE", str(tmp_path / "cache"))
+    model = load_model(tiny_checkpoint, device="cpu")
+    with pytest.raises(ValueError, match="methods"):
+        calibrate(model, methods=("rome",))
+    with pytest.raises(ValueError, match="known_only=False"):
+        calibrate(model, facts=load_known_facts(limit=3), n_facts=3, size=2, samples=1, progress=False)
+    assert not (tmp_path / "cache" / "presets").exists()
