@@ -12,16 +12,17 @@ the presets were tuned on the TUNE part only):
 * Figure 4: per-layer ‖ΔW‖ of PMET and each ablation (W_out; and W_O for the W_O ablation);
 * Table 2: MEMIT / PMET mass edits on the shipped zsRE subset, top-1 token accuracy with the papers'
   official procedure (``evaluate_zsre(metric="official")``; the teacher-forced metric is written beside it,
-  labelled, see ``docs/zsre-metrics.md``), and PMET's three ablations there too (beyond the paper, whose Table 3 is CounterFact only: the + W_O row writes δ_a into
-  the MHSA output weights, so it tests whether the unwritten δ_a is what PMET loses on zsRE).
+  labelled, see ``docs/zsre-metrics.md``), and PMET's three ablations there too (beyond the paper, whose Table 3
+  is CounterFact only: the + W_O row writes δ_a into the MHSA output weights, so it tests whether the unwritten
+  δ_a is what PMET loses on zsRE).
 
 Generation metrics (Fluency, consistency proxy) use every ``--gen-every``-th case (cases 0, k, 2k...
 of the report list) to keep the run within the CPU budget; the scaling curve uses probability metrics
 only. Optimised targets are computed once per method and reused (they depend on neither λ, the
 spread nor which weights are updated) by the even-spread and + W_O ablations and by the smaller edits of the
-scaling curve (identical up to float rounding). Consistency is the documented offline proxy (:mod:`pmet_lens.evaluation.consistency`), never comparable
-with the papers' column. Outputs go to ``--out`` (default ``figures/``): CSV, interactive HTML,
-matplotlib PNG, and ``edit_benchmark.md`` with the tables beside the papers' GPT-J numbers.
+scaling curve (identical up to float rounding). Consistency is the documented offline proxy
+(:mod:`pmet_lens.evaluation.consistency`), never comparable with the papers' column. Outputs go to ``--out``
+(default ``figures/``): CSV, interactive HTML, matplotlib PNG, and ``edit_benchmark.md`` with the tables beside the papers' GPT-J numbers.
 
 The full run takes hours on a CPU, so it is resumable: every result is written to ``--out`` as soon
 as it exists, and each optimised mass edit (deltas and targets) is saved under
@@ -55,9 +56,9 @@ from pmet_lens.evaluation import (
     PAPER_TABLE1_GPTJ,
     PAPER_TABLE2_GPTJ,
     PAPER_TABLE3_10K,
-    evaluate_counterfact,
     ZSRE_METRICS,
     ZSRE_TESTS,
+    evaluate_counterfact,
     evaluate_zsre,
     format_table,
 )
@@ -181,8 +182,8 @@ def paper_side_by_side(ours: dict[str, dict], paper: dict[str, dict], columns: l
             key = cons_key if c == "consistency" else c
             value = s.get(key, float("nan"))
             half = s.get(f"{key}_ci95")
-            row[c if c != "consistency" else cons_key] = (f"{100 * value:.1f}" + (f" ({100 * half:.1f})" if half is not None and not math.isnan(half) else "")
-                                                          if value == value else "")
+            ci = f" ({100 * half:.1f})" if half is not None and not math.isnan(half) else ""
+            row[c if c != "consistency" else cons_key] = f"{100 * value:.1f}{ci}" if value == value else ""
         rows.append(row)
     for editor, s in paper.items():
         row = {"source": "GPT-J 6B (paper)", "editor": editor}

@@ -32,10 +32,10 @@ import torch
 from pmet_lens import load_model
 from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, preset
-from pmet_lens.editing.nullspace import NullspaceStore
-from pmet_lens.editing.session import EditSession
 from pmet_lens.editing.hparams import settings_for
+from pmet_lens.editing.nullspace import NullspaceStore
 from pmet_lens.editing.prepared import prepare_requests
+from pmet_lens.editing.session import EditSession
 from pmet_lens.editing.targets import optimise_targets
 from pmet_lens.evaluation import evaluate_counterfact
 from pmet_lens.evaluation.perplexity import perplexity, wikitext_sample

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
-from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)
 from pmet_lens import load_known_facts, load_model
 from pmet_lens.analysis.averaged import average_traces
 from pmet_lens.analysis.calibrate import scan_layers
 from pmet_lens.analysis.layers import critical_layers
+
+from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)
 
 
 def main() -> None:

@@ -21,9 +21,6 @@ import time
 from functools import partial
 
 import torch
-from machine import (
-    machine_line,  # benchmarks/machine.py (the script's folder is on sys.path)
-)
 
 from pmet_lens import load_model
 from pmet_lens.core.arch import architecture
@@ -37,6 +34,10 @@ from pmet_lens.editing.site import TARGET_WEIGHT, edit_site
 from pmet_lens.editing.targets import Targets
 from pmet_lens.editing.update import compute_and_apply_updates, least_squares_solve
 from pmet_lens.evaluation.scoring import score_continuations
+
+from machine import (
+    machine_line,  # benchmarks/machine.py (the script's folder is on sys.path)
+)
 
 
 def baseline_targets(model, fact, hp, prefixes) -> Targets:

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from pmet_lens import load_counterfact, load_model
-from pmet_lens.evaluation import evaluate_counterfact
 from pmet_lens.core.generation import sample_texts
+from pmet_lens.evaluation import evaluate_counterfact
+
 from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)
 
 

@@ -20,15 +20,16 @@ import time
 
 import torch
 
-from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)
 from pmet_lens import load_model
 from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, engine, preset
-from pmet_lens.editing.nullspace import NullspaceStore, nullspace_projection
-from pmet_lens.editing.session import EditSession
 from pmet_lens.editing.hparams import settings_for
+from pmet_lens.editing.nullspace import NullspaceStore, nullspace_projection
 from pmet_lens.editing.prepared import prepare_requests
+from pmet_lens.editing.session import EditSession
 from pmet_lens.editing.targets import optimise_targets
+
+from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)
 
 
 def nbytes(tensors) -> int:

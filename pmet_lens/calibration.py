@@ -1,5 +1,5 @@
 """Calibrate a model with no preset in one call: R, then λ and the clamp c of PMET and MEMIT, then a
-user preset that :func:`pmet_lens.edit` picks up by the model's name.
+user preset that :func:`pmet_lens.editing.edit` picks up by the model's name.
 
 1. R: :func:`pmet_lens.analysis.calibrate.scan_layers`, the critical-layers rule (MEMIT section 3,
    Fig. 3) on the last subject token's plain and MLP-severed curves over known facts, with a
@@ -8,7 +8,7 @@ user preset that :func:`pmet_lens.edit` picks up by the model's name.
    (:func:`pmet_lens.data.splits.split_facts`; never the report part). The search is a grid:
    for each clamp factor c in ``clamps`` the targets of all tune facts are optimised once (PMET
    eq. 9 / MEMIT eq. 16: they depend on c but not on λ, an
-   :attr:`~pmet_lens.editing.EditHyperParams.update_only_fields` field), then for each λ in
+   ``EditHyperParams.update_only_fields`` field), then for each λ in
    ``lams`` the update (MEMIT eq. 14 / PMET eq. 10) is solved from those targets
    (``edit(targets=...)``), the probability metrics are computed (efficacy, paraphrase,
    neighborhood and their harmonic mean, the Score), and the weights are restored bit for bit.
@@ -122,7 +122,7 @@ def search_lambda(
 
     Returns:
         ``(rows, chosen)``: the grid as a table, and the chosen hyper-parameters as a dict
-        (:meth:`EditHyperParams.to_dict` without ``method`` and ``layers``).
+        (:meth:`~pmet_lens.editing.hparams.EditHyperParams.to_dict` without ``method`` and ``layers``).
     """
     if method not in _CLASSES:
         raise ValueError(f"method must be 'pmet' or 'memit', got {method!r}")
@@ -175,19 +175,25 @@ def calibrate(
     seed: int = 0,
     progress: bool = True,
 ) -> CalibrationResult:
-    """R, λ and c for ``model`` and a user preset that :func:`pmet_lens.edit` then uses.
+    """R, λ and c for ``model`` and a user preset that :func:`pmet_lens.editing.edit` then uses.
 
     Args:
         model: any hooked model pmet-lens loads (``cfg.model_name`` names the preset).
         facts: known facts for R (default ROME's shipped known facts).
-        n_facts, min_facts, known_only, size, samples, n_boot: see
-            :func:`pmet_lens.analysis.calibrate.scan_layers`.
+        n_facts: see :func:`pmet_lens.analysis.calibrate.scan_layers`.
+        min_facts: see :func:`pmet_lens.analysis.calibrate.scan_layers`.
+        known_only: see :func:`pmet_lens.analysis.calibrate.scan_layers`.
+        size: see :func:`pmet_lens.analysis.calibrate.scan_layers`.
+        samples: see :func:`pmet_lens.analysis.calibrate.scan_layers`.
+        n_boot: see :func:`pmet_lens.analysis.calibrate.scan_layers`.
         methods: editors to search λ and c for (empty: R only).
         tune_facts: first N cases of the TUNE split edited together in each grid point.
-        lams, clamps: the grid (:data:`DEFAULT_LAMS`, :data:`DEFAULT_CLAMPS`).
+        lams: the λ grid (:data:`DEFAULT_LAMS`).
+        clamps: the clamp-factor grid (:data:`DEFAULT_CLAMPS`).
         base: other hyper-parameter fields for the search (e.g. ``{"steps": 10}``), kept in the preset.
         cov_store: covariance cache (default: the user's cache on WikiText-2).
-        write: write the preset; preset_dir: the user preset directory to write it to (default
+        write: write the preset.
+        preset_dir: the user preset directory to write it to (default
             :func:`pmet_lens.core.presets.user_presets_dir`).
 
     Raises:

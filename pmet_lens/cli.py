@@ -6,8 +6,8 @@ Each subcommand is a thin layer over the library (imported lazily, so ``--help``
 ``edit`` -> :func:`pmet_lens.editing.edit` (writes a delta file),
 ``evaluate`` -> :func:`pmet_lens.evaluation.counterfact.evaluate_counterfact` / ``evaluate_zsre`` (optionally with a
 delta file applied), ``calibrate`` -> :func:`pmet_lens.calibration.calibrate` (R, λ, c; a user
-preset), ``export`` -> :func:`pmet_lens.export.export_hf` / ``export_gguf``. Every input (files, records, preset names, hyper-parameters) is checked before
-the model is loaded; bad input ends with ``error: ...`` on stderr and exit status 2.
+preset), ``export`` -> :func:`pmet_lens.export.export_hf` / ``export_gguf``. Every input (files, records,
+preset names, hyper-parameters) is checked before the model is loaded; bad input ends with ``error: ...`` on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 __all__ = ["main", "build_parser"]
 
@@ -197,10 +197,10 @@ SESSION_METHODS = ("alphaedit", "memit", "pmet", "pmet+ns")
 def _cmd_session(args: argparse.Namespace) -> int:
     """Edit the facts in batches of ``--batch`` one after another (lifelong editing), saving the
     session file after every batch; ``--resume`` continues a saved session."""
-    from pmet_lens.data import as_facts
+    from pmet_lens.data import as_facts, read_records
     from pmet_lens.editing.session import EditSession
 
-    records = _read_records(_existing_file(args.facts, "facts file"))  # type: ignore[arg-type]
+    records = read_records(_existing_file(args.facts, "facts file"), "facts")  # type: ignore[arg-type]
     if args.limit is not None:
         records = records[: args.limit]
     if args.batch < 1:
@@ -220,7 +220,8 @@ def _cmd_session(args: argparse.Namespace) -> int:
         session = EditSession.load(out, model, cov_store=store)
     else:
         base = "pmet" if args.method == "pmet+ns" else args.method
-        hp = _hparams(argparse.Namespace(**{**vars(args), "method": base}), str(model.cfg.model_name))
+        overrides, source = _hparams_overrides(args.hparams, base)
+        hp = _hparams(argparse.Namespace(**{**vars(args), "method": base}), str(model.cfg.model_name), overrides, source)
         if args.method == "pmet+ns":
             hp = hp.with_(nullspace=True)
         session = EditSession(model, hparams=hp, cov_store=store)
@@ -237,11 +238,12 @@ def _cmd_session(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- evaluate
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from pmet_lens.data import load_counterfact, load_zsre
+    from pmet_lens.data import Fact, ZsreRecord, load_counterfact, load_zsre
     from pmet_lens.evaluation import evaluate_counterfact, evaluate_zsre, format_table
 
     records_path = _existing_file(args.records, "records file")
     delta_path = _existing_file(args.delta, "delta file")
+    records: list[Fact] | list[ZsreRecord]  # per --dataset
     if args.dataset == "counterfact":
         if records_path is None and args.split:
             from pmet_lens.data.splits import split_facts
@@ -269,10 +271,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise CLIError(f"{delta_path} is not a readable pmet-lens delta file ({exc})") from None
     try:
         if args.dataset == "counterfact":
-            per_record, summary = evaluate_counterfact(model, records, generation=not args.no_generation,
+            per_record, summary = evaluate_counterfact(model, cast("list[Fact]", records), generation=not args.no_generation,
                                                        gen_every=args.gen_every, seed=args.seed, progress=True)
         else:
-            per_record, summary = evaluate_zsre(model, records, metric=args.zsre_metric, progress=True)
+            per_record, summary = evaluate_zsre(model, cast("list[ZsreRecord]", records), metric=args.zsre_metric, progress=True)
     finally:
         if result is not None:
             result.restore()

@@ -148,10 +148,10 @@ def export_gguf(model: HookedTransformer, path: str | Path, *, dtype: str = "f32
             writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
         for tensor in reader.tensors:
-            hf_name = by_gguf.get(tensor.name)
-            if hf_name is None:
+            found = by_gguf.get(tensor.name)
+            if found is None:
                 raise ValueError(f"GGUF tensor {tensor.name!r} of {source.name} has no transformers counterpart")
-            w = state[hf_name]
+            w = state[found]
             if tensor.name.endswith("attn_q.weight"):
                 w = _llama_permute(w, n_head)
             elif tensor.name.endswith("attn_k.weight"):
@@ -174,7 +174,7 @@ def export_gguf(model: HookedTransformer, path: str | Path, *, dtype: str = "f32
 
 # ----------------------------------------------------------------------------- saved edits
 def apply_delta(hf_model: Any, path: str | Path, *, check_identity: bool = True) -> Any:
-    """Add a saved edit (:meth:`pmet_lens.EditResult.save`) to a transformers model's weights, in place.
+    """Add a saved edit (:meth:`pmet_lens.editing.result.EditResult.save`) to a transformers model's weights, in place.
 
     Each ΔW is stored in TransformerLens's layout (``blocks.{l}.mlp.W_out`` [d_mlp, d_model],
     ``blocks.{l}.attn.W_O`` [n_heads, d_head, d_model]); its entries are added to the transformers

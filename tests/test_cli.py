@@ -122,8 +122,8 @@ def test_edit_then_evaluate(workdir):
 @pytest.mark.slow
 def test_delta_for_another_model(workdir):
     """A delta file whose model hash is not this model's is refused with a clear message."""
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     meta = {"format": "pmet-lens-edit/1", "method": "pmet", "model_hash": "0" * 16, "model_name": "gpt2",
             "hparams": "{}", "facts": "[]", "prefixes": "[]", "stats": "{}"}

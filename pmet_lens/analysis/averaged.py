@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Sequence, cast
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from pmet_lens.analysis.tracing import trace
+from pmet_lens.analysis.tracing import Kind, trace
 from pmet_lens.core.stats import mean_ci95
 from pmet_lens.core.tokens import encode, subject_range, target_ids
 from pmet_lens.data import KnownFact
@@ -160,11 +160,14 @@ def average_traces(
     (in input order) uses noise seed ``seed + i``.
 
     Args:
-        model, facts: the hooked model and ROME known facts.
+        model: the hooked model.
+        facts: ROME known facts.
         kinds: trace kinds for the token-class heat maps ("hidden" is always traced when
             ``severed`` is set, since the plain curve is its last-subject-token row).
         severed: also compute the MEMIT Fig. 3 curves.
-        samples, noise, window: see :func:`pmet_lens.analysis.tracing.trace`.
+        samples: see :func:`pmet_lens.analysis.tracing.trace`.
+        noise: see :func:`pmet_lens.analysis.tracing.trace`.
+        window: see :func:`pmet_lens.analysis.tracing.trace`.
         limit: stop after this many known facts.
         progress: show a tqdm progress bar.
     """
@@ -191,7 +194,7 @@ def average_traces(
         positions = list(range(subj[0], n_tok))
         low = high = float("nan")
         for kind in need:
-            r = trace(model, fact.prompt, fact.subject, kind=kind, window=window, samples=samples,
+            r = trace(model, fact.prompt, fact.subject, kind=cast(Kind, kind), window=window, samples=samples,
                       noise=noise, seed=seed + i, positions=positions)
             effect = r.effect
             low, high = r.low_score, r.high_score

@@ -28,6 +28,7 @@ from transformer_lens import HookedTransformer
 from pmet_lens.analysis.averaged import knows_fact
 from pmet_lens.analysis.layers import critical_layers
 from pmet_lens.analysis.tracing import trace
+from pmet_lens.core.stats import mean_ci95
 from pmet_lens.core.tokens import subject_range
 from pmet_lens.data import KnownFact
 
@@ -44,11 +45,11 @@ def last_subject_curves(
     samples: int = 10,
     noise: float = 3.0,
     seed: int = 0,
-) -> tuple[Float[torch.Tensor, "n_layers"], Float[torch.Tensor, "n_layers"]]:
+) -> tuple[Float[torch.Tensor, " n_layers"], Float[torch.Tensor, " n_layers"]]:
     """Indirect effects (score - corrupted score) of restoring the last subject token's hidden state
     at each layer: plain, and with that token's later MLP outputs severed (MEMIT Fig. 3).
 
-    The answer scored is the model's greedy next token (as in :func:`average_traces` for known
+    The answer scored is the model's greedy next token (as in :func:`~pmet_lens.analysis.averaged.average_traces` for known
     facts, whose greedy token is the answer's first token).
     """
     last = subject_range(model, prompt, subject)[1] - 1
@@ -113,14 +114,13 @@ class LayerScan:
 
     def curves_frame(self) -> pd.DataFrame:
         """Per layer: mean plain and MLP-severed effects, their gap and 95% half-widths."""
-        n = self.n_facts
         rows = []
         for layer in range(self.plain.shape[1]):
             p, s = self.plain[:, layer].double(), self.severed[:, layer].double()
             g = p - s
-            half = (lambda x: float(1.96 * x.std(unbiased=True) / n ** 0.5) if n > 1 else 0.0)
+            _, half = mean_ci95(g.tolist())
             rows.append({"layer": layer, "plain": float(p.mean()), "mlp_severed": float(s.mean()),
-                         "gap": float(g.mean()), "gap_ci95": half(g), "in_R": layer in self.layers})
+                         "gap": float(g.mean()), "gap_ci95": half, "in_R": layer in self.layers})
         return pd.DataFrame(rows)
 
     def wins_frame(self) -> pd.DataFrame:
@@ -149,7 +149,7 @@ def scan_layers(
     Facts are examined in order; with ``known_only`` only those the model answers right
     (:func:`pmet_lens.analysis.averaged.knows_fact`) are traced, otherwise every fact, scored on
     the model's own greedy answer. Fact ``i`` (input order) uses noise seed ``seed + i``, as in
-    :func:`average_traces`, so on the same facts both give the same curves.
+    :func:`~pmet_lens.analysis.averaged.average_traces`, so on the same facts both give the same curves.
 
     Args:
         n_facts: facts to use (stop once this many are found).
@@ -170,7 +170,9 @@ def scan_layers(
         raise ValueError(f"n_boot must be an int >= 0, got {n_boot!r}")
     if not 1 <= size <= model.cfg.n_layers:
         raise ValueError(f"size must be in 1..{model.cfg.n_layers} (the model's layers), got {size!r}")
-    plain, severed, ids = [], [], []
+    plain: list[torch.Tensor] = []
+    severed: list[torch.Tensor] = []
+    ids: list[int] = []
     seen = 0
     bar = tqdm(total=n_facts, disable=not progress, desc="last-subject traces")
     for i, fact in enumerate(facts):

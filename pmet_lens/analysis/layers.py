@@ -33,7 +33,7 @@ def default_critical_layers(model_name: str, user_dir: str | Path | None = None)
     return sorted(int(l) for l in found[1]["layers"])
 
 
-def write_critical_layers(model_name: str, layers: list[int], source: str, path: Path | None = None,
+def write_critical_layers(model_name: str, layers: list[int], source: str, path: str | Path | None = None,
                           **extra: object) -> Path:
     """Store R for ``model_name`` in the user's preset directory (``path``: another directory), other
     models' entries kept; ``source`` gets today's date appended; ``extra`` fields (e.g. the
@@ -43,8 +43,8 @@ def write_critical_layers(model_name: str, layers: list[int], source: str, path:
 
 
 def critical_layers(
-    plain: "AverageTrace | Float[torch.Tensor, 'n_layers']",
-    mlp_severed: Float[torch.Tensor, "n_layers"] | None = None,
+    plain: "AverageTrace | Float[torch.Tensor, ' n_layers']",
+    mlp_severed: Float[torch.Tensor, " n_layers"] | None = None,
     *,
     size: int = 5,
 ) -> tuple[list[int], int]:

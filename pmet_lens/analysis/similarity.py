@@ -35,7 +35,7 @@ from transformer_lens import HookedTransformer
 from pmet_lens.core.arch import Architecture, apply_ln_affine, architecture
 from pmet_lens.core.readout import final_logits
 from pmet_lens.core.stats import mean_ci95
-from pmet_lens.core.tokens import tokenize
+from pmet_lens.core.tokens import decode_text, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _check_prompts(prompts: Sequence[str] | str) -> list[str]:
 class _LastTokenRecorder:
     """Forward hooks that keep only each row's last-token vector of the hooked activations."""
 
-    def __init__(self, last: Int[torch.Tensor, "batch"]):
+    def __init__(self, last: Int[torch.Tensor, " batch"]):
         self.last = last
         self.store: dict[str, torch.Tensor] = {}
 
@@ -134,7 +134,7 @@ def vocab_projector(model: HookedTransformer, variant: str) -> Callable[[torch.T
     raise ValueError(f"unknown variant {variant!r}: choose from {VARIANTS}")
 
 
-def topk_jaccard(a: Int[torch.Tensor, "n k"], b: Int[torch.Tensor, "n k"]) -> Float[torch.Tensor, "n"]:
+def topk_jaccard(a: Int[torch.Tensor, "n k"], b: Int[torch.Tensor, "n k"]) -> Float[torch.Tensor, " n"]:
     """Jaccard similarity of two top-k id sets per row (PMET eq. 7); ids within a row are distinct."""
     inter = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).sum(-1).to(torch.float32)
     k = a.shape[-1] + b.shape[-1]
@@ -287,7 +287,7 @@ def topk_change(
     project = vocab_projector(model, variant)
     ids_b = project(before).topk(k, dim=-1).indices[0].tolist()
     ids_a = project(after).topk(k, dim=-1).indices[0].tolist()
-    dec = lambda ids: [model.tokenizer.decode([i]) for i in ids]  # noqa: E731
+    dec = lambda ids: [decode_text(model, [i]) for i in ids]  # noqa: E731
     sb, sa = set(ids_b), set(ids_a)
     return TopKChange(
         layer=layer, component=component, variant=variant, before=dec(ids_b), after=dec(ids_a),

@@ -17,7 +17,8 @@ values, so the restored state cannot act through them.
 
 Speed: positions before the subject are not recomputed (the corrupted run equals the clean run
 there, so their score is the corrupted score, exactly). Restoring a state at (t, l) changes nothing
-before layer l and nothing at positions before t. The corrupted run is computed once, caching its residual streams and attention keys/values.
+before layer l and nothing at positions before t. The corrupted run is computed once, caching its residual
+streams and attention keys/values.
 For each position t only positions t.. are recomputed (the corrupted keys/values of positions < t
 are fed in as a frozen key/value cache), starting at the first block a restoration can change;
 all (layer, sample) rows of one position run as one batch that grows block by block, and logits
@@ -29,17 +30,17 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Sequence, cast
 
 import torch
 from jaxtyping import Float, Int
-from transformer_lens import HookedTransformer
+from transformer_lens import ActivationCache, HookedTransformer
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.hook_points import HookPoint
 
 from pmet_lens.core.arch import Architecture, architecture
 from pmet_lens.core.readout import final_logits
-from pmet_lens.core.tokens import encode, subject_range, target_ids
+from pmet_lens.core.tokens import decode_text, encode, subject_range, target_ids
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def window_layers(layer: int, window: int, n_layers: int) -> range:
 
 def target_probability(
     logits: Float[torch.Tensor, "batch n_target d_vocab"], target: Sequence[int]
-) -> Float[torch.Tensor, "batch"]:
+) -> Float[torch.Tensor, " batch"]:
     """P(target) per row: ``exp(mean_i log P(target_i | prefix))``.
 
     ``logits[:, i]`` must be the logits predicting ``target[i]``. A single-token target gives its
@@ -165,7 +166,7 @@ def _validate(
 
 
 def _restore_hook(
-    values: Float[torch.Tensor, "rows d_model"], rows: Int[torch.Tensor, "rows"], pos: Int[torch.Tensor, "rows"]
+    values: Float[torch.Tensor, "rows d_model"], rows: Int[torch.Tensor, " rows"], pos: Int[torch.Tensor, " rows"]
 ) -> Callable[[torch.Tensor, HookPoint], torch.Tensor]:
     """Hook fn writing ``values[i]`` into ``activation[rows[i], pos[i]]``."""
 
@@ -251,7 +252,8 @@ def trace(
         comp_hook = {"mlp": arch.mlp_out_hook, "attn": arch.attn_out_hook}
         if kind != "hidden":
             names |= {comp_hook[kind](l) for l in range(n_layers)}
-        logits, clean = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        out, clean = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        logits = cast(torch.Tensor, out)
         if tgt is None:
             tgt = [int(logits[0, n_prompt - 1].argmax())]
         score_pos = list(range(n_prompt - 1, n_prompt - 1 + len(tgt)))
@@ -270,7 +272,7 @@ def trace(
         store: dict[str, torch.Tensor] = {}
 
         def keep(activation: torch.Tensor, hook: HookPoint) -> None:
-            store[hook.name] = activation.clone()
+            store[cast(str, hook.name)] = activation.clone()
 
         with model.hooks(fwd_hooks=noise_hooks + [(n, keep) for n in sorted(corrupt_names)]):
             final = model(tokens.expand(samples, -1), stop_at_layer=n_layers)
@@ -289,10 +291,10 @@ def trace(
                 model, arch, t, kind, window, sever, clean, store, samples, score_pos, tgt
             ).cpu()
 
-    decoded = [model.tokenizer.decode([i]) for i in prompt_ids]
+    decoded = [decode_text(model, [i]) for i in prompt_ids]
     return TraceResult(
         scores=scores, low_score=low, high_score=high, tokens=decoded, token_ids=prompt_ids,
-        subject_range=subj, kind=kind, target=model.tokenizer.decode(tgt), target_ids=list(tgt),
+        subject_range=subj, kind=kind, target=decode_text(model, tgt), target_ids=list(tgt),
         window=window if kind != "hidden" else 1, samples=samples, noise=float(noise), sever=sever,
         prompt=prompt, subject=subject, positions=pos_list,
     )
@@ -305,12 +307,12 @@ def _trace_position(
     kind: str,
     window: int,
     sever: str | None,
-    clean: dict,
+    clean: ActivationCache | dict[str, torch.Tensor],
     corrupt: dict[str, torch.Tensor],
     samples: int,
     score_pos: list[int],
     tgt: list[int],
-) -> Float[torch.Tensor, "n_layers"]:
+) -> Float[torch.Tensor, " n_layers"]:
     """Mean P(target) over samples for position ``t`` restored at every layer.
 
     Only positions ``t..`` are recomputed: earlier positions are unchanged by a restoration at
@@ -344,7 +346,7 @@ def _trace_position(
         if j == n_layers or not active:
             continue
         sample_idx = torch.arange(samples, device=device).repeat(len(active))
-        hooks: list[tuple[str, Callable]] = []
+        hooks: list[tuple[str | Callable, Callable]] = []
         if kind != "hidden":
             mine = [i for i, l in enumerate(active) if j in spans[l]]
             if mine:

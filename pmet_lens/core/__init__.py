@@ -1,1 +1,2 @@
-"""Model plumbing: architecture facts and hook names, model loading, the fast linear path, tokens, read-out, generation, statistics and file paths."""
+"""Model plumbing: architecture facts and hook names, model loading, the fast linear path, tokens, read-out,
+generation, statistics, presets and file paths."""

@@ -13,6 +13,7 @@ exist in TransformerLens:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from transformer_lens import HookedTransformer
@@ -80,11 +81,11 @@ class Architecture:
         return f"blocks.{self.check_layer(layer)}.attn.hook_z"
 
     def attn_k_hook(self, layer: int) -> str:
-        """Per-head attention keys of ``layer`` (``[batch, pos, n_heads, d_head]``, after rotary)."""
+        """Per-head attention keys of ``layer`` (``[batch, pos, n_key_value_heads, d_head]``, after rotary)."""
         return f"blocks.{self.check_layer(layer)}.attn.hook_k"
 
     def attn_v_hook(self, layer: int) -> str:
-        """Per-head attention values of ``layer`` (``[batch, pos, n_heads, d_head]``)."""
+        """Per-head attention values of ``layer`` (``[batch, pos, n_key_value_heads, d_head]``)."""
         return f"blocks.{self.check_layer(layer)}.attn.hook_v"
 
     def attn_pattern_hook(self, layer: int) -> str:
@@ -94,14 +95,6 @@ class Architecture:
     def resid_post_hook(self, layer: int) -> str:
         """Residual stream leaving block ``layer`` (h^l)."""
         return f"blocks.{self.check_layer(layer)}.hook_resid_post"
-
-    def attn_k_hook(self, layer: int) -> str:
-        """Attention keys of ``layer`` (``attn.hook_k``, [batch, pos, kv_heads, d_head])."""
-        return f"blocks.{self.check_layer(layer)}.attn.hook_k"
-
-    def attn_v_hook(self, layer: int) -> str:
-        """Attention values of ``layer`` (``attn.hook_v``, [batch, pos, kv_heads, d_head])."""
-        return f"blocks.{self.check_layer(layer)}.attn.hook_v"
 
     def delta_hook(self, site: str, layer: int) -> str:
         """Hook where an editor adds its δ at ``layer``: ``site`` is "attn_out" (a^l, PMET's δ_a),
@@ -125,11 +118,11 @@ class Architecture:
 
     def w_out(self, model: HookedTransformer, layer: int) -> torch.nn.Parameter:
         """FFN output weight W_out^l, TransformerLens shape [d_mlp, d_model]."""
-        return model.blocks[self.check_layer(layer)].mlp.W_out
+        return cast(torch.nn.Parameter, model.blocks[self.check_layer(layer)].mlp.W_out)
 
     def w_o(self, model: HookedTransformer, layer: int) -> torch.nn.Parameter:
         """MHSA output weight W_O^l, TransformerLens shape [n_heads, d_head, d_model]."""
-        return model.blocks[self.check_layer(layer)].attn.W_O
+        return cast(torch.nn.Parameter, model.blocks[self.check_layer(layer)].attn.W_O)
 
     # -- the output weights an editor updates ("W_out" of the FFN, "W_O" of the MHSA) -----------
     def edit_param(self, model: HookedTransformer, weight: str, layer: int) -> torch.nn.Parameter:

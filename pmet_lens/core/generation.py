@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from pmet_lens.core.tokens import encode, pad_id
+from pmet_lens.core.tokens import decode_text, encode, pad_id, tokenizer_of
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +74,12 @@ def sample_texts(
     ids = [encode(model, p) for p in prompts]
     out: list[str | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
-    eos = model.tokenizer.eos_token_id if stop_at_eos else None
+    eos = tokenizer_of(model).eos_token_id if stop_at_eos else None
     chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     for rows in tqdm(chunks, desc="generating", disable=not progress, leave=False):
         new_tokens = _sample_batch(model, [ids[i] for i in rows], [seed + i for i in rows], max_length, top_k, eos)
         for i, new in zip(rows, new_tokens):
-            out[i] = model.tokenizer.decode(ids[i] + new, skip_special_tokens=True)
+            out[i] = decode_text(model, ids[i] + new, skip_special_tokens=True)
     return out  # type: ignore[return-value]
 
 

@@ -1,5 +1,5 @@
 """transformers checkpoints in and out: load a local checkpoint as a ``HookedTransformer``, and the
-one TransformerLens <-> transformers weight layout that export and :func:`pmet_lens.apply_delta`
+one TransformerLens <-> transformers weight layout that export and :func:`~pmet_lens.export.apply_delta`
 read.
 
 Loading reuses TransformerLens's own converters (``convert_hf_model_config`` for the config,
@@ -78,7 +78,7 @@ def attach_hf_config(model: HookedTransformer, hf_config: Any) -> HookedTransfor
 
 
 def hf_config_of(model: HookedTransformer) -> Any:
-    """The transformers config ``model`` was loaded from (:func:`pmet_lens.load_model` keeps it).
+    """The transformers config ``model`` was loaded from (:func:`~pmet_lens.core.models.load_model` keeps it).
 
     Raises:
         ValueError: for a model built without one (e.g. ``HookedTransformer(cfg)``).
@@ -204,7 +204,8 @@ def hooked_from_hf(
         hf_model: a transformers causal LM of one of :data:`SUPPORTED_ARCHITECTURES`.
         tokenizer: its tokenizer (or None: the model then takes token ids only).
         model_name: the model's identity, stored as ``cfg.model_name`` (preset lookups use it).
-        device, dtype: where and in which dtype to build the model.
+        device: where to build the model.
+        dtype: the dtype to build the model in.
         default_prepend_bos: default: whether the tokenizer itself adds a BOS token to a text (the
             model then sees the tokens transformers' own pipelines give it).
     """

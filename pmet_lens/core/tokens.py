@@ -8,11 +8,12 @@ token that follows it, so every real position computes exactly what it would alo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 from jaxtyping import Int
 from transformer_lens import HookedTransformer
+from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,10 @@ class Batch:
     """
 
     tokens: Int[torch.Tensor, "batch pos"]
-    lengths: Int[torch.Tensor, "batch"]
+    lengths: Int[torch.Tensor, " batch"]
 
     @property
-    def last(self) -> Int[torch.Tensor, "batch"]:
+    def last(self) -> Int[torch.Tensor, " batch"]:
         """Index of each row's last real token."""
         return self.lengths - 1
 
@@ -40,9 +41,21 @@ def encode(model: HookedTransformer, text: str) -> list[int]:
     return model.to_tokens(text, truncate=False)[0].tolist()
 
 
+def tokenizer_of(model: HookedTransformer) -> PreTrainedTokenizerBase:
+    """``model.tokenizer``, or a ``ValueError`` when the model was loaded without one."""
+    if model.tokenizer is None:
+        raise ValueError("this operation needs the model's tokenizer (model.tokenizer is None)")
+    return model.tokenizer
+
+
+def decode_text(model: HookedTransformer, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+    """``model.tokenizer.decode(ids)`` of one sequence (a string)."""
+    return cast(str, tokenizer_of(model).decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+
 def pad_id(model: HookedTransformer) -> int:
     """The pad token id of ``model``'s tokenizer (EOS or 0 when it has none)."""
-    tok = model.tokenizer
+    tok = tokenizer_of(model)
     for candidate in (tok.pad_token_id, tok.eos_token_id):
         if candidate is not None:
             return int(candidate)
@@ -78,7 +91,7 @@ def target_ids(model: HookedTransformer, target: str) -> list[int]:
     if not isinstance(target, str) or not target.strip():
         raise ValueError(f"target must be a non-empty string, got {target!r}")
     text = target if target.startswith(" ") else " " + target
-    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer_of(model)(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"target {target!r} tokenises to nothing")
     return list(ids)
@@ -100,7 +113,7 @@ def subject_range(model: HookedTransformer, text: str, subject: str) -> tuple[in
     if char_start < 0:
         raise ValueError(f"subject {subject!r} does not occur in the prompt {text!r}")
     char_end = char_start + len(subject)
-    enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer_of(model)(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
     hits = [i for i, (a, b) in enumerate(offsets) if a < char_end and b > char_start]
     if not hits:
@@ -116,7 +129,7 @@ def subject_last_position(model: HookedTransformer, template: str, subject: str,
     """
     text = prefix + template.format(subject)
     sub_char_end = len(prefix) + template.index("{}") + len(subject)
-    enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer_of(model)(text, add_special_tokens=False, return_offsets_mapping=True)
     hits = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < sub_char_end and b > sub_char_end - len(subject)]
     if not hits:
         raise ValueError(f"subject {subject!r} covers no token of {text!r}")

@@ -64,7 +64,7 @@ def edit(
 
     Args:
         model: any TransformerLens model (sequential or parallel blocks), on any device.
-        facts: CounterFact records (dicts with ``requested_rewrite``), :class:`pmet_lens.Fact`s
+        facts: CounterFact records (dicts with ``requested_rewrite``), :class:`~pmet_lens.data.records.Fact`s
             or dicts with ``subject``, ``prompt`` (with ``{}``) and ``target_new``.
         method: "pmet" or "memit"; with ``hparams`` it must name their method (``hparams.method``);
             neither given: "pmet".

@@ -17,7 +17,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from pmet_lens.core.generation import decode
-from pmet_lens.core.tokens import encode
+from pmet_lens.core.tokens import decode_text, encode
 from pmet_lens.editing.hparams import EditHyperParams
 
 __all__ = ["context_prefixes", "context_templates"]
@@ -35,7 +35,7 @@ def context_prefixes(model: HookedTransformer, hparams: EditHyperParams, top_k: 
         for _ in range(hparams.prefixes_per_start):
             ids = encode(model, start)
             ids += decode(model, [ids], [hparams.prefix_len], pick)[0]
-            text = model.tokenizer.decode(ids, skip_special_tokens=True)
+            text = decode_text(model, ids, skip_special_tokens=True)
             out.append(text.replace("{", " ").replace("}", " ").replace("\n", " ").strip() or start)
     return tuple(out)
 

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, cast
 
 import torch
 from jaxtyping import Float
@@ -25,6 +25,7 @@ from transformer_lens import HookedTransformer
 from pmet_lens.core.arch import block_index
 from pmet_lens.core.models import default_cache_dir
 from pmet_lens.core.paths import atomic_path
+from pmet_lens.core.tokens import tokenizer_of
 from pmet_lens.data import wikitext_path
 from pmet_lens.editing.identity import weights_hashes
 
@@ -63,7 +64,8 @@ class CovarianceStore:
         if cache_dir is False:
             self.cache_dir: Path | None = None
         else:
-            self.cache_dir = Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir() / "covariance"
+            self.cache_dir = (Path(cast("str | Path", cache_dir)) if cache_dir not in (None, True)
+                              else default_cache_dir() / "covariance")
         self._texts = _corpus_texts(corpus, text_field)
         self.corpus_hash = hashlib.sha256("\x00".join(self._texts).encode()).hexdigest()[:16]
         self.batch_size = batch_size
@@ -83,7 +85,7 @@ class CovarianceStore:
         *,
         layer_hashes: dict[int, str] | None = None,
     ) -> dict[str, Float[torch.Tensor, "d d"]]:
-        """C for each key hook name (:attr:`~pmet_lens.editing.site.EditSite.key_hook`: the input of W_out
+        """C for each key hook name (``EditSite.key_hook``: the input of W_out
         or of W_O at a layer), on the model's device, in ``dtype``. Missing matrices are built in one corpus pass.
 
         ``layer_hashes`` (layer -> ``weights_hash(model, upto_layer=layer)``, e.g. from
@@ -148,14 +150,14 @@ class CovarianceStore:
 
     def _tokenizer_hash(self, model: HookedTransformer) -> str:
         """Hash of the tokenizer (it decides which keys the corpus gives), once per tokenizer object."""
-        tok = model.tokenizer
+        tok = tokenizer_of(model)
         known = self._tokenizer_hashes.get(id(tok))
         if known is None or known[0] is not tok:
             backend = getattr(tok, "backend_tokenizer", None)
             if backend is not None:
                 # the vocabulary, merges, normalizer, ...; not the padding / truncation settings, which
                 # every call of the tokenizer may change
-                spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+                spec: Any = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
             else:  # a slow tokenizer: its vocabulary
                 spec = sorted(tok.get_vocab().items())
             spec = json.dumps(spec, sort_keys=True)
@@ -193,7 +195,7 @@ class CovarianceStore:
             save_file({"cov": cov.detach().cpu().contiguous()}, str(tmp), metadata={"key": key, "format": str(_FORMAT)})
 
     def _chunks(self, model: HookedTransformer, n_tokens: int, seq_len: int) -> list[list[int]]:
-        tok = model.tokenizer
+        tok = tokenizer_of(model)
         ids: list[int] = []
         for text in self._texts:
             for para in text.split("\n"):

@@ -1,6 +1,6 @@
 """Typed hyper-parameters of the PMET and MEMIT editors, and their per-model presets.
 
-PMET and MEMIT are one pipeline (:mod:`pmet_lens.editing.targets`, :mod:`.update`); the two
+PMET and MEMIT are one pipeline (:mod:`pmet_lens.editing.targets`, :mod:`pmet_lens.editing.update`); the two
 dataclasses below only choose its settings (:func:`settings_for`). Symbols follow PMET "PMET
 Method" (eqs. 9-11) and Appendix D, and MEMIT section 4 (eqs. 14-16) and Appendix B.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,7 +31,6 @@ __all__ = [
     "preset",
     "preset_names",
     "settings_for",
-    "shipped_presets_dir",
 ]
 
 SMOLLM2_LAYERS: tuple[int, ...] = (3, 4, 5, 6, 7)
@@ -161,7 +160,7 @@ class EditHyperParams:
 
     def target_settings(self) -> dict[str, Any]:
         """The JSON-ready settings the optimised targets depend on: :meth:`to_dict` without
-        :attr:`update_only_fields`. Two hyper-parameter sets with equal ``target_settings()`` give
+        ``update_only_fields``. Two hyper-parameter sets with equal ``target_settings()`` give
         the same targets for the same facts, so saved targets may be reused across them."""
         return {k: v for k, v in self.to_dict().items() if k not in self.update_only_fields}
 
@@ -283,7 +282,7 @@ def hparams_from_dict(data: dict[str, Any]) -> EditHyperParams:
     method = data.pop("method", "pmet")
     cls = METHODS[method]
     names = {f.name for f in fields(cls)}
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
+    kwargs: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
     return cls(**kwargs)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from typing import Iterable, cast
 
 import torch
 from transformer_lens import HookedTransformer
@@ -34,11 +34,11 @@ def weights_hashes(model: HookedTransformer, upto_layers: Iterable[int]) -> tupl
     """
     layers = sorted(set(upto_layers))
     full = hashlib.blake2b(digest_size=16)
-    forked: dict[int, "hashlib._Hash"] = {}
+    forked: dict[int, "hashlib.blake2b"] = {}
     for name, param in model.named_parameters():
         t = param.detach()
         header = f"{name}|{tuple(t.shape)}|{t.dtype}".encode()
-        data = t.cpu().contiguous().view(torch.uint8).numpy() if t.numel() else b""  # a buffer, not a copy
+        data = cast(bytes, t.cpu().contiguous().view(torch.uint8).numpy() if t.numel() else b"")  # a buffer, not a copy
         for l in layers:
             needed = feeds_layer(name, l)
             if l not in forked and not needed:

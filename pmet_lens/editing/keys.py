@@ -86,7 +86,7 @@ def request_keys(
             output at L).
         stop_layer: run blocks up to (excluding) this one; default one past the highest site. It must
             include the blocks of ``outputs``.
-        run: prompt rows with a cached residual stream (:meth:`PromptRun.build`); default built here,
+        run: prompt rows with a cached residual stream (``PromptRun.build``); default built here,
             starting at the lowest site's block.
     """
     if run is None:

@@ -39,6 +39,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from jaxtyping import Float
@@ -168,7 +169,8 @@ class NullspaceStore:
         else:
             from pmet_lens.core.models import default_cache_dir
 
-            self.cache_dir = Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir() / "nullspace"
+            self.cache_dir = (Path(cast("str | Path", cache_dir)) if cache_dir not in (None, True)
+                              else default_cache_dir() / "nullspace")
         self._memory: dict[str, Projection] = {}
 
     def get(self, cov_key: str, cov: Float[torch.Tensor, "d_k d_k"], threshold: float) -> Projection:

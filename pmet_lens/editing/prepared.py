@@ -137,6 +137,8 @@ def prepare_requests(model: HookedTransformer, facts: Sequence[Fact], prefixes: 
     prompt_ids, lookup, targets, kl_ids, kl_lookup = [], [], [], [], []
     for fact in facts:
         try:
+            if fact.target_new is None:  # an edit request needs its new object
+                raise ValueError("target must be a non-empty string, got None")
             targets.append(tuple(target_ids(model, fact.target_new)))
             ids, looks = [], []
             for tmpl in templates:

@@ -38,7 +38,7 @@ def _fingerprint(param: torch.Tensor, n: int = 4096) -> torch.Tensor:
 
 @dataclass(eq=False)
 class EditResult:
-    """An edit: ``deltas`` maps the parameter name of each edited weight (:attr:`EditSite.param_name`:
+    """An edit: ``deltas`` maps the parameter name of each edited weight (``EditSite.param_name``:
     the FFN's W_out of every layer in R and, for the W_O ablation, the MHSA's W_O) to ΔW in the
     parameter's shape and dtype.
 
@@ -78,7 +78,7 @@ class EditResult:
         return bool(self._originals)
 
     def site(self, name: str) -> EditSite:
-        """The :class:`EditSite` of a key of :attr:`deltas`."""
+        """The :class:`EditSite` of a key of ``deltas``."""
         return site_of_param(architecture(self.model), name)
 
     def _param(self, name: str) -> torch.nn.Parameter:
@@ -96,7 +96,7 @@ class EditResult:
         try:
             with torch.no_grad():
                 for name, delta in self.deltas.items():
-                    params[name] += delta.to(params[name].device, params[name].dtype)
+                    params[name].add_(delta.to(params[name].device, params[name].dtype))
         except BaseException:
             with torch.no_grad():
                 for name, orig in originals.items():

@@ -11,7 +11,7 @@ weight (key hook),
 * ``KpKp = Σ_batches Kᵀ K``, each batch's keys recomputed on the model *after* that batch has been
   written to every layer (AlphaEdit's official ``cache_c``), so that the next batch's update
   (P (K1ᵀK1 + KpKp) + αI) X = P K1ᵀ R (eq. 12 transposed) is discouraged from moving them. KpKp
-  enters the update only as ``P · KpKp``, which is what :attr:`EditSession.prev` accumulates
+  enters the update only as ``P · KpKp``, which is what ``EditSession.prev`` accumulates
   (``P Kᵀ K`` per batch, ``O(d_k² u)``), so no ``d_k³`` product is paid per batch.
 
 C itself is also taken from the unedited model once (the official code caches it by model name),
@@ -166,8 +166,8 @@ class EditSession:
 
         Raises:
             DataError: a request repeats or contradicts one of an earlier batch (same subject and
-                prompt) and ``overwrite`` is False; or the batch itself is bad.
-            Any exception during the batch leaves the weights exactly as after the previous batch.
+                prompt) and ``overwrite`` is False; or the batch itself is bad. Any exception during
+                the batch leaves the weights exactly as after the previous batch.
         """
         from pmet_lens.editing import engine
 
@@ -204,6 +204,8 @@ class EditSession:
             hit = earlier.get((fact.subject, fact.prompt))
             if hit is not None:
                 b, old = hit
+                if old.target_new is None or fact.target_new is None:
+                    raise DataError(f"{fact.where}: an edit request needs a target_new")
                 kind = "repeats" if old.target_new.strip() == fact.target_new.strip() else "contradicts"
                 raise DataError(
                     f"{fact.where} ({fact.text!r} -> {fact.target_new!r}) {kind} batch {b}'s {old.where} "
@@ -248,7 +250,7 @@ class EditSession:
                 p.copy_(self.originals[name])
             for record in self.history[:k]:
                 for name, delta in record.deltas.items():
-                    params[name] += delta.to(params[name].device, params[name].dtype)
+                    params[name].add_(delta.to(params[name].device, params[name].dtype))
 
     def undo(self, to: int | None = None) -> None:
         """Undo the last batch, or every batch after batch ``to`` (``to=0``: all), bit for bit.

@@ -5,8 +5,8 @@ every hook and parameter name; the editors, :class:`~pmet_lens.editing.result.Ed
 covariance statistics read names from it instead of building or parsing strings.
 
 The weight update of layer l (MEMIT eq. 14, PMET eq. 10) reads the site's keys k^l at
-:attr:`EditSite.key_hook` and adds Δ^l to :meth:`EditSite.param`; ΔW·k appears at
-:attr:`EditSite.out_hook`.
+``EditSite.key_hook`` and adds Δ^l to :meth:`EditSite.param`; ΔW·k appears at
+``EditSite.out_hook``.
 """
 
 from __future__ import annotations

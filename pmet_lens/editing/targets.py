@@ -11,7 +11,7 @@ Savings over a full forward per step, exact by construction:
 * positions before a row's lookup position do not depend on δ either (causal attention): their
   keys and values at blocks L.. are taken once from the unedited run and fed in as a frozen
   key/value cache, so every step recomputes only the positions from the lookup on (the subject's
-  last token, the rest of the prompt and the target), see :class:`_Suffix`;
+  last token, the rest of the prompt and the target), see ``_Suffix``;
 * ``ln_final`` and the unembedding run only at the target and KL positions;
 * the model's parameters do not require grad during the loop (only δ does).
 
@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass, field
+from typing import Callable, cast
 
 import torch
 from jaxtyping import Float
@@ -144,6 +145,8 @@ class PerFactAdam:
         tt = self.t.clamp_min(1)[:, None]        # [facts] -> [facts, 1]
         for name, d in self.params.items():
             g = d.grad
+            if g is None:
+                raise RuntimeError(f"Adam step on {name!r} without a gradient (backward was not run)")
             self.m[name] = torch.where(upd, b1 * self.m[name] + (1 - b1) * g, self.m[name])
             self.v[name] = torch.where(upd, b2 * self.v[name] + (1 - b2) * g * g, self.v[name])
             m_hat = self.m[name] / (1 - b1 ** tt)
@@ -214,7 +217,7 @@ class _Suffix:
 def require_compiler(model: HookedTransformer) -> None:
     """Raise :class:`EditError` when ``torch.compile`` cannot work for ``model``: on a CPU, inductor
     needs a C++ compiler."""
-    if torch.device(model.cfg.device).type == "cpu" and not (os.environ.get("CXX") or any(
+    if torch.device(cast(str, model.cfg.device)).type == "cpu" and not (os.environ.get("CXX") or any(
             shutil.which(c) for c in ("c++", "g++", "clang++"))):
         raise EditError("compile=True needs a C++ compiler for torch.compile on a CPU and none was found "
                         "(no c++, g++ or clang++ on PATH, CXX unset): install one (e.g. `apt install g++`) "
@@ -230,7 +233,8 @@ def compiled_blocks(model: HookedTransformer, after: int) -> dict[int, torch.nn.
     are about half of a step on a CPU; the result equals the eager run up to float rounding.
     """
     require_compiler(model)
-    return {j: torch.compile(model.blocks[j], dynamic=True) for j in range(after + 1, model.cfg.n_layers)}
+    return {j: cast(torch.nn.Module, torch.compile(model.blocks[j], dynamic=True))
+            for j in range(after + 1, model.cfg.n_layers)}
 
 
 def _final_logprobs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
@@ -298,12 +302,15 @@ def _optimise_chunk(model: HookedTransformer, requests: PreparedRequests, hparam
             def keep_kv(act, hook):
                 kv[hook.name] = act.detach()
 
-            kv_hooks = [(h, keep_kv) for j in range(L, n_layers) for h in (arch.attn_k_hook(j), arch.attn_v_hook(j))]
-            with model.hooks(fwd_hooks=[(h, capture) for h in hooks.values()] + kv_hooks):
+            kv_hooks: list[tuple[str | Callable, Callable]] = [
+                (h, keep_kv) for j in range(L, n_layers) for h in (arch.attn_k_hook(j), arch.attn_v_hook(j))]
+            fwd: list[tuple[str | Callable, Callable]] = [(h, capture) for h in hooks.values()]
+            with model.hooks(fwd_hooks=fwd + kv_hooks):
                 final = model(resid_L, start_at_layer=L, stop_at_layer=n_layers)
             kl_init = _final_logprobs(model, final[rows.kl, rows.lookup[rows.kl]])
             suffix = _Suffix.build(arch, resid_L, kv, rows, L, n_layers)
-            del kv, final
+            kv.clear()  # the suffix keeps only the cached prefix of each tensor
+            del final
         init = {site: captured[h] for site, h in hooks.items()}
         delta = {site: torch.zeros_like(v, requires_grad=True) for site, v in init.items()}
         init_norm = {site: v.norm(dim=-1) for site, v in init.items()}

@@ -12,7 +12,7 @@ A target site's weight is :data:`~pmet_lens.editing.site.TARGET_WEIGHT`: W_out f
 MEMIT's z, W_O (keys: the per-head attention outputs, flattened over heads) for PMET's v^a (Table 3).
 
 Another update rule is another ``solve`` with the signature of :data:`Solve`, specialised with
-:func:`functools.partial` (e.g. ``partial(least_squares_solve, lam=600.0)``); the engine
+``functools.partial`` (e.g. ``partial(least_squares_solve, lam=600.0)``); the engine
 :func:`compute_and_apply_updates` is shared.
 """
 
@@ -119,6 +119,6 @@ def compute_and_apply_updates(
                 param = site.param(model)
                 delta = delta64.to(param.dtype).reshape(param.shape)
                 on_write(site, delta)
-                param += delta
+                param.add_(delta)
                 deltas[site.param_name] = delta
     return deltas

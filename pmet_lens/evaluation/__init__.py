@@ -6,8 +6,8 @@ papers-style table; :mod:`.textmetrics` and :mod:`.consistency` the generation m
 95% confidence interval is :func:`pmet_lens.core.stats.mean_ci95`.
 """
 
-from pmet_lens.evaluation.counterfact import evaluate_counterfact
 from pmet_lens.core.stats import mean_ci95
+from pmet_lens.evaluation.counterfact import evaluate_counterfact
 from pmet_lens.evaluation.tables import (
     PAPER_TABLE1_GPTJ,
     PAPER_TABLE2_GPTJ,

@@ -33,9 +33,9 @@ import pandas as pd
 from transformer_lens import HookedTransformer
 
 from pmet_lens.core.generation import sample_texts
+from pmet_lens.core.stats import mean_ci95
 from pmet_lens.data import DataError, Fact, as_facts
 from pmet_lens.evaluation.consistency import ConsistencyReference, ProxyReference, RomeReference
-from pmet_lens.core.stats import mean_ci95
 from pmet_lens.evaluation.scoring import score_continuations
 from pmet_lens.evaluation.tables import PROBABILITY_METRICS, harmonic_mean
 from pmet_lens.evaluation.textmetrics import ngram_entropy
@@ -90,8 +90,9 @@ def evaluate_counterfact(
         batch_size: rows per forward.
         consistency: a reference provider; default: ROME's files when all three ``rome_*`` paths are
             given, else :class:`ProxyReference` on the shipped WikiText-2.
-        rome_snippets, rome_idf, rome_vocab: ROME's ``attribute_snippets.json``, ``idf.npy``,
-            ``tfidf_vocab.json``.
+        rome_snippets: ROME's ``attribute_snippets.json``.
+        rome_idf: ROME's ``idf.npy``.
+        rome_vocab: ROME's ``tfidf_vocab.json``.
         counterfact_path: the CounterFact file the records come from (for o*'s Wikidata ids with
             ROME's snippets; default: the shipped subset).
         progress: tqdm bars.

@@ -17,12 +17,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformer_lens import HookedTransformer
 
+from pmet_lens.core.tokens import tokenizer_of
 from pmet_lens.data import data_path
 
 __all__ = ["PerplexitySample", "perplexity", "wikitext_sample"]
@@ -72,7 +73,7 @@ def wikitext_sample(
     if not (isinstance(n_tokens, int) and n_tokens >= seq_len):
         raise ValueError(f"n_tokens must be an int >= seq_len ({seq_len}), got {n_tokens!r}")
     source = Path(path) if path is not None else data_path("wiki.test.raw")
-    tok = model.tokenizer
+    tok = tokenizer_of(model)
     newline = tok("\n", add_special_tokens=False)["input_ids"]
     ids: list[int] = []
     for para in _paragraphs(source.read_text(encoding="utf-8")):
@@ -91,7 +92,7 @@ def perplexity(
     model: HookedTransformer,
     sample: PerplexitySample | None = None,
     batch_size: int = 8,
-    hooks: Sequence[tuple[str, object]] = (),
+    hooks: Sequence[tuple[str | Callable[..., Any], Callable[..., Any]]] = (),
 ) -> float:
     """Perplexity of ``model`` (as it is now, optionally with forward ``hooks`` attached for the
     call only) on ``sample`` (default :func:`wikitext_sample`)."""

@@ -46,16 +46,16 @@ class ContinuationScores:
             teacher-forced position is the target token (MEMIT Appendix C.1, zsRE).
     """
 
-    mean_logprob: Float[torch.Tensor, "n"]
-    token_correct: list[Bool[torch.Tensor, "target_len"]]
+    mean_logprob: Float[torch.Tensor, " n"]
+    token_correct: list[Bool[torch.Tensor, " target_len"]]
 
     @property
-    def prob(self) -> Float[torch.Tensor, "n"]:
+    def prob(self) -> Float[torch.Tensor, " n"]:
         """``exp(mean_logprob)``: the objects' probabilities as ROME/MEMIT define them."""
         return self.mean_logprob.exp()
 
     @property
-    def token_accuracy(self) -> Float[torch.Tensor, "n"]:
+    def token_accuracy(self) -> Float[torch.Tensor, " n"]:
         """Per pair, the fraction of target tokens predicted top-1 (MEMIT's zsRE accuracy)."""
         return torch.stack([c.float().mean() for c in self.token_correct]) if self.token_correct else torch.zeros(0)
 
@@ -193,8 +193,8 @@ def score_next_tokens(
             read_at.setdefault(c[:end], (len(seqs), end - 1))
         seqs.append(c)
     items_of: dict[int, list[int]] = {}  # row -> the items read from it
-    for i, c in enumerate(contexts):
-        items_of.setdefault(read_at[tuple(c)][0], []).append(i)
+    for i, ctx in enumerate(contexts):
+        items_of.setdefault(read_at[tuple(ctx)][0], []).append(i)
 
     logp_of = torch.empty(n)
     correct_of = torch.empty(n, dtype=torch.bool)

@@ -32,6 +32,8 @@ def batch_efficacy(model: HookedTransformer, batches: Sequence[Sequence[Fact]], 
     prompts, targets, owner = [], [], []
     for k, facts in enumerate(batches, 1):
         for f in facts:
+            if f.target_new is None:
+                raise ValueError(f"batch_efficacy needs edit requests, but {f.where} has no target_new")
             prompts.append(f.text)
             targets.append(f.target_new)
             owner.append((k, f, "new"))

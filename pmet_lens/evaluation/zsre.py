@@ -35,14 +35,14 @@ which is not reproduced. Rows are right-padded and read at their last real token
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, cast
 
 import pandas as pd
 from transformer_lens import HookedTransformer
 
+from pmet_lens.core.stats import mean_ci95
 from pmet_lens.core.tokens import encode, pad_id
 from pmet_lens.data import DataError, ZsreRecord
-from pmet_lens.core.stats import mean_ci95
 from pmet_lens.evaluation.scoring import score_continuations, score_next_tokens
 from pmet_lens.evaluation.tables import harmonic_mean
 
@@ -70,7 +70,7 @@ def official_rows(model: HookedTransformer, prompt: str, answer: str) -> list[tu
         raise ValueError(f"answer {answer!r} tokenises to nothing")
     rows = []
     for i, t in enumerate(ids):
-        context = encode(model, prompt + tok.decode(ids[:i]))
+        context = encode(model, prompt + cast(str, tok.decode(ids[:i])))
         expected = tok(tok.decode(t), add_special_tokens=False)["input_ids"]
         rows.append((context, int(expected[0]) if expected else pad_id(model)))
     return rows
@@ -93,7 +93,7 @@ def evaluate_zsre(
 
     Args:
         model: the model as it is now (apply an edit first, or attach its hooks around this call).
-        records: :class:`pmet_lens.ZsreRecord` s (:func:`pmet_lens.load_zsre`).
+        records: :class:`~pmet_lens.data.records.ZsreRecord` s (:func:`~pmet_lens.data.records.load_zsre`).
         metric: ``"teacher_forced"`` (default) or ``"official"`` (the papers' procedure; use it for
             tables set beside the papers' numbers).
         batch_size: most rows per forward.
@@ -106,7 +106,7 @@ def evaluate_zsre(
 
     Raises:
         ValueError: an unknown ``metric`` or no records.
-        pmet_lens.DataError: a record that is not a :class:`pmet_lens.ZsreRecord`.
+        pmet_lens.DataError: a record that is not a :class:`~pmet_lens.data.records.ZsreRecord`.
     """
     if metric not in ZSRE_METRICS:
         raise ValueError(f"unknown zsRE metric {metric!r}; choose one of {list(ZSRE_METRICS)}")

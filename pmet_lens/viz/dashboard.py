@@ -14,11 +14,11 @@ For a chosen fact and (optionally) its :class:`pmet_lens.editing.EditResult`:
   tokens (mean over heads) before / after, and circuitsvis attention patterns of the layer that
   attends most to the subject. PMET argues MHSA *extracts* rather than stores knowledge, so an FFN
   edit should leave these patterns nearly unchanged downstream of the edit's lookup;
-* **session view** (:func:`session_dashboard`, for an :class:`pmet_lens.EditSession` or the
+* **session view** (:func:`session_dashboard`, for an :class:`~pmet_lens.editing.session.EditSession` or the
   tables of ``analyses/sequential_benchmark.py``): the per-batch curves (efficacy of the batch just
   edited and of batch 1, perplexity, weight norms) and, for a chosen batch, each of its edits'
   P(o*) − P(o^c) right after it was written and after every later batch;
-* **batch view** (``batch=`` a per-record DataFrame of :func:`pmet_lens.evaluate_counterfact`, or a
+* **batch view** (``batch=`` a per-record DataFrame of :func:`~pmet_lens.evaluation.counterfact.evaluate_counterfact`, or a
   dict of them by editor): the distributions of the per-record metrics.
 """
 
@@ -288,7 +288,8 @@ def session_dashboard(
 
     Args:
         curves: the per-batch curves table (``method, batch, efficacy_batch, ...``), or an
-            :class:`pmet_lens.EditSession` (its :meth:`~pmet_lens.EditSession.curves`).
+            :class:`~pmet_lens.editing.session.EditSession` (its
+            :meth:`~pmet_lens.editing.session.EditSession.curves`).
         efficacy: per request and evaluation point (:func:`pmet_lens.evaluation.sequential.batch_efficacy`
             rows, with ``method``), for the survival figure and the per-edit table.
         batch: the batch (1-based) whose edits are followed through the later batches.

@@ -1,6 +1,6 @@
 """Figures: interactive plotly (Jupyter, HTML) and static matplotlib PNGs, one module per analysis.
 
-The PNGs are drawn on :class:`matplotlib.figure.Figure` objects, not through ``pyplot``: no
+The PNGs are drawn on ``matplotlib.figure.Figure`` objects, not through ``pyplot``: no
 backend is switched and no figure is registered, so saving a PNG from a notebook leaves the
 user's inline plotting as it was.
 """

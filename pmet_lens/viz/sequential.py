@@ -32,7 +32,7 @@ def _methods(curves: pd.DataFrame) -> list[str]:
 
 
 def curves_figure(curves: pd.DataFrame, title: str = "Sequential editing") -> go.Figure:
-    """Plotly subplots, one per :data:`CURVE_PANELS` column present, one line per method."""
+    """Plotly subplots, one per ``CURVE_PANELS`` column present, one line per method."""
     panels = [(c, t) for c, t in CURVE_PANELS if c in curves]
     fig = make_subplots(rows=(len(panels) + 1) // 2, cols=2, subplot_titles=[t for _, t in panels])
     for m_i, method in enumerate(_methods(curves)):

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 
-from pmet_lens.viz.png import png_figure, save_png
-from pmet_lens.analysis.tracing import TraceResult
 from pmet_lens.analysis.averaged import TOKEN_CLASSES, AverageTrace
+from pmet_lens.analysis.tracing import TraceResult
+from pmet_lens.viz.png import png_figure, save_png
 
 __all__ = ["trace_heatmap", "average_heatmap", "severed_plot", "save_average_png", "save_severed_png", "save_trace_png"]
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pmet_lens.analysis.averaged import TOKEN_CLASSES, AverageTrace
-from pmet_lens.analysis.layers import critical_layers, critical_layers_path, default_critical_layers, write_critical_layers
+from pmet_lens.analysis.layers import critical_layers, default_critical_layers, write_critical_layers
+from pmet_lens.core.presets import shipped_presets_dir
 
 
 def _trace(none: torch.Tensor, mlp: torch.Tensor | None) -> AverageTrace:
@@ -61,7 +62,7 @@ def test_bad_curves():
 
 
 def test_shipped_ranges_are_read_sorted():
-    stored = json.loads(critical_layers_path().read_text())
+    stored = json.loads((shipped_presets_dir() / "critical_layers.json").read_text())
     assert stored, "the package ships at least the default model's R"
     for name, entry in stored.items():
         assert default_critical_layers(name) == sorted(entry["layers"])
@@ -70,9 +71,9 @@ def test_shipped_ranges_are_read_sorted():
 
 
 def test_write_keeps_other_models(tmp_path):
-    path = tmp_path / "critical_layers.json"
-    write_critical_layers("model-a", [5, 3, 4], "test", path=path)
-    write_critical_layers("model-b", [1], "test", path=path)
+    path = tmp_path / "critical_layers.json"  # write_critical_layers takes the preset directory
+    write_critical_layers("model-a", [5, 3, 4], "test", path=tmp_path)
+    write_critical_layers("model-b", [1], "test", path=tmp_path)
     data = json.loads(path.read_text())
     assert data["model-a"]["layers"] == [3, 4, 5] and data["model-b"]["layers"] == [1]
     assert data["model-a"]["source"].startswith("test, ")

@@ -109,9 +109,11 @@ def test_independent_transformers_computation(default_model):
         hooks = []
         for l, layer in enumerate(hf.model.layers):
             hooks += [
-                layer.input_layernorm.register_forward_hook(lambda m, i, o, l=l: rec.update({("in1", l): i[0][0, -1], ("ln1", l): o[0, -1]})),
+                layer.input_layernorm.register_forward_hook(
+                    lambda m, i, o, l=l: rec.update({("in1", l): i[0][0, -1], ("ln1", l): o[0, -1]})),
                 layer.self_attn.register_forward_hook(lambda m, i, o, l=l: rec.update({("attn", l): o[0][0, -1]})),
-                layer.post_attention_layernorm.register_forward_hook(lambda m, i, o, l=l: rec.update({("in2", l): i[0][0, -1], ("ln2", l): o[0, -1]})),
+                layer.post_attention_layernorm.register_forward_hook(
+                    lambda m, i, o, l=l: rec.update({("in2", l): i[0][0, -1], ("ln2", l): o[0, -1]})),
                 layer.mlp.register_forward_hook(lambda m, i, o, l=l: rec.update({("mlp", l): o[0, -1]})),
             ]
         try:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pmet_lens.analysis.tracing import trace, window_layers
 from pmet_lens.analysis.averaged import token_class_rows
 from pmet_lens.analysis.layers import critical_layers
+from pmet_lens.analysis.tracing import trace, window_layers
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model
 
+from conftest import make_tiny_model
 from pmet_lens.core.arch import (
     Architecture,
     apply_ln_affine,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_model
 
+from conftest import make_tiny_model
 from pmet_lens.core.tokens import encode, pad, pad_id, subject_last_position, subject_range, target_ids, tokenize
 
 

@@ -57,7 +57,8 @@ def test_covariance_key_names_every_input(tiny_model, tmp_path):
     key = store.path_for(tiny_model, hook, 500, "float32", 64).stem
     other_corpus = _Store(tmp_path, corpus=["Another text entirely. " * 50], progress=False)
     variants = [store.path_for(tiny_model, hook, 600, "float32", 64), store.path_for(tiny_model, hook, 500, "float64", 64),
-                store.path_for(tiny_model, hook, 500, "float32", 128), store.path_for(tiny_model, "blocks.2.mlp.hook_post", 500, "float32", 64),
+                store.path_for(tiny_model, hook, 500, "float32", 128),
+                store.path_for(tiny_model, "blocks.2.mlp.hook_post", 500, "float32", 64),
                 other_corpus.path_for(tiny_model, hook, 500, "float32", 64)]
     assert len({key, *(p.stem for p in variants)}) == 6
     other_weights = make_tiny_model(*TINY_VARIANTS["seq-rms-gated"], seed=1)

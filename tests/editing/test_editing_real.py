@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_analysis
 
+from conftest import load_analysis
 from pmet_lens.core.tokens import encode, target_ids
 from pmet_lens.data import load_counterfact, load_known_facts
 from pmet_lens.editing import CovarianceStore, edit, preset

@@ -123,8 +123,7 @@ def test_store_caches_on_disk_and_rebuilds_corrupt_files(tmp_path):
 
 
 def test_alphaedit_hparams_validated_and_round_trip():
-    from pmet_lens.editing.hparams import (AlphaEditHyperParams, MEMITHyperParams, PMETHyperParams,
-                                           hparams_from_dict, preset)
+    from pmet_lens.editing.hparams import AlphaEditHyperParams, MEMITHyperParams, PMETHyperParams, hparams_from_dict, preset
 
     hp = AlphaEditHyperParams(nullspace_threshold=1e-3, l2=5.0)
     assert hp.method == "alphaedit" and hp.nullspace and hp.spread == "even"

@@ -29,8 +29,12 @@ def test_suffix_run_equals_full_forward(tiny_model):
             tiny_model(resid_L, start_at_layer=L, stop_at_layer=n)
         suffix = _Suffix.build(architecture(tiny_model), resid_L, kv, rows, L, n)
         assert len(set(rows.lookup.tolist())) > 1  # rows really differ in their cut
-        add_full = lambda a, hook: a.index_put((ar, rows.lookup), delta, accumulate=True)
-        add_suffix = lambda a, hook: a.index_put((ar, torch.zeros_like(ar)), delta, accumulate=True)
+        def add_full(a, hook):
+            return a.index_put((ar, rows.lookup), delta, accumulate=True)
+
+        def add_suffix(a, hook):
+            return a.index_put((ar, torch.zeros_like(ar)), delta, accumulate=True)
+
         with tiny_model.hooks(fwd_hooks=[(f"blocks.{L}.hook_mlp_out", add_full)]):
             full = tiny_model(resid_L, start_at_layer=L, stop_at_layer=n)
         with tiny_model.hooks(fwd_hooks=[(f"blocks.{L}.hook_mlp_out", add_suffix)]):

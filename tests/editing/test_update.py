@@ -27,7 +27,6 @@ def test_key_maps_to_target_at_L(tiny_model, store):
     _, cache = tiny_model.run_with_cache(torch.tensor([encode(tiny_model, text)]), names_filter="blocks.2.hook_mlp_out")
     got = cache["blocks.2.hook_mlp_out"][0, pos]
     target = result.targets["mlp_out"][0]
-    init = got - (got - target)  # noqa: just for readability
     # keys are averaged over prefixes; with one layer the bare prompt's key is close to the mean
     err = (got - target).norm() / target.norm()
     assert err < 0.35, err

@@ -30,7 +30,6 @@ def test_resume_reuses_saved_targets_only_for_the_same_facts_and_target_settings
     """An interrupted run's saved edit gives its targets back to --resume, bit for bit; an edit made for
     other facts or other hyper-parameters is not reused."""
     from conftest import make_tiny_model
-
     from pmet_lens.editing import CovarianceStore, PMETHyperParams, edit
 
     eb = load_analysis("edit_benchmark")

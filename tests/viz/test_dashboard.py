@@ -3,14 +3,13 @@ self-contained HTML report; the weights are left as they were."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from pmet_lens.viz.dashboard import dashboard
 from pmet_lens.data import Fact, load_counterfact
-from pmet_lens.evaluation import evaluate_counterfact
 from pmet_lens.editing import EditResult
-
-import pytest
+from pmet_lens.evaluation import evaluate_counterfact
+from pmet_lens.viz.dashboard import dashboard
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import TINY_VARIANTS, make_tiny_model
-from pmet_lens.viz.similarity import similarity_png
-from pmet_lens.viz.tracing import save_average_png, save_severed_png, save_trace_png
+from pmet_lens.analysis.averaged import TOKEN_CLASSES, AverageTrace
 from pmet_lens.analysis.similarity import component_similarity
 from pmet_lens.analysis.tracing import trace
-from pmet_lens.analysis.averaged import TOKEN_CLASSES, AverageTrace
+from pmet_lens.viz.similarity import similarity_png
+from pmet_lens.viz.tracing import save_average_png, save_severed_png, save_trace_png
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
