@@ -214,7 +214,13 @@ def optional_state_key(key: str) -> bool:
     TransformerLens builds these itself (rotary tables, attention masks, ``IGNORE``, hook
     points), and the gated MLP's ``b_in`` stays zero for checkpoints without MLP biases.
     """
-    return key.endswith(("rotary_sin", "rotary_cos", "mask", "IGNORE", "b_in")) or ".hook_" in key
+    return buffer_state_key(key) or key.endswith("b_in")
+
+
+def buffer_state_key(key: str) -> bool:
+    """Whether a ``HookedTransformer.state_dict()`` key is a buffer TransformerLens builds itself
+    (rotary tables, attention masks, ``IGNORE``, hook points) rather than a weight."""
+    return key.endswith(("rotary_sin", "rotary_cos", "mask", "IGNORE")) or ".hook_" in key
 
 
 def feeds_layer(name: str, layer: int) -> bool:

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from pmet_lens.core.arch import buffer_state_key
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -185,10 +187,6 @@ def tl_state_dict(hf_model: Any, cfg: HookedTransformerConfig) -> dict[str, torc
             p.requires_grad_(flag)
 
 
-def _is_buffer_key(key: str) -> bool:
-    return key.endswith(("rotary_sin", "rotary_cos", "mask", "IGNORE")) or ".hook_" in key
-
-
 def hooked_from_hf(
     hf_model: Any,
     tokenizer: Any,
@@ -337,7 +335,7 @@ class HFLayout:
         flat = torch.zeros(self.size + 1, dtype=torch.float32)
         filled = torch.zeros(self.size + 1, dtype=torch.bool)
         for name, value in tl_state.items():  # parameters the converter does not produce
-            if name not in self.index and not _is_buffer_key(name) and bool((value != 0).any()):
+            if name not in self.index and not buffer_state_key(name) and bool((value != 0).any()):
                 raise ValueError(f"{name} is non-zero but has no place in the transformers "
                                  f"{_architecture_name(self.hf_config)}; it cannot be exported")
         for name, ids in self.index.items():
@@ -390,7 +388,7 @@ def hf_layout(hf_config: Any, cfg: HookedTransformerConfig) -> HFLayout:
     converted = tl_state_dict(probe, probe_cfg)
     index, computed = {}, []
     for name, value in converted.items():
-        if _is_buffer_key(name):
+        if buffer_state_key(name):
             continue
         v = value.detach().to(torch.float64)
         ok = (v == v.round()) & (v >= 0) & (v <= offset)

@@ -78,7 +78,8 @@ def test_edited_export_states_the_new_fact(default_model, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,tol", [("f32", TOL), ("f16", 5e-2)])
+# f16 rounds every weight to an 11-bit significand; over 30 layers that moves logits of size ~20 by up to ~0.06
+@pytest.mark.parametrize("dtype,tol", [("f32", TOL), ("f16", 1e-1)])
 def test_gguf_round_trip(default_model, tmp_path, dtype, tol):
     path = export_gguf(default_model, tmp_path / f"smollm2-{dtype}.gguf", dtype=dtype)
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()

@@ -101,11 +101,14 @@ def test_update_uses_group_weighted_keys(default_model, four_fact_edit):
     (site,) = [s for s in ("mlp_out", "resid_post") if s in result.targets]
     templates = ["{}"] + [p + ". {}" for p in result.prefixes]
     spread = (lambda n: n ** -0.5) if hp.spread == "sqrt" else (lambda n: 1.0 / n)
+    # C of every layer on the unedited model, as the edit (and the official code's cached statistics) use it
+    hooks = [arch.mlp_key_hook(layer) for layer in hp.layers]
+    covs = store.get(model, hooks, hp.cov_tokens, hp.cov_dtype, hp.cov_seq_len)
     originals = {}
     try:
         for layer in hp.layers:
             key_hook = arch.mlp_key_hook(layer)
-            cov = store.get(model, [key_hook], hp.cov_tokens, hp.cov_dtype, hp.cov_seq_len)[key_hook].double()
+            cov = covs[key_hook].double()
             keys, resid = [], []
             for i, fact in enumerate(result.facts):
                 per_template, current = [], None

@@ -34,6 +34,7 @@ def test_three_alphaedit_batches_survive_and_undo_to_one_is_exact(default_model)
 
 
 def _param(model, name):
-    from pmet_lens.editing.update import get_param
+    from pmet_lens.core.arch import architecture
+    from pmet_lens.editing.site import site_of_param
 
-    return get_param(model, name).detach()
+    return site_of_param(architecture(model), name).param(model).detach()
