@@ -399,7 +399,8 @@ def _add_own_model_commands(sub: Any) -> None:
     p.add_argument("--clamps", default="0.75,1.5", help="clamp factor grid")
     p.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the method's)")
     p.add_argument("--cov-tokens", type=int, default=None, help="corpus tokens for C (default: the method's)")
-    p.add_argument("--presets", default=None, help="user preset directory to write (default: $PMET_LENS_CACHE/presets)")
+    p.add_argument("--presets", default=None,
+                   help="user preset directory to write (default: $PMET_LENS_PRESETS, else $PMET_LENS_CACHE/presets)")
     p.add_argument("--no-write", action="store_true", help="do not write a preset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="directory for the evidence: CSV tables, summary JSON, figure (HTML)")

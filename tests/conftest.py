@@ -4,6 +4,8 @@ real default model (session-scoped, loaded once; converted weights are cached on
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -11,6 +13,11 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoTokenizer
+
+# Presets a user wrote on this machine (pmet-lens calibrate, tune scripts) must not change what the
+# tests see: the suite (and every CLI subprocess it starts) reads an empty user preset directory.
+# The covariance and model caches stay where they are, so their files are reused.
+os.environ["PMET_LENS_PRESETS"] = tempfile.mkdtemp(prefix="pmet_lens_test_presets_")
 
 TINY_VARIANTS = {
     # id: (parallel_attn_mlp, normalization_type, gated_mlp)

@@ -32,6 +32,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 def test_edit_uses_the_preset_calibrate_wrote(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("PMET_LENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("PMET_LENS_PRESETS", raising=False)
     model = load_model(tiny_checkpoint, device="cpu")
     with pytest.raises(ValueError, match="pmet-lens calibrate"):
         preset(model.cfg.model_name, "pmet")  # no preset before
@@ -57,6 +58,7 @@ def test_edit_uses_the_preset_calibrate_wrote(tiny_checkpoint, tmp_path, monkeyp
 
 def test_calibrate_writes_nothing_on_bad_input(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("PMET_LENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("PMET_LENS_PRESETS", raising=False)
     model = load_model(tiny_checkpoint, device="cpu")
     with pytest.raises(ValueError, match="methods"):
         calibrate(model, methods=("rome",))

@@ -4,15 +4,16 @@ Two tables exist, each a JSON object keyed by model name (``cfg.model_name``):
 ``critical_layers.json`` (the critical layer range R of each model) and ``editing.json`` (the
 editors' hyper-parameters per method). The shipped copies live in ``pmet_lens/presets/`` and are
 never written. What a user's run computes (R of a model they traced, tuned or calibrated
-hyper-parameters) goes to the user preset directory, ``default_cache_dir() / "presets"``
-(``$PMET_LENS_CACHE``), or to a directory they name; lookups read the user's entry of a model
-before the shipped one.
+hyper-parameters) goes to the user preset directory, ``$PMET_LENS_PRESETS`` if set, else
+``default_cache_dir() / "presets"`` (under ``$PMET_LENS_CACHE``), or to a directory they name;
+lookups read the user's entry of a model before the shipped one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from datetime import date
 from importlib import resources
 from pathlib import Path
@@ -41,7 +42,10 @@ def shipped_presets_dir() -> Path:
 
 
 def user_presets_dir() -> Path:
-    """The user's preset directory: ``default_cache_dir() / "presets"`` (``$PMET_LENS_CACHE``)."""
+    """The user's preset directory: ``$PMET_LENS_PRESETS`` if set, else ``default_cache_dir() / "presets"``
+    (under ``$PMET_LENS_CACHE``)."""
+    if os.environ.get("PMET_LENS_PRESETS"):
+        return Path(os.environ["PMET_LENS_PRESETS"])
     from pmet_lens.core.models import default_cache_dir
 
     return default_cache_dir() / "presets"

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from pmet_lens.core.arch import block_index
+from pmet_lens.core.cachefile import read_matrix, write_matrix
 from pmet_lens.core.models import default_cache_dir
-from pmet_lens.core.paths import atomic_path
 from pmet_lens.core.tokens import tokenizer_of
 from pmet_lens.data import wikitext_path
 from pmet_lens.editing.identity import weights_hashes
@@ -166,33 +166,11 @@ class CovarianceStore:
         return known[1]
 
     def _read(self, key: str) -> torch.Tensor | None:
-        if self.cache_dir is None:
-            return None
-        path = self.cache_dir / f"{key}.safetensors"
-        if not path.is_file():
-            return None
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                cov = fh.get_tensor("cov")
-            if meta.get("key") != key or int(meta.get("format", -1)) != _FORMAT:
-                raise ValueError("metadata does not match the requested key")
-            if cov.ndim != 2 or cov.shape[0] != cov.shape[1] or not torch.isfinite(cov).all():
-                raise ValueError("matrix is not square and finite")
-            return cov
-        except Exception as exc:  # truncated / corrupt / foreign file: rebuild, never use
-            logger.warning("Covariance cache file %s is corrupt or does not match (%s); rebuilding it", path, exc)
-            return None
+        found = read_matrix(self.cache_dir, key, "cov", _FORMAT, what="Covariance")
+        return None if found is None else found[0]
 
     def _write(self, key: str, cov: torch.Tensor) -> None:
-        if self.cache_dir is None:
-            return
-        from safetensors.torch import save_file
-
-        with atomic_path(self.cache_dir / f"{key}.safetensors") as tmp:
-            save_file({"cov": cov.detach().cpu().contiguous()}, str(tmp), metadata={"key": key, "format": str(_FORMAT)})
+        write_matrix(self.cache_dir, key, "cov", _FORMAT, cov)
 
     def _chunks(self, model: HookedTransformer, n_tokens: int, seq_len: int) -> list[list[int]]:
         tok = tokenizer_of(model)

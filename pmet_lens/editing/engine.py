@@ -18,7 +18,6 @@ from transformer_lens import HookedTransformer
 
 from pmet_lens.core.arch import architecture
 from pmet_lens.data import Fact
-from pmet_lens.editing.context import context_prefixes
 from pmet_lens.editing.covariance import CovarianceStore
 from pmet_lens.editing.hparams import EditHyperParams, settings_for
 from pmet_lens.editing.identity import weights_hashes
@@ -29,22 +28,10 @@ from pmet_lens.editing.result import EditResult
 from pmet_lens.editing.site import TARGET_WEIGHT, EditSite, edit_site
 from pmet_lens.editing.targets import optimise_targets
 from pmet_lens.editing.update import Solve, compute_and_apply_updates, least_squares_solve
-from pmet_lens.editing.validate import validate_requests
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["batch_keys", "covariances", "edit_sites", "edited_params", "prefixes", "projected_site_solve", "projected_solver",
-           "run_batch", "validate"]
-
-
-def prefixes(model: HookedTransformer, hparams: EditHyperParams) -> tuple[str, ...]:
-    """The context prefixes of ``hparams`` on ``model`` (sampled unless given)."""
-    return context_prefixes(model, hparams)
-
-
-def validate(model: HookedTransformer, facts: Sequence[Any], hparams: EditHyperParams) -> list[Fact]:
-    """The requests normalised and checked (:func:`~pmet_lens.editing.validate.validate_requests`)."""
-    return validate_requests(model, facts, hparams)
+__all__ = ["batch_keys", "covariances", "edit_sites", "edited_params", "projected_site_solve", "projected_solver", "run_batch"]
 
 
 def edit_sites(model: HookedTransformer, hparams: EditHyperParams) -> list[EditSite]:

@@ -44,7 +44,7 @@ from typing import cast
 import torch
 from jaxtyping import Float
 
-from pmet_lens.core.paths import atomic_path
+from pmet_lens.core.cachefile import read_matrix, write_matrix
 from pmet_lens.editing.validate import EditError
 
 logger = logging.getLogger(__name__)
@@ -194,31 +194,15 @@ class NullspaceStore:
         return Projection(P=proj.P.to(cov.device), dim=proj.dim, threshold=proj.threshold)
 
     def _read(self, key: str, threshold: float) -> Projection | None:
-        if self.cache_dir is None:
+        found = read_matrix(self.cache_dir, key, "P", _FORMAT, what="null-space", dtype=torch.float64)
+        if found is None:
             return None
-        path = self.cache_dir / f"{key}.safetensors"
-        if not path.is_file():
+        P, meta = found
+        dim = meta.get("dim", "")
+        if not dim.isdigit():
+            logger.warning("null-space cache file for %s records no dimension; rebuilding it", key)
             return None
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                P = fh.get_tensor("P")
-            if meta.get("key") != key or int(meta.get("format", -1)) != _FORMAT:
-                raise ValueError("metadata does not match the requested key")
-            if P.ndim != 2 or P.shape[0] != P.shape[1] or P.dtype != torch.float64 or not torch.isfinite(P).all():
-                raise ValueError("P is not a finite square float64 matrix")
-            return Projection(P=P, dim=int(meta["dim"]), threshold=threshold)
-        except Exception as exc:  # truncated / corrupt / foreign file: rebuild, never use
-            logger.warning("null-space cache file %s is corrupt or does not match (%s); rebuilding it", path, exc)
-            return None
+        return Projection(P=P, dim=int(dim), threshold=threshold)
 
     def _write(self, key: str, proj: Projection) -> None:
-        if self.cache_dir is None:
-            return
-        from safetensors.torch import save_file
-
-        with atomic_path(self.cache_dir / f"{key}.safetensors") as tmp:
-            save_file({"P": proj.P.detach().cpu().contiguous()}, str(tmp),
-                      metadata={"key": key, "format": str(_FORMAT), "dim": str(proj.dim)})
+        write_matrix(self.cache_dir, key, "P", _FORMAT, proj.P, {"dim": str(proj.dim)})

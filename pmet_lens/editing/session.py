@@ -40,11 +40,13 @@ from transformer_lens import HookedTransformer
 
 from pmet_lens.core.paths import atomic_path
 from pmet_lens.data import DataError, Fact, as_facts
+from pmet_lens.editing.context import context_prefixes
 from pmet_lens.editing.covariance import CovarianceStore
 from pmet_lens.editing.hparams import EditHyperParams, hparams_from_dict, preset
 from pmet_lens.editing.identity import weights_hash
 from pmet_lens.editing.nullspace import NullspaceStore, Projection, project_keys_gram
 from pmet_lens.editing.result import EditResult
+from pmet_lens.editing.validate import validate_requests
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,15 @@ class EditSession:
             hparams = preset(str(getattr(model.cfg, "model_name", "")), method)
         elif not isinstance(hparams, EditHyperParams):
             raise TypeError(f"hparams must be an EditHyperParams instance, got {type(hparams).__name__}")
+        self._bind(model, cov_store, nullspace_store, perplexity_sample, perplexity_fn, progress)
+        self.base_hash = weights_hash(model)
+        self._start(hparams)
+
+    # ----------------------------------------------------------------- setup
+    def _bind(self, model: HookedTransformer, cov_store: CovarianceStore | None, nullspace_store: NullspaceStore | None,
+              perplexity_sample: Any, perplexity_fn: Callable[[HookedTransformer, Any], float] | None,
+              progress: bool) -> None:
+        """The model, the caches and the perplexity probe of a new or resumed session; no batch yet."""
         if (perplexity_sample is None) != (perplexity_fn is None):
             raise ValueError("pass both perplexity_sample and perplexity_fn, or neither")
         self.model = model
@@ -115,18 +126,15 @@ class EditSession:
         self.nullspace_store = nullspace_store if nullspace_store is not None else NullspaceStore()
         self.perplexity_sample = perplexity_sample
         self.perplexity_fn = perplexity_fn
-        self.base_hash = weights_hash(model)
         self.history: list[BatchRecord] = []
         self.baseline: dict[str, Any] = {}
-        self._start(hparams)
 
-    # ----------------------------------------------------------------- setup
     def _start(self, hparams: EditHyperParams, prefixes: tuple[str, ...] | None = None) -> None:
         """Sample the prefixes, fetch C and P on the unedited model, keep the original weights."""
         from pmet_lens.editing import engine
 
         if prefixes is None:
-            prefixes = engine.prefixes(self.model, hparams)
+            prefixes = context_prefixes(self.model, hparams)
         self.hparams = hparams.with_(context_prefixes=tuple(prefixes))
         self.prefixes = tuple(prefixes)
         self.covs, self._cov_keys = engine.covariances(self.model, self.hparams, self.cov_store)
@@ -171,7 +179,7 @@ class EditSession:
         """
         from pmet_lens.editing import engine
 
-        facts = engine.validate(self.model, facts, self.hparams)
+        facts = validate_requests(self.model, facts, self.hparams)
         if not overwrite:
             self._check_against_history(facts)
         n = len(self.history)
@@ -346,14 +354,8 @@ class EditSession:
                 f"{meta.get('model_name')!r}; this model's is {current}). Load it on the unedited model the "
                 "session was started on (a fresh pmet_lens.load_model(), no edit applied)")
         self = cls.__new__(cls)
-        self.model = model
-        self.progress = progress
-        self.cov_store = cov_store if cov_store is not None else CovarianceStore(progress=progress)
-        self.nullspace_store = nullspace_store if nullspace_store is not None else NullspaceStore()
-        self.perplexity_sample = perplexity_sample
-        self.perplexity_fn = perplexity_fn
+        self._bind(model, cov_store, nullspace_store, perplexity_sample, perplexity_fn, progress)
         self.base_hash = current
-        self.history = []
         self.baseline = json.loads(meta.get("baseline", "{}"))
         self._start(hparams_from_dict(json.loads(meta["hparams"])), tuple(json.loads(meta["prefixes"])))
         device = model.cfg.device

@@ -18,6 +18,7 @@ def _shipped_digest() -> str:
 
 def test_user_presets_go_to_the_cache_and_win(tmp_path, monkeypatch):
     monkeypatch.setenv("PMET_LENS_CACHE", str(tmp_path))
+    monkeypatch.delenv("PMET_LENS_PRESETS", raising=False)
     before = _shipped_digest()
     assert user_presets_dir() == tmp_path / "presets"
     path = write_critical_layers("my-model", [2, 1], "test")
@@ -35,6 +36,7 @@ def test_user_presets_go_to_the_cache_and_win(tmp_path, monkeypatch):
 
 def test_explicit_preset_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("PMET_LENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("PMET_LENS_PRESETS", raising=False)
     other = tmp_path / "elsewhere"
     write_critical_layers("m2", [3], "test", other)
     assert default_critical_layers("m2") is None
@@ -51,5 +53,16 @@ def test_no_write_into_the_package():
 
 def test_shipped_presets_still_read(tmp_path, monkeypatch):
     monkeypatch.setenv("PMET_LENS_CACHE", str(tmp_path))
+    monkeypatch.delenv("PMET_LENS_PRESETS", raising=False)
     assert preset("SmolLM2-135M-Instruct", "pmet").layers == (3, 4, 5, 6, 7)
     assert preset("EleutherAI/gpt-j-6B", "memit").lam == 15000.0
+
+
+def test_presets_env_var_names_the_user_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("PMET_LENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PMET_LENS_PRESETS", str(tmp_path / "mine"))
+    assert user_presets_dir() == tmp_path / "mine"
+    path = write_critical_layers("my-model", [3, 2], "test")
+    assert path == tmp_path / "mine" / "critical_layers.json"
+    assert default_critical_layers("my-model") == [2, 3]
+    assert not (tmp_path / "cache" / "presets").exists()
