@@ -459,10 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("edit", help="edit facts from a JSON file; writes a delta file",
                        description="Mass-edit facts (CounterFact records or {subject, prompt, target_new} dicts) "
-                                   "with PMET or MEMIT and save the weight deltas (safetensors).")
+                                   "with PMET, MEMIT or AlphaEdit and save the weight deltas (safetensors).")
     common(p)
     p.add_argument("--facts", required=True, help="JSON list (or .jsonl) of records")
-    p.add_argument("--method", choices=["pmet", "memit"], default="pmet")
+    p.add_argument("--method", choices=["pmet", "memit", "alphaedit"], default="pmet",
+                   help="editor (alphaedit: MEMIT's targets with AlphaEdit's null-space projected update; default pmet)")
     p.add_argument("--preset", help="hyper-parameter preset (SmolLM2-135M-Instruct, gpt-j-6B, gpt-neox-20b; default: the model's)")
     p.add_argument("--hparams", help="hyper-parameter overrides: a JSON object, inline (e.g. '{\"lam\": 600}') or "
                                      "in a file")

@@ -117,6 +117,17 @@ def test_edit_then_evaluate(workdir):
     summary = json.loads((workdir / "ev.json").read_text())
     assert summary["n_records"] == 1 and 0.0 <= summary["efficacy"] <= 1.0
     assert "case_id" in (workdir / "ev.csv").read_text()
+    # AlphaEdit as a single mass edit: MEMIT's targets, the null-space projected update
+    out = run("edit", "--facts", "facts.json", "--method", "alphaedit", "--hparams", json.dumps(TINY_HPARAMS),
+              "--corpus", "corpus.txt", "--out", "alpha.safetensors", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(workdir / "alpha.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+        delta_names = [k for k in fh.keys() if k.startswith("delta/")]
+    assert meta["method"] == "alphaedit" and json.loads(meta["hparams"])["nullspace"] is True
+    assert len(delta_names) == 1  # one layer edited ([3]); its update is the projected one
 
 
 @pytest.mark.slow

@@ -148,10 +148,10 @@ def _solve_for(model: HookedTransformer, hparams: EditHyperParams, sites: Sequen
                layer_hashes: dict[int, str]):
     """The per-site solve of ``hparams``: MEMIT's / PMET's least squares with λ, or with
     ``nullspace`` AlphaEdit's projected solve (AlphaEdit eq. 12) with P from C of the model as it is."""
+    from pmet_lens.editing.nullspace import NullspaceStore
+
     if not hparams.nullspace:
         return partial(least_squares_solve, lam=hparams.lam)
-        from pmet_lens.editing.nullspace import NullspaceStore
-
     ns = nullspace_store if nullspace_store is not None else NullspaceStore()
     projections = {}
     for site in sites:
