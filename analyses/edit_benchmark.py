@@ -137,14 +137,24 @@ def save_progress(out: Path, meta, summaries, per_records, norms, scaling_rows, 
         format_table(summaries).to_csv(out / "edit_benchmark_table1_3.csv")
         pd.concat({k: v.assign(editor=k) for k, v in per_records.items()}).to_csv(out / "edit_benchmark_per_record.csv", index=False)
         (out / "edit_benchmark_summaries.json").write_text(json.dumps({"meta": meta, "summaries": summaries}, indent=1, default=float))
+    # Files of results this run does not have yet are removed, not left as they are: an earlier run's
+    # rows in them would otherwise be taken by --resume as this run's.
+    norms_path, scaling_path = out / "edit_benchmark_fig4_delta_norms.csv", out / "edit_benchmark_fig3_scaling.csv"
+    zsre_path = out / "edit_benchmark_zsre_summaries.json"
     if norms:
-        pd.DataFrame(norms).to_csv(out / "edit_benchmark_fig4_delta_norms.csv", index=False)
+        pd.DataFrame(norms).to_csv(norms_path, index=False)
+    else:
+        norms_path.unlink(missing_ok=True)
     if scaling_rows:
-        pd.DataFrame(scaling_rows).sort_values(["editor", "n_edits"]).to_csv(out / "edit_benchmark_fig3_scaling.csv", index=False)
+        pd.DataFrame(scaling_rows).sort_values(["editor", "n_edits"]).to_csv(scaling_path, index=False)
+    else:
+        scaling_path.unlink(missing_ok=True)
     if zsre_summaries:
         for metric in ZSRE_METRICS:
             format_table({e: s[metric] for e, s in zsre_summaries.items()}).to_csv(out / ZSRE_TABLE_FILES[metric])
-        (out / "edit_benchmark_zsre_summaries.json").write_text(json.dumps(zsre_summaries, indent=1, default=float))
+        zsre_path.write_text(json.dumps(zsre_summaries, indent=1, default=float))
+    else:
+        zsre_path.unlink(missing_ok=True)
 
 
 def evaluate_zsre_metrics(model, records) -> dict[str, dict[str, Any]]:

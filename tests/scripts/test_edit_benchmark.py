@@ -96,3 +96,22 @@ def test_zsre_tables_use_the_official_metric_and_label_both(tmp_path):
     path.write_text(json.dumps({**zsre, "PMET": _zsre_summary("teacher_forced", 0.4)}))  # an older run's flat summary
     *_, kept = eb.load_previous(tmp_path, meta)
     assert set(kept) == {"MEMIT"} and kept["MEMIT"]["official"]["efficacy"] == 0.5
+
+
+def test_a_new_run_does_not_inherit_an_older_runs_rows(tmp_path):
+    """A fresh run's first save removes the scaling, norm and zsRE files of an earlier run in the same
+    directory, so --resume after an interruption cannot take the older rows for this run's."""
+    import pandas as pd
+
+    eb = load_analysis("edit_benchmark")
+    meta = {"n_cases": 1, "gen_every": 0, "hparams": {}}
+    cf = {"MEMIT": {"score": 0.5, "efficacy": 0.5, "paraphrase": 0.5, "neighborhood": 0.5}}
+    per = {"MEMIT": pd.DataFrame({"case_id": [0]})}
+    older_scaling = [{"n_edits": 1, "editor": "MEMIT", "score": 0.1}]
+    older_norms = [{"editor": "MEMIT", "layer": 3, "norm": 1.0}]
+    older_zsre = {"MEMIT": {"official": _zsre_summary("official", 0.5), "teacher_forced": _zsre_summary("teacher_forced", 0.6)}}
+    eb.save_progress(tmp_path, meta, cf, per, older_norms, older_scaling, older_zsre)  # the earlier run, complete
+    unedited = {"SmolLM2 (unedited)": cf["MEMIT"]}
+    eb.save_progress(tmp_path, meta, unedited, {"SmolLM2 (unedited)": per["MEMIT"]}, [], [], {})  # a new run's first row
+    summaries, _, norms, scaling, zsre = eb.load_previous(tmp_path, meta)
+    assert list(summaries) == ["SmolLM2 (unedited)"] and norms == [] and scaling == [] and zsre == {}
