@@ -35,7 +35,7 @@ from transformer_lens import HookedTransformer
 
 from pmet_lens.analysis.calibrate import LayerScan, scan_layers
 from pmet_lens.analysis.layers import write_critical_layers
-from pmet_lens.core.presets import write_entry
+from pmet_lens.core.presets import find_entry, write_entry
 from pmet_lens.data import KnownFact, load_known_facts
 from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, MEMITHyperParams, PMETHyperParams, edit
@@ -106,6 +106,11 @@ def _distance(row: dict[str, Any], base: Any) -> float:
     return abs(math.log(row["lam"] / base.lam)) + abs(math.log(row["clamp"] / base.clamp_norm_factor))
 
 
+# Not part of a method's calibrated settings: the method and R are stored elsewhere, and the null-space
+# fields (AlphaEdit's τ and α) are not searched here; the model's own null-space block is kept as it is.
+_NOT_STORED = ("method", "layers", "nullspace", "nullspace_threshold", "l2")
+
+
 def search_lambda(
     model: HookedTransformer,
     method: str,
@@ -122,7 +127,8 @@ def search_lambda(
 
     Returns:
         ``(rows, chosen)``: the grid as a table, and the chosen hyper-parameters as a dict
-        (:meth:`~pmet_lens.editing.hparams.EditHyperParams.to_dict` without ``method`` and ``layers``).
+        (:meth:`~pmet_lens.editing.hparams.EditHyperParams.to_dict` without ``method``, ``layers`` and the
+        null-space fields, which are not searched).
     """
     if method not in _CLASSES:
         raise ValueError(f"method must be 'pmet' or 'memit', got {method!r}")
@@ -150,7 +156,7 @@ def search_lambda(
                                          _distance(r, defaults)))
     best = ranked[0]
     chosen_hp = defaults.with_(lam=best["lam"], clamp_norm_factor=best["clamp"])
-    chosen = {k: v for k, v in chosen_hp.to_dict().items() if k not in ("method", "layers")}
+    chosen = {k: v for k, v in chosen_hp.to_dict().items() if k not in _NOT_STORED}
     return pd.DataFrame(rows), chosen
 
 
@@ -233,6 +239,9 @@ def calibrate(
             entry: dict[str, Any] = {"source": f"pmet_lens.calibrate, {tune_facts} tune facts, "
                                                f"λ in {list(lams)}, c in {list(clamps)}"}
             entry.update(chosen)
+            existing = find_entry("editing.json", name, preset_dir)
+            if existing is not None and "nullspace" in existing[1]:
+                entry["nullspace"] = existing[1]["nullspace"]  # τ and α, chosen for this model elsewhere
             result.preset_paths.append(write_entry("editing.json", name, entry, preset_dir))
     logger.info("calibrated %s: R = %s; %s", name, scan.layers,
                 ", ".join(f"{m} λ={c['lam']:g} c={c['clamp_norm_factor']:g}" for m, c in chosen.items()))

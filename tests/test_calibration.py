@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from conftest import _tokenizer
 from pmet_lens import calibrate, edit, load_model
 from pmet_lens.core.models import default_gguf_path
+from pmet_lens.core.presets import write_entry
 from pmet_lens.data import load_known_facts
 from pmet_lens.editing import CovarianceStore, preset
 
@@ -36,6 +37,8 @@ def test_edit_uses_the_preset_calibrate_wrote(tiny_checkpoint, tmp_path, monkeyp
     model = load_model(tiny_checkpoint, device="cpu")
     with pytest.raises(ValueError, match="pmet-lens calibrate"):
         preset(model.cfg.model_name, "pmet")  # no preset before
+    # a null-space block (τ, α) chosen for this model before: calibrate keeps it, and stores no null-space field
+    write_entry("editing.json", model.cfg.model_name, {"nullspace": {"nullspace_threshold": 0.05, "l2": 3.0}})
     store = CovarianceStore(cache_dir=tmp_path / "cov", progress=False)
     result = calibrate(model, facts=load_known_facts(limit=6), n_facts=4, known_only=False, size=2, samples=2,
                        n_boot=50, tune_facts=2, lams=(10.0, 1000.0), clamps=(0.75,), base=TINY, cov_store=store,
@@ -46,6 +49,11 @@ def test_edit_uses_the_preset_calibrate_wrote(tiny_checkpoint, tmp_path, monkeyp
     assert [p.parent for p in result.preset_paths] == [tmp_path / "cache" / "presets"] * 2
     stored = json.loads((tmp_path / "cache" / "presets" / "critical_layers.json").read_text())
     assert stored["my-tiny-llama"]["layers"] == result.layers and "band95" in stored["my-tiny-llama"]
+    editing = json.loads((tmp_path / "cache" / "presets" / "editing.json").read_text())["my-tiny-llama"]
+    assert editing["nullspace"] == {"nullspace_threshold": 0.05, "l2": 3.0}
+    assert not {"nullspace", "nullspace_threshold", "l2"} & (set(editing["pmet"]) | set(editing["memit"]))
+    alpha = preset(model.cfg.model_name, "alphaedit")
+    assert (alpha.nullspace_threshold, alpha.l2, list(alpha.layers)) == (0.05, 3.0, result.layers)
     assert result.figure().data  # the figure has traces
     for method in ("pmet", "memit"):
         hp = preset(model.cfg.model_name, method)
