@@ -437,6 +437,10 @@ def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta
         t3 = paper_side_by_side(abl_rows, PAPER_TABLE3_10K, cols, cons_key)
         t3.to_csv(out / "edit_benchmark_table3_vs_paper.csv", index=False)
         md += ["## Table 3 (PMET ablations; paper: 10K edits on GPT-J)\n", to_markdown(t3), ""]
+    else:  # no ablation rows in this run: an older run's Table 3 must not reach the report
+        (out / "edit_benchmark_table3_vs_paper.csv").unlink(missing_ok=True)
+    if not zsre_summaries:
+        (out / "edit_benchmark_table2_vs_paper.csv").unlink(missing_ok=True)
     if zsre_summaries:
         t2 = zsre_vs_paper(zsre_summaries, "official")
         t2.to_csv(out / "edit_benchmark_table2_vs_paper.csv", index=False)

@@ -115,3 +115,16 @@ def test_a_new_run_does_not_inherit_an_older_runs_rows(tmp_path):
     eb.save_progress(tmp_path, meta, unedited, {"SmolLM2 (unedited)": per["MEMIT"]}, [], [], {})  # a new run's first row
     summaries, _, norms, scaling, zsre = eb.load_previous(tmp_path, meta)
     assert list(summaries) == ["SmolLM2 (unedited)"] and norms == [] and scaling == [] and zsre == {}
+
+
+def test_report_drops_an_older_runs_table3(tmp_path):
+    """A run without ablation rows writes no Table 3, and an older run's Table 3 file does not reach its report."""
+    eb = load_analysis("edit_benchmark")
+    (tmp_path / "edit_benchmark_table3_vs_paper.csv").write_text("source,editor\nold,PMET even spread\n")
+    row = {"score": 0.5, "efficacy": 0.5, "paraphrase": 0.5, "neighborhood": 0.5, "efficacy_ci95": 0.1,
+           "paraphrase_ci95": 0.1, "neighborhood_ci95": 0.1}
+    summaries = {"SmolLM2 (unedited)": row, "MEMIT": row, "PMET": row}
+    eb.write_report(tmp_path, summaries, [], [], {}, {"n_cases": 1, "gen_every": 0, "model": "m"}, "consistency_proxy")
+    assert not (tmp_path / "edit_benchmark_table3_vs_paper.csv").exists()
+    html = (tmp_path / "edit_benchmark.html").read_text()
+    assert "table1_vs_paper" in html and "table3_vs_paper" not in html and "PMET even spread" not in html
