@@ -427,28 +427,29 @@ def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta
     md = [f"# Edit benchmark on {meta['model']} ({meta['n_cases']} report-split cases, one mass edit each)\n", gen_note]
     html_parts = []
     cols = ["score", "efficacy", "paraphrase", "neighborhood", "fluency", "consistency"]
+    tables: dict[str, pd.DataFrame] = {}  # the tables beside the papers this run has, in the report's order
     main_rows = {k: v for k, v in summaries.items() if k in ("SmolLM2 (unedited)", "MEMIT", "PMET")}
     if main_rows:
-        t1 = paper_side_by_side(main_rows, PAPER_TABLE1_GPTJ, cols, cons_key)
-        t1.to_csv(out / "edit_benchmark_table1_vs_paper.csv", index=False)
-        md += ["## Table 1 (CounterFact, x100, 95% CI)\n", to_markdown(t1), ""]
+        tables["table1_vs_paper"] = paper_side_by_side(main_rows, PAPER_TABLE1_GPTJ, cols, cons_key)
+        md += ["## Table 1 (CounterFact, x100, 95% CI)\n", to_markdown(tables["table1_vs_paper"]), ""]
     abl_rows = {k: v for k, v in summaries.items() if k.startswith("PMET")}
     if len(abl_rows) > 1:
-        t3 = paper_side_by_side(abl_rows, PAPER_TABLE3_10K, cols, cons_key)
-        t3.to_csv(out / "edit_benchmark_table3_vs_paper.csv", index=False)
-        md += ["## Table 3 (PMET ablations; paper: 10K edits on GPT-J)\n", to_markdown(t3), ""]
-    else:  # no ablation rows in this run: an older run's Table 3 must not reach the report
-        (out / "edit_benchmark_table3_vs_paper.csv").unlink(missing_ok=True)
-    if not zsre_summaries:
-        (out / "edit_benchmark_table2_vs_paper.csv").unlink(missing_ok=True)
+        tables["table3_vs_paper"] = paper_side_by_side(abl_rows, PAPER_TABLE3_10K, cols, cons_key)
+        md += ["## Table 3 (PMET ablations; paper: 10K edits on GPT-J)\n", to_markdown(tables["table3_vs_paper"]), ""]
     if zsre_summaries:
-        t2 = zsre_vs_paper(zsre_summaries, "official")
-        t2.to_csv(out / "edit_benchmark_table2_vs_paper.csv", index=False)
-        md += ["## Table 2 (zsRE, top-1 token accuracy x100, the papers' official procedure)\n", to_markdown(t2), ""]
+        tables["table2_vs_paper"] = zsre_vs_paper(zsre_summaries, "official")
+        md += ["## Table 2 (zsRE, top-1 token accuracy x100, the papers' official procedure)\n",
+               to_markdown(tables["table2_vs_paper"]), ""]
         t2_tf = zsre_vs_paper(zsre_summaries, "teacher_forced")
         t2_tf.to_csv(out / "edit_benchmark_table2_teacher_forced.csv", index=False)
         md += ["## Table 2, teacher-forced metric (x100; not the papers' procedure, see docs/zsre-metrics.md)\n",
                to_markdown(t2_tf), ""]
+    for table_name in ("table1_vs_paper", "table3_vs_paper", "table2_vs_paper"):
+        path = out / f"edit_benchmark_{table_name}.csv"
+        if table_name in tables:
+            tables[table_name].to_csv(path, index=False)
+        else:  # a table this run does not have: an older run's file must not stay beside this run's report
+            path.unlink(missing_ok=True)
 
     if scaling_rows:
         df = pd.DataFrame(scaling_rows).sort_values(["editor", "n_edits"])  # a resumed run appends out of order
@@ -481,10 +482,8 @@ def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta
         save_png(fig_m, out / "edit_benchmark_fig4_delta_norms.png")
     (out / "edit_benchmark.md").write_text("\n".join(md) + "\n")
     page = ["<html><head><meta charset='utf-8'><title>Edit benchmark</title></head><body>"]
-    for table_name in ("table1_vs_paper", "table3_vs_paper", "table2_vs_paper"):
-        path = out / f"edit_benchmark_{table_name}.csv"
-        if path.is_file():
-            page += [f"<h2>{table_name}</h2>", pd.read_csv(path).to_html(index=False)]
+    for table_name, table in tables.items():
+        page += [f"<h2>{table_name}</h2>", table.to_html(index=False)]
     page += html_parts + ["</body></html>"]
     (out / "edit_benchmark.html").write_text("\n".join(page), encoding="utf-8")
 
