@@ -9,7 +9,9 @@ AlphaEdit (Fang et al., ICLR 2025, Table 1) edits 2,000 CounterFact / zsRE cases
   cases (Efficacy, Generalization = paraphrase, Specificity = neighborhood, Fluency, consistency
   proxy, 95% CIs; generation metrics on every ``--gen-every``-th case);
 * zsRE: the first ``--zsre`` (200) shipped records in batches of ``--zsre-batch`` (50), then
-  :func:`~pmet_lens.evaluation.zsre.evaluate_zsre` (``--zsre 0`` skips it);
+  :func:`~pmet_lens.evaluation.zsre.evaluate_zsre` under both metrics: the official procedure for the
+  table set beside AlphaEdit's, the teacher-forced one labelled beside it (``docs/zsre-metrics.md``;
+  ``--zsre 0`` skips zsRE);
 * per-batch curves (cheap): after every batch, edit-prompt efficacy of every batch so far (the
   batch just edited, batch 1, all), perplexity of a fixed WikiText-2 test sample
   (:mod:`pmet_lens.evaluation.perplexity`; AlphaEdit's GLUE is not available offline), ‖ΔW‖ of the
@@ -23,8 +25,9 @@ method's session is undone bit for bit). Every batch's session is saved under ``
 one bit for bit) and keeps finished tables.
 
 Outputs in ``--out`` (default ``figures/sequential``): ``sequential_table.csv`` (CounterFact),
-``sequential_zsre.csv``, ``sequential_curves.csv``, ``sequential_efficacy.csv`` (per request after each
-batch), ``sequential_null_dims.csv``, ``sequential.html`` (interactive session view), PNG curves,
+``sequential_zsre.csv`` (official metric), ``sequential_zsre_teacher_forced.csv``, ``sequential_curves.csv``,
+``sequential_efficacy.csv`` (per request after each batch), ``sequential_null_dims.csv``,
+``sequential.html`` (interactive session view), PNG curves,
 ``sequential_summaries.json`` and ``sequential_tables.md``.
 
     python analyses/sequential_benchmark.py --cases 100 --batch 25 --methods memit,alphaedit
@@ -47,7 +50,7 @@ from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, preset
 from pmet_lens.editing.nullspace import NullspaceStore
 from pmet_lens.editing.session import EditSession
-from pmet_lens.evaluation import evaluate_counterfact, evaluate_zsre, format_table
+from pmet_lens.evaluation import ZSRE_METRICS, evaluate_counterfact, evaluate_zsre, format_table
 from pmet_lens.evaluation.perplexity import perplexity, wikitext_sample
 from pmet_lens.evaluation.sequential import batch_efficacy, curve_row
 from pmet_lens.viz.dashboard import session_dashboard
@@ -74,6 +77,26 @@ PAPER_TABLE1: dict[str, dict[str, float]] = {
                           "consistency": 39.38},
 }
 """AlphaEdit Table 1 (x100 as printed; fluency as printed)."""
+
+
+ZSRE_SECTIONS: dict[str, str] = {"official": "zsre", "teacher_forced": "zsre_teacher_forced"}
+"""The summaries' section holding each zsRE metric's results (the official one goes beside the paper)."""
+
+
+def score_zsre(model, records, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """The zsRE summary of ``model`` under each metric, keyed by its section of the summaries."""
+    return {ZSRE_SECTIONS[m]: evaluate_zsre(model, records, metric=m, progress=progress)[1] for m in ZSRE_METRICS}
+
+
+def drop_unlabelled_zsre(summaries: dict[str, Any]) -> list[str]:
+    """Remove zsRE results that are not under the metric their section names (results saved before the
+    official metric existed were teacher-forced); ``--resume`` then scores them again. Returns their names."""
+    stale = [name for section, metric in ((ZSRE_SECTIONS[m], m) for m in ZSRE_METRICS)
+             for name, s in summaries.get(section, {}).items() if s.get("metric") != metric]
+    for name in dict.fromkeys(stale):
+        for section in ZSRE_SECTIONS.values():
+            summaries.get(section, {}).pop(name, None)
+    return list(dict.fromkeys(stale))
 
 
 def hparams_for(model, method: str):
@@ -165,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     summaries_path = out / "sequential_summaries.json"
     summaries: dict[str, Any] = json.loads(summaries_path.read_text()) if args.resume and summaries_path.is_file() else {}
     summaries.setdefault("cf", {})
-    summaries.setdefault("zsre", {})
+    for section in ZSRE_SECTIONS.values():
+        summaries.setdefault(section, {})
+    stale = drop_unlabelled_zsre(summaries)
+    if stale:
+        logger.warning("--resume: zsRE results of %s carry no metric label (scored before the official metric); "
+                       "scoring them again under both metrics", stale)
     summaries.setdefault("null_dims", {})
     summaries.setdefault("baseline_perplexity", None)
     summaries["meta"] = {"cases": args.cases, "batch": args.batch, "zsre": args.zsre, "zsre_batch": args.zsre_batch,
@@ -184,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                gen_every=args.gen_every,
                                                                progress=not args.quiet)[1]
         if "zsre" in datasets and "unedited" not in summaries["zsre"]:
-            summaries["zsre"]["unedited"] = evaluate_zsre(model, datasets["zsre"][1], progress=not args.quiet)[1]
+            for section, summary in score_zsre(model, datasets["zsre"][1], progress=not args.quiet).items():
+                summaries[section]["unedited"] = summary
         write()
     for method in methods:
         for kind, (batches, records) in datasets.items():
@@ -192,12 +221,13 @@ def main(argv: list[str] | None = None) -> int:
             summaries["null_dims"][method] = session.null_dims
             if method not in summaries[kind]:
                 if kind == "cf":
-                    summary = evaluate_counterfact(model, records, not args.no_generation, gen_every=args.gen_every,
-                                                  progress=not args.quiet)[1]
+                    scored = {"cf": evaluate_counterfact(model, records, not args.no_generation,
+                                                         gen_every=args.gen_every, progress=not args.quiet)[1]}
                 else:
-                    summary = evaluate_zsre(model, records, progress=not args.quiet)[1]
-                summary["edit_seconds"] = float(sum(c["seconds"] for c in curves))
-                summaries[kind][method] = summary
+                    scored = score_zsre(model, records, progress=not args.quiet)
+                for section, summary in scored.items():
+                    summary["edit_seconds"] = float(sum(c["seconds"] for c in curves))
+                    summaries[section][method] = summary
                 write()
             all_curves += [dict(c, method=method, dataset=kind) for c in curves]
             if len(effs):
@@ -214,9 +244,10 @@ def write_outputs(out: Path, summaries: dict[str, Any], curves: pd.DataFrame, ef
     if summaries["cf"]:
         table = format_table(summaries["cf"])
         table.to_csv(out / "sequential_table.csv")
-    if summaries["zsre"]:
-        format_table(summaries["zsre"], columns=["efficacy", "paraphrase", "specificity", "score"]).to_csv(
-            out / "sequential_zsre.csv")
+    for section in ZSRE_SECTIONS.values():
+        if summaries.get(section):
+            format_table(summaries[section], columns=["efficacy", "paraphrase", "specificity", "score"]).to_csv(
+                out / f"sequential_{section}.csv")
     dims = [{"method": m, "hook": h, "null_dim": d} for m, hooks in summaries["null_dims"].items() for h, d in hooks.items()]
     pd.DataFrame(dims).to_csv(out / "sequential_null_dims.csv", index=False)
     if len(curves):
@@ -255,13 +286,21 @@ def markdown_tables(summaries: dict[str, Any]) -> str:
         lines.append(f"| {name} (paper) | {p['efficacy']:.1f} | {p['paraphrase']:.1f} | {p['neighborhood']:.1f} | "
                      f"{p['fluency']:.1f} | {p['consistency']:.1f} |")
     if summaries["zsre"]:
-        lines += ["", "| model / method | zsRE Eff. | Gen. | Spe. |", "|---|---|---|---|"]
+        lines += ["", "zsRE, official metric (the papers' procedure, docs/zsre-metrics.md):", "",
+                  "| model / method | metric | zsRE Eff. | Gen. | Spe. |", "|---|---|---|---|---|"]
         for name, s in summaries["zsre"].items():
-            lines.append(f"| SmolLM2 {name} | {cell(s, 'efficacy')} | {cell(s, 'paraphrase')} | {cell(s, 'specificity')} |")
+            lines.append(f"| SmolLM2 {name} | {s['metric']} | {cell(s, 'efficacy')} | {cell(s, 'paraphrase')} | "
+                         f"{cell(s, 'specificity')} |")
         for name, p in PAPER_TABLE1.items():
             if "zsre_efficacy" in p:
-                lines.append(f"| {name} (paper) | {p['zsre_efficacy']:.1f} | {p['zsre_paraphrase']:.1f} | "
+                lines.append(f"| {name} (paper) | official | {p['zsre_efficacy']:.1f} | {p['zsre_paraphrase']:.1f} | "
                              f"{p['zsre_specificity']:.1f} |")
+    if summaries.get("zsre_teacher_forced"):
+        lines += ["", "zsRE, teacher-forced metric (not the papers' procedure; no paper rows):", "",
+                  "| model / method | metric | zsRE Eff. | Gen. | Spe. |", "|---|---|---|---|---|"]
+        for name, s in summaries["zsre_teacher_forced"].items():
+            lines.append(f"| SmolLM2 {name} | {s['metric']} | {cell(s, 'efficacy')} | {cell(s, 'paraphrase')} | "
+                         f"{cell(s, 'specificity')} |")
     return "\n".join(lines) + "\n"
 
 
