@@ -12,7 +12,7 @@ import string
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 __all__ = [
     "DataError",
@@ -209,7 +209,9 @@ class ZsreRecord:
         subject: the subject, a substring of ``src``.
         src: the question (edit prompt).
         rephrase: a paraphrase of the question.
-        target_new: the new answer (MEMIT uses ``alt``).
+        target_new: the answer the edit writes in: the file's ``alt`` by default (as EasyEdit reads
+            zsRE), or ``answers[0]`` with ``load_zsre(target="answer")`` (as ROME's, MEMIT's, PMET's and
+            AlphaEdit's released loaders do).
         answers: the true answers.
         loc: an unrelated Natural Questions prompt ("nq question: ...").
         loc_ans: the model-independent answer to ``loc``.
@@ -328,15 +330,38 @@ def load_counterfact(path: str | Path | None = None, limit: int | None = None) -
     return [Fact.from_counterfact(rec) for rec in _take(records, limit)]
 
 
-def load_zsre(path: str | Path | None = None, limit: int | None = None) -> list[ZsreRecord]:
-    """Load zsRE eval records (default: the shipped 1208-record subset of ``zsre_mend_eval.json``)."""
+ZSRE_TARGETS: tuple[str, ...] = ("alt", "answer")
+"""Where :func:`load_zsre` takes the edit's new answer from: the ``alt`` field or ``answers[0]``."""
+
+
+def load_zsre(path: str | Path | None = None, limit: int | None = None,
+              target: Literal["alt", "answer"] = "alt") -> list[ZsreRecord]:
+    """Load zsRE eval records (default: the shipped 1208-record subset of ``zsre_mend_eval.json``).
+
+    Args:
+        path: a ``zsre_mend_eval.json``-format file (JSON list or JSON lines); default the shipped subset.
+        limit: keep the first ``limit`` records.
+        target: the answer each edit writes in (``ZsreRecord.target_new``): ``"alt"`` (default; the
+            alternative answer, as EasyEdit reads the file) or ``"answer"`` (``answers[0]``, the recorded
+            answer, as the released ROME / MEMIT / PMET / AlphaEdit loaders do). The evaluation scores
+            whichever was chosen.
+
+    Raises:
+        ValueError: an unknown ``target``.
+        pmet_lens.DataError: a record that lacks a field, or has no answer when ``target="answer"``.
+    """
+    if target not in ZSRE_TARGETS:
+        raise ValueError(f"unknown zsRE target {target!r}; choose one of {list(ZSRE_TARGETS)}")
     records = read_records(path or data_path("zsre_mend_eval_subset.json"), "zsRE")
     out = []
     for i, rec in enumerate(_take(records, limit)):
         _require_fields(rec, ("subject", "src", "rephrase", "alt", "answers", "loc", "loc_ans"), f"zsRE record #{i}")
+        if target == "answer" and not rec["answers"]:
+            raise DataError(f"zsRE record #{i} has an empty 'answers' list, so target='answer' has nothing to "
+                            "edit towards; drop the record or load with target='alt'")
         out.append(ZsreRecord(subject=rec["subject"], src=rec["src"], rephrase=rec["rephrase"],
-                              target_new=rec["alt"], answers=tuple(rec["answers"]), loc=rec["loc"],
-                              loc_ans=rec["loc_ans"], case_id=i))
+                              target_new=rec["alt"] if target == "alt" else rec["answers"][0],
+                              answers=tuple(rec["answers"]), loc=rec["loc"], loc_ans=rec["loc_ans"], case_id=i))
     return out
 
 

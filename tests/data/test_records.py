@@ -32,6 +32,26 @@ def test_shipped_files_load():
     assert all(p.is_file() for p in wikitext_path())
 
 
+def test_zsre_target_is_alt_or_the_recorded_answer(tmp_path):
+    """target="alt" edits towards the file's alternative answer, target="answer" towards answers[0]
+    (the released ROME / MEMIT loaders); everything else about the record is the same."""
+    alt, answer = load_zsre(limit=3), load_zsre(limit=3, target="answer")
+    assert alt[0].target_new == "2006" and answer[0].target_new == "1998"  # the shipped record #0
+    for a, b in zip(alt, answer):
+        assert b.target_new == b.answers[0] and a.answers == b.answers
+        assert (a.src, a.rephrase, a.loc, a.loc_ans, a.case_id) == (b.src, b.rephrase, b.loc, b.loc_ans, b.case_id)
+        assert a.to_fact().target_new == a.target_new and b.to_fact().target_new == b.target_new
+    with pytest.raises(ValueError, match="unknown zsRE target 'answers'.*'alt', 'answer'"):
+        load_zsre(limit=1, target="answers")  # type: ignore[arg-type]
+    rec = {"subject": "Zeus", "src": "Who is Zeus's father?", "rephrase": "Who fathered Zeus?", "alt": "Kronos",
+           "answers": [], "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare"}
+    path = tmp_path / "z.json"
+    path.write_text(json.dumps([rec]))
+    assert load_zsre(path)[0].target_new == "Kronos"
+    with pytest.raises(DataError, match=r"zsRE record #0 has an empty 'answers' list.*target='alt'"):
+        load_zsre(path, target="answer")
+
+
 def test_known_fact_to_fact_keeps_prompt():
     k = load_known_facts(limit=3)
     assert [f.to_fact().text for f in k] == [x.prompt for x in k]
