@@ -259,7 +259,29 @@ def write_outputs(out: Path, summaries: dict[str, Any], curves: pd.DataFrame, ef
         cf_curves = curves[curves["dataset"] == "cf"] if "cf" in set(curves["dataset"]) else curves
         cf_eff = eff[eff["dataset"] == cf_curves["dataset"].iloc[0]]
         session_dashboard(cf_curves, cf_eff, batch=1, html_path=out / "sequential.html")
-    (out / "sequential_tables.md").write_text(markdown_tables(summaries))
+    (out / "sequential_tables.md").write_text(markdown_tables(summaries) + curves_markdown(curves,
+                                                                                      summaries.get("baseline_perplexity")))
+
+
+def curves_markdown(curves: pd.DataFrame, baseline_perplexity: float | None = None) -> str:
+    """The per-batch curves as markdown, one table per dataset: edit-prompt efficacy (x100) of the batch
+    just edited, of batch 1 and of all edits so far, perplexity, mean ‖ΔW‖ of the batch and ‖ΣΔW‖, and the
+    seconds the batch's edit took."""
+    if not len(curves):
+        return ""
+    lines = []
+    for kind in dict.fromkeys(curves["dataset"]):
+        part = curves[curves["dataset"] == kind]
+        lines += ["", f"Per-batch curves ({kind}; efficacy on the edit prompts, x100):", "",
+                  "| method | batch | this batch | batch 1 | all so far | perplexity | mean ‖ΔW‖ | mean ‖ΣΔW‖ | edit s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        if baseline_perplexity is not None:
+            lines.append(f"| unedited | 0 | – | – | – | {baseline_perplexity:.2f} | – | – | – |")
+        for _, r in part.iterrows():
+            lines.append(f"| {r['method']} | {r['batch']} | {100 * r['efficacy_batch']:.1f} | "
+                         f"{100 * r['efficacy_first']:.1f} | {100 * r['efficacy_all']:.1f} | {r['perplexity']:.2f} | "
+                         f"{r['delta_norm']:.2f} | {r['weight_change_norm']:.2f} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_tables(summaries: dict[str, Any]) -> str:

@@ -47,3 +47,14 @@ def test_outputs_write_one_zsre_table_per_metric(tmp_path):
     assert list(official.index) == list(teacher_forced.index) == ["unedited", "memit"]
     assert official.loc["memit"].iloc[0] != teacher_forced.loc["memit"].iloc[0]
     assert (tmp_path / "sequential_tables.md").read_text().count("(paper)") > 0
+
+
+def test_curves_table_has_a_row_per_method_and_batch():
+    sb = load_analysis("sequential_benchmark")
+    rows = [{"method": m, "dataset": "cf", "batch": b, "efficacy_batch": 1.0, "efficacy_first": 1.0 - 0.1 * (b - 1),
+             "efficacy_all": 0.95, "perplexity": 46.0 + b, "seconds": 120.0, "delta_norm": 33.0,
+             "weight_change_norm": 33.0 * b, "weight_norm": 180.0} for m in ("memit", "alphaedit") for b in (1, 2)]
+    md = sb.curves_markdown(pd.DataFrame(rows), baseline_perplexity=45.59)
+    assert "| unedited | 0 | – | – | – | 45.59 |" in md
+    assert "| alphaedit | 2 | 100.0 | 90.0 | 95.0 | 48.00 | 33.00 | 66.00 | 120 |" in md
+    assert md.count("| memit |") == 2 and sb.curves_markdown(pd.DataFrame()) == ""
