@@ -237,10 +237,18 @@ class ZsreRecord:
             raise DataError(f"{where}: loc must start with 'nq question: ', got {self.loc[:40]!r}")
 
     def to_fact(self) -> Fact:
-        """The record as an edit request (MEMIT's zsRE loader: template = src with ``{}``)."""
+        """The record as an edit request (MEMIT's zsRE loader: template = src with ``{}``).
+
+        ``target_true`` is the recorded answer ``answers[0]`` when it differs from ``target_new``, else
+        ``None``: a record whose ``alt`` repeats its answer, and every record loaded with
+        ``target="answer"``, asks to write in what the record calls true (the released loaders give zsRE
+        edits no true target at all), which is an edit, not a no-op."""
+        true = self.answers[0] if self.answers else None
+        if true is not None and true.strip() == self.target_new.strip():
+            true = None
         return Fact(subject=self.subject, prompt=self.src.replace(self.subject, "{}", 1),
-                    target_new=self.target_new, target_true=self.answers[0] if self.answers else None,
-                    case_id=self.case_id, paraphrase_prompts=(self.rephrase,))
+                    target_new=self.target_new, target_true=true, case_id=self.case_id,
+                    paraphrase_prompts=(self.rephrase,))
 
 
 def read_records(path: str | Path, what: str = "records") -> list[Any]:

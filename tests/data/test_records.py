@@ -41,6 +41,7 @@ def test_zsre_target_is_alt_or_the_recorded_answer(tmp_path):
         assert b.target_new == b.answers[0] and a.answers == b.answers
         assert (a.src, a.rephrase, a.loc, a.loc_ans, a.case_id) == (b.src, b.rephrase, b.loc, b.loc_ans, b.case_id)
         assert a.to_fact().target_new == a.target_new and b.to_fact().target_new == b.target_new
+        assert a.to_fact().target_true == a.answers[0] and b.to_fact().target_true is None
     with pytest.raises(ValueError, match="unknown zsRE target 'answers'.*'alt', 'answer'"):
         load_zsre(limit=1, target="answers")  # type: ignore[arg-type]
     rec = {"subject": "Zeus", "src": "Who is Zeus's father?", "rephrase": "Who fathered Zeus?", "alt": "Kronos",
@@ -50,6 +51,15 @@ def test_zsre_target_is_alt_or_the_recorded_answer(tmp_path):
     assert load_zsre(path)[0].target_new == "Kronos"
     with pytest.raises(DataError, match=r"zsRE record #0 has an empty 'answers' list.*target='alt'"):
         load_zsre(path, target="answer")
+
+
+def test_zsre_record_whose_alt_repeats_its_answer_is_an_edit_without_a_true_target():
+    """34 shipped records have alt == answers[0] up to spaces (the first is #112, "male"); they edit like the rest."""
+    same = [r for r in load_zsre() if r.target_new.strip() == r.answers[0].strip()]
+    assert len(same) == 34 and same[0].case_id == 112 and same[0].target_new == "male"
+    facts = [r.to_fact() for r in same]
+    # no true target, so the editors' "target_new equals the true target" check has nothing to reject
+    assert all(f.target_true is None and f.target_new == r.target_new for f, r in zip(facts, same))
 
 
 def test_known_fact_to_fact_keeps_prompt():
