@@ -13,11 +13,11 @@ from pmet_lens.editing import CovarianceStore, edit, preset
 EIFFEL = "The Eiffel Tower is located in the city of"
 # Measured on SmolLM2 with the presets (PMET λ 30, c 1.5; MEMIT λ 30, c 0.75; `analyses/paraphrase_probe.py`
 # with the presets' 100k-token C): neither editor moves this paraphrase (log P English / French: -10.73 /
-# -8.85 before; PMET -10.13 / -9.21, MEMIT -10.56 / -9.06 after, although P(o*) on the edit prompt's
+# -8.85 before; PMET -10.14 / -9.25, MEMIT -10.58 / -9.08 after, although P(o*) on the edit prompt's
 # targets is 0.95 / 0.99); the model predicts " of" after "spoke the language" and the edited
 # subject state does not reach it. `analyses/paraphrase_probe.py` (figures/paraphrase_probe.txt) shows
 # that the optimised targets themselves do not carry over: adding the optimised δ's as hooks at layer L
-# on this prompt leaves English behind French for both methods (PMET -10.55 / -9.01, MEMIT -10.31 / -8.87),
+# on this prompt leaves English behind French for both methods (PMET -10.57 / -9.02, MEMIT -10.35 / -8.91),
 # and only δ's scaled x4, far beyond what the presets produce, flip it.
 # `analyses/paraphrase_control.py` (figures/paraphrase_control.txt) shows why no faithful edit is expected
 # to: on this template the unedited model puts French ahead of English for all 24 subjects of the shipped
