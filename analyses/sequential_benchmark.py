@@ -197,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     summaries.setdefault("null_dims", {})
     summaries.setdefault("baseline_perplexity", None)
     summaries["meta"] = {"cases": args.cases, "batch": args.batch, "zsre": args.zsre, "zsre_batch": args.zsre_batch,
-                         "gen_every": args.gen_every, "ppl_tokens": args.ppl_tokens, "methods": methods,
+                         "gen_every": args.gen_every, "ppl_tokens": args.ppl_tokens,
+                         "methods": list(dict.fromkeys([*summaries.get("meta", {}).get("methods", []), *methods])),
                          "model": str(model.cfg.model_name)}
-    all_curves, all_eff = [], []
+    runs: dict[tuple[str, str], tuple[list[dict[str, Any]], pd.DataFrame]] = {}
 
     def write() -> None:
         summaries_path.write_text(json.dumps(summaries, indent=1, default=float))
@@ -229,13 +230,38 @@ def main(argv: list[str] | None = None) -> int:
                     summary["edit_seconds"] = float(sum(c["seconds"] for c in curves))
                     summaries[section][method] = summary
                 write()
-            all_curves += [dict(c, method=method, dataset=kind) for c in curves]
-            if len(effs):
-                all_eff.append(effs.assign(method=method, dataset=kind))
+            runs[(method, kind)] = (curves, effs)
             session.undo(to=0)  # the next method starts from the unedited model, bit for bit
     summaries["seconds"] = time.perf_counter() - t0
     write()
-    write_outputs(out, summaries, pd.DataFrame(all_curves), pd.concat(all_eff) if all_eff else pd.DataFrame())
+    curves_df, eff_df = all_curves(out, runs, list(datasets))
+    write_outputs(out, summaries, curves_df, eff_df)
+
+
+def saved_curves(out: Path, method: str, kind: str) -> tuple[list[dict[str, Any]], pd.DataFrame] | None:
+    """The per-batch curves and efficacy table a run saved for ``method`` on ``kind``, or ``None``."""
+    track = out / "sessions" / f"{method.replace('+', '_')}_{kind}_curves.json"
+    if not track.is_file():
+        return None
+    saved = json.loads(track.read_text())
+    return saved["curves"], pd.DataFrame(saved["efficacy"])
+
+
+def all_curves(out: Path, runs: dict[tuple[str, str], tuple[list[dict[str, Any]], pd.DataFrame]],
+               kinds: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The curves of this run's methods and of every other method an earlier run saved in ``out`` (so a
+    ``--resume`` run with other ``--methods`` keeps the earlier methods in the figures), in ``METHODS`` order."""
+    curves: list[dict[str, Any]] = []
+    effs: list[pd.DataFrame] = []
+    for method in METHODS:
+        for kind in kinds:
+            found = runs.get((method, kind)) or saved_curves(out, method, kind)
+            if found is None:
+                continue
+            curves += [dict(c, method=method, dataset=kind) for c in found[0]]
+            if len(found[1]):
+                effs.append(found[1].assign(method=method, dataset=kind))
+    return pd.DataFrame(curves), (pd.concat(effs, ignore_index=True) if effs else pd.DataFrame())
     return 0
 
 

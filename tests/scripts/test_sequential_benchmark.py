@@ -58,3 +58,23 @@ def test_curves_table_has_a_row_per_method_and_batch():
     assert "| unedited | 0 | – | – | – | 45.59 |" in md
     assert "| alphaedit | 2 | 100.0 | 90.0 | 95.0 | 48.00 | 33.00 | 66.00 | 120 |" in md
     assert md.count("| memit |") == 2 and sb.curves_markdown(pd.DataFrame()) == ""
+
+
+def test_a_resumed_run_with_other_methods_keeps_the_earlier_methods_curves(tmp_path):
+    """--resume --methods pmet after a memit run: the figures show both, memit from its saved curves."""
+    import json
+
+    sb = load_analysis("sequential_benchmark")
+    (tmp_path / "sessions").mkdir()
+    memit = [{"batch": 1, "efficacy_batch": 1.0}, {"batch": 2, "efficacy_batch": 0.9}]
+    (tmp_path / "sessions" / "memit_cf_curves.json").write_text(json.dumps(
+        {"curves": memit, "efficacy": [{"after": 1, "batch": 1, "case_id": 0, "success": 1.0}]}))
+    pmet = ([{"batch": 1, "efficacy_batch": 0.8}], pd.DataFrame([{"after": 1, "batch": 1, "case_id": 0, "success": 0.0}]))
+    curves, eff = sb.all_curves(tmp_path, {("pmet", "cf"): pmet}, ["cf"])
+    assert list(zip(curves["method"], curves["batch"])) == [("memit", 1), ("memit", 2), ("pmet", 1)]
+    assert list(eff["method"]) == ["memit", "pmet"] and list(eff["success"]) == [1.0, 0.0]
+    # this run's own curves win over a saved file of the same method
+    mine = ([{"batch": 1, "efficacy_batch": 0.5}], pd.DataFrame())
+    curves, _ = sb.all_curves(tmp_path, {("memit", "cf"): mine}, ["cf"])
+    assert list(curves["efficacy_batch"]) == [0.5]
+    assert sb.all_curves(tmp_path, {}, ["zsre"])[0].empty
