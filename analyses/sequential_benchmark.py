@@ -111,11 +111,16 @@ def batches_of(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def curves_path(out: Path, method: str, kind: str) -> Path:
+    """Where a run keeps ``method``'s per-batch curves on ``kind`` (beside its session file)."""
+    return out / "sessions" / f"{method.replace('+', '_')}_{kind}_curves.json"
+
+
 def run_session(model, method: str, kind: str, batches: list[list[Fact]], args, stores, ppl_sample,
                 out: Path) -> tuple[EditSession, list[dict[str, Any]], pd.DataFrame]:
     """Edit ``batches`` one after another with ``method``; after each, the cheap curves. Resumable."""
     path = out / "sessions" / f"{method.replace('+', '_')}_{kind}.safetensors"
-    track = out / "sessions" / f"{method.replace('+', '_')}_{kind}_curves.json"
+    track = curves_path(out, method, kind)
     kwargs = dict(cov_store=stores[0], nullspace_store=stores[1], perplexity_sample=ppl_sample,
                   perplexity_fn=perplexity, progress=not args.quiet)
     curves: list[dict[str, Any]] = []
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def saved_curves(out: Path, method: str, kind: str) -> tuple[list[dict[str, Any]], pd.DataFrame] | None:
     """The per-batch curves and efficacy table a run saved for ``method`` on ``kind``, or ``None``."""
-    track = out / "sessions" / f"{method.replace('+', '_')}_{kind}_curves.json"
+    track = curves_path(out, method, kind)
     if not track.is_file():
         return None
     saved = json.loads(track.read_text())
