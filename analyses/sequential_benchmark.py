@@ -201,10 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                        "scoring them again under both metrics", stale)
     summaries.setdefault("null_dims", {})
     summaries.setdefault("baseline_perplexity", None)
-    summaries["meta"] = {"cases": args.cases, "batch": args.batch, "zsre": args.zsre, "zsre_batch": args.zsre_batch,
-                         "gen_every": args.gen_every, "ppl_tokens": args.ppl_tokens,
-                         "methods": list(dict.fromkeys([*summaries.get("meta", {}).get("methods", []), *methods])),
-                         "model": str(model.cfg.model_name)}
+    summaries["meta"] = run_meta(summaries.get("meta", {}), args, methods, str(model.cfg.model_name))
     runs: dict[tuple[str, str], tuple[list[dict[str, Any]], pd.DataFrame]] = {}
 
     def write() -> None:
@@ -239,8 +236,23 @@ def main(argv: list[str] | None = None) -> int:
             session.undo(to=0)  # the next method starts from the unedited model, bit for bit
     summaries["seconds"] = time.perf_counter() - t0
     write()
-    curves_df, eff_df = all_curves(out, runs, list(datasets))
+    kinds = [k for k, n in (("cf", "cases"), ("zsre", "zsre")) if summaries["meta"][n]]
+    curves_df, eff_df = all_curves(out, runs, kinds)
     write_outputs(out, summaries, curves_df, eff_df)
+    return 0
+
+
+def run_meta(previous: dict[str, Any], args, methods: list[str], model_name: str) -> dict[str, Any]:
+    """The settings the outputs describe. A ``--resume`` run that skips a dataset (``--cases 0`` or
+    ``--zsre 0``) keeps the earlier run's settings for it, whose results the outputs still show."""
+    meta = {"cases": args.cases, "batch": args.batch, "zsre": args.zsre, "zsre_batch": args.zsre_batch,
+            "gen_every": args.gen_every, "ppl_tokens": args.ppl_tokens,
+            "methods": list(dict.fromkeys([*previous.get("methods", []), *methods])), "model": model_name}
+    if previous and not args.cases:
+        meta.update({k: previous[k] for k in ("cases", "batch", "gen_every") if k in previous})
+    if previous and not args.zsre:
+        meta.update({k: previous[k] for k in ("zsre", "zsre_batch") if k in previous})
+    return meta
 
 
 def saved_curves(out: Path, method: str, kind: str) -> tuple[list[dict[str, Any]], pd.DataFrame] | None:
@@ -267,7 +279,6 @@ def all_curves(out: Path, runs: dict[tuple[str, str], tuple[list[dict[str, Any]]
             if len(found[1]):
                 effs.append(found[1].assign(method=method, dataset=kind))
     return pd.DataFrame(curves), (pd.concat(effs, ignore_index=True) if effs else pd.DataFrame())
-    return 0
 
 
 def write_outputs(out: Path, summaries: dict[str, Any], curves: pd.DataFrame, eff: pd.DataFrame) -> None:

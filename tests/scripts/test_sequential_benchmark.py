@@ -78,3 +78,19 @@ def test_a_resumed_run_with_other_methods_keeps_the_earlier_methods_curves(tmp_p
     curves, _ = sb.all_curves(tmp_path, {("memit", "cf"): mine}, ["cf"])
     assert list(curves["efficacy_batch"]) == [0.5]
     assert sb.all_curves(tmp_path, {}, ["zsre"])[0].empty
+
+
+def test_a_resumed_run_that_skips_zsre_keeps_the_earlier_zsre_settings():
+    """--resume --zsre 0 (CounterFact only for new methods): the outputs still describe the earlier zsRE run."""
+    from types import SimpleNamespace
+
+    sb = load_analysis("sequential_benchmark")
+    args = SimpleNamespace(cases=400, batch=50, zsre=0, zsre_batch=50, gen_every=10, ppl_tokens=8192)
+    earlier = {"cases": 400, "batch": 50, "zsre": 200, "zsre_batch": 50, "gen_every": 10, "methods": ["memit"]}
+    meta = sb.run_meta(earlier, args, ["pmet"], "m")
+    assert (meta["zsre"], meta["zsre_batch"], meta["cases"]) == (200, 50, 400)
+    assert meta["methods"] == ["memit", "pmet"]
+    assert sb.run_meta({}, args, ["pmet"], "m")["zsre"] == 0  # a first run with --zsre 0 has no zsRE
+    args.cases, args.zsre = 0, 100
+    meta = sb.run_meta(earlier, args, ["pmet"], "m")
+    assert (meta["cases"], meta["batch"], meta["zsre"]) == (400, 50, 100)
