@@ -28,7 +28,11 @@ Outputs in ``--out`` (default ``figures/sequential``): ``sequential_table.csv`` 
 ``sequential_zsre.csv`` (official metric), ``sequential_zsre_teacher_forced.csv``, ``sequential_curves.csv``,
 ``sequential_efficacy.csv`` (per request after each batch), ``sequential_null_dims.csv``,
 ``sequential.html`` (interactive session view), PNG curves,
-``sequential_summaries.json`` and ``sequential_tables.md``.
+``sequential_summaries.json`` and ``sequential_tables.md``; per method and dataset the per-record results
+(``sessions/*_records.csv``) and, for each pair of :data:`PAIRS` with both, the paired per-case
+differences (``sequential_paired.csv``: on the same cases the between-case spread cancels, so these CIs
+are the ones to read when comparing two methods). A ``--resume`` run scores the per-record results of
+finished methods that lack them (no generation).
 
     python analyses/sequential_benchmark.py --cases 100 --batch 25 --methods memit,alphaedit
 """
@@ -45,6 +49,7 @@ from typing import Any
 import pandas as pd
 
 from pmet_lens import load_model, load_zsre
+from pmet_lens.core.stats import paired_ci95
 from pmet_lens.data import Fact
 from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, preset
@@ -83,9 +88,57 @@ ZSRE_SECTIONS: dict[str, str] = {"official": "zsre", "teacher_forced": "zsre_tea
 """The summaries' section holding each zsRE metric's results (the official one goes beside the paper)."""
 
 
-def score_zsre(model, records, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """The zsRE summary of ``model`` under each metric, keyed by its section of the summaries."""
-    return {ZSRE_SECTIONS[m]: evaluate_zsre(model, records, metric=m, progress=progress)[1] for m in ZSRE_METRICS}
+PAIRS: tuple[tuple[str, str], ...] = (("alphaedit", "memit"), ("pmet+ns", "pmet"), ("pmet", "memit"),
+                                      ("pmet+ns", "alphaedit"))
+"""The paired comparisons (method, against) the tables report: the projection for each editor, then the
+editors with and without it."""
+
+PAIRED_METRICS: dict[str, list[str]] = {"cf": ["efficacy_success", "paraphrase_success", "neighborhood_success"],
+                                        "zsre": ["efficacy", "paraphrase", "specificity"]}
+"""Per-record columns compared case by case (zsRE under the official metric)."""
+
+
+def score_zsre(model, records, progress: bool = True) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
+    """The official metric's per-record results, and the zsRE summary of ``model`` under each metric,
+    keyed by its section of the summaries."""
+    per_record = pd.DataFrame()
+    summaries: dict[str, dict[str, Any]] = {}
+    for m in ZSRE_METRICS:
+        rows, summaries[ZSRE_SECTIONS[m]] = evaluate_zsre(model, records, metric=m, progress=progress)
+        if m == "official":
+            per_record = rows
+    return per_record, summaries
+
+
+def records_path(out: Path, method: str, kind: str) -> Path:
+    """Where a run keeps ``method``'s per-record results on ``kind`` (for the paired comparisons)."""
+    return out / "sessions" / f"{method.replace('+', '_')}_{kind}_records.csv"
+
+
+def score_edited(model, kind: str, records: list[Any], args, summarise: bool) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Per-record results of the model as edited now on ``kind`` and, with ``summarise``, its summaries
+    by section (without, only what the paired comparisons need: no generation, one zsRE metric)."""
+    if kind == "cf":
+        rows, summary = evaluate_counterfact(model, records, summarise and not args.no_generation,
+                                             gen_every=args.gen_every, progress=not args.quiet)
+        return rows, ({"cf": summary} if summarise else {})
+    if summarise:
+        return score_zsre(model, records, progress=not args.quiet)
+    rows, _ = evaluate_zsre(model, records, metric="official", progress=not args.quiet)
+    return rows, {}
+
+
+def paired_table(out: Path) -> pd.DataFrame:
+    """Every pair of :data:`PAIRS` whose per-record results both exist in ``out``: the mean per-case
+    difference (method − against) and its 95% half-width, per dataset and metric."""
+    parts = []
+    for kind, columns in PAIRED_METRICS.items():
+        for method, against in PAIRS:
+            a, b = records_path(out, method, kind), records_path(out, against, kind)
+            if a.is_file() and b.is_file():
+                diff = paired_ci95(pd.read_csv(a), pd.read_csv(b), columns)
+                parts.append(diff.assign(dataset=kind, method=method, against=against))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 def drop_unlabelled_zsre(summaries: dict[str, Any]) -> list[str]:
@@ -215,23 +268,24 @@ def main(argv: list[str] | None = None) -> int:
                                                                gen_every=args.gen_every,
                                                                progress=not args.quiet)[1]
         if "zsre" in datasets and "unedited" not in summaries["zsre"]:
-            for section, summary in score_zsre(model, datasets["zsre"][1], progress=not args.quiet).items():
+            for section, summary in score_zsre(model, datasets["zsre"][1], progress=not args.quiet)[1].items():
                 summaries[section]["unedited"] = summary
         write()
     for method in methods:
         for kind, (batches, records) in datasets.items():
             session, curves, effs = run_session(model, method, kind, batches, args, stores, ppl_sample, out)
             summaries["null_dims"][method] = session.null_dims
+            per_record = records_path(out, method, kind)
             if method not in summaries[kind]:
-                if kind == "cf":
-                    scored = {"cf": evaluate_counterfact(model, records, not args.no_generation,
-                                                         gen_every=args.gen_every, progress=not args.quiet)[1]}
-                else:
-                    scored = score_zsre(model, records, progress=not args.quiet)
+                rows, scored = score_edited(model, kind, records, args, summarise=True)
                 for section, summary in scored.items():
                     summary["edit_seconds"] = float(sum(c["seconds"] for c in curves))
                     summaries[section][method] = summary
+                rows.to_csv(per_record, index=False)
                 write()
+            elif not per_record.is_file():  # scored by a run that kept no per-record results
+                logger.info("%s/%s: scoring the per-record results for the paired comparisons", method, kind)
+                score_edited(model, kind, records, args, summarise=False)[0].to_csv(per_record, index=False)
             runs[(method, kind)] = (curves, effs)
             session.undo(to=0)  # the next method starts from the unedited model, bit for bit
     summaries["seconds"] = time.perf_counter() - t0
@@ -301,8 +355,24 @@ def write_outputs(out: Path, summaries: dict[str, Any], curves: pd.DataFrame, ef
         cf_curves = curves[curves["dataset"] == "cf"] if "cf" in set(curves["dataset"]) else curves
         cf_eff = eff[eff["dataset"] == cf_curves["dataset"].iloc[0]]
         session_dashboard(cf_curves, cf_eff, batch=1, html_path=out / "sequential.html")
-    (out / "sequential_tables.md").write_text(markdown_tables(summaries) + curves_markdown(curves,
-                                                                                      summaries.get("baseline_perplexity")))
+    paired = paired_table(out)
+    if len(paired):
+        paired.to_csv(out / "sequential_paired.csv", index=False)
+    (out / "sequential_tables.md").write_text(markdown_tables(summaries) + paired_markdown(paired)
+                                             + curves_markdown(curves, summaries.get("baseline_perplexity")))
+
+
+def paired_markdown(paired: pd.DataFrame) -> str:
+    """The paired differences as markdown: x100 points, 95% CI of the per-case difference."""
+    if not len(paired):
+        return ""
+    lines = ["", "Paired differences on the same cases (method − against, x100 points, 95% CI of the per-case "
+             "difference; zsRE under the official metric):", "",
+             "| dataset | method − against | Eff. | Gen. | Spe. | n |", "|---|---|---|---|---|---|"]
+    for (kind, method, against), part in paired.groupby(["dataset", "method", "against"], sort=False):
+        cells = [f"{100 * r['difference']:+.1f} ± {100 * r['ci95']:.1f}" for _, r in part.iterrows()]
+        lines.append(f"| {kind} | {method} − {against} | {' | '.join(cells)} | {int(part['n'].min())} |")
+    return "\n".join(lines) + "\n"
 
 
 def curves_markdown(curves: pd.DataFrame, baseline_perplexity: float | None = None) -> str:

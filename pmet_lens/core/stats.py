@@ -18,12 +18,13 @@ taken (for example a record without generation prompts), not a value.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, overload
+from typing import Any, Iterable, Sequence, overload
 
 import numpy as np
+import pandas as pd
 import torch
 
-__all__ = ["Z95", "mean_ci95"]
+__all__ = ["Z95", "mean_ci95", "paired_ci95"]
 
 Z95 = 1.96
 """Two-sided 95% quantile of the standard normal distribution (1.95996...), to two decimals."""
@@ -60,6 +61,41 @@ def mean_ci95(values: Any) -> tuple[Any, Any]:
     if arr.ndim == 0:
         raise ValueError("mean_ci95 needs samples along a first axis, got a 0-d value")
     return _mean_half(arr)
+
+
+def paired_ci95(a: pd.DataFrame, b: pd.DataFrame, columns: Sequence[str], on: str = "case_id") -> pd.DataFrame:
+    """Paired differences ``a − b`` of per-record results on the same records: for each column, the
+    mean of the per-record differences and its 95% half-width (:func:`mean_ci95` of the differences).
+
+    A paired interval is the one to read when two methods were scored on the same cases: the
+    between-case spread, which both share, cancels, so it is narrower than either method's own.
+
+    Args:
+        a: per-record results of one method, one row per record, with an ``on`` column.
+        b: the same for the method it is compared with.
+        columns: the metric columns to compare (present in both).
+        on: the column that identifies a record in both tables.
+
+    Returns:
+        One row per column: ``metric``, ``n`` (records in both with a finite difference),
+        ``difference`` (mean of a − b) and ``ci95`` (half-width).
+
+    Raises:
+        ValueError: a column missing from either table, or ``on`` repeated within one.
+    """
+    for name, t in (("a", a), ("b", b)):
+        missing = [c for c in (on, *columns) if c not in t.columns]
+        if missing:
+            raise ValueError(f"paired_ci95: table {name} has no column(s) {missing}")
+        if t[on].duplicated().any():
+            raise ValueError(f"paired_ci95: table {name} repeats records in {on!r}; pair one row per record")
+    both = a[[on, *columns]].merge(b[[on, *columns]], on=on, suffixes=("_a", "_b"))
+    rows = []
+    for c in columns:
+        diff = (both[f"{c}_a"] - both[f"{c}_b"]).to_numpy(dtype=np.float64)
+        mean, half = mean_ci95(diff)
+        rows.append({"metric": c, "n": int(np.isfinite(diff).sum()), "difference": float(mean), "ci95": float(half)})
+    return pd.DataFrame(rows)
 
 
 def _mean_half(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -73,3 +73,23 @@ def test_agrees_with_the_old_formulas():
 def test_rejects_a_scalar_array():
     with pytest.raises(ValueError, match="first axis"):
         mean_ci95(np.array(1.0))
+
+
+def test_paired_ci95_by_hand_and_aligned_on_the_record():
+    from pmet_lens.core.stats import paired_ci95
+
+    a = pd.DataFrame({"case_id": [1, 2, 3], "eff": [1.0, 1.0, 0.0]})
+    b = pd.DataFrame({"case_id": [3, 2, 1], "eff": [0.0, 0.0, 0.0]})  # other order: pairs by case_id
+    row = paired_ci95(a, b, ["eff"]).iloc[0]
+    # differences 1, 1, 0: mean 2/3, s^2 = ((1/3)^2 * 2 + (2/3)^2) / 2 = 1/3
+    assert row["n"] == 3 and row["difference"] == pytest.approx(2 / 3)
+    assert row["ci95"] == pytest.approx(Z95 * math.sqrt(1 / 3) / math.sqrt(3))
+    # a shared between-record spread cancels: a constant shift has zero half-width
+    c = pd.DataFrame({"case_id": [1, 2, 3], "eff": [0.9, 0.1, 0.5]})
+    shifted = c.assign(eff=c["eff"] + 0.25)
+    row = paired_ci95(shifted, c, ["eff"]).iloc[0]
+    assert row["difference"] == pytest.approx(0.25) and row["ci95"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="no column"):
+        paired_ci95(a, b, ["spe"])
+    with pytest.raises(ValueError, match="repeats records"):
+        paired_ci95(pd.concat([a, a]), b, ["eff"])

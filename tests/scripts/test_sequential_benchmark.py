@@ -94,3 +94,21 @@ def test_a_resumed_run_that_skips_zsre_keeps_the_earlier_zsre_settings():
     args.cases, args.zsre = 0, 100
     meta = sb.run_meta(earlier, args, ["pmet"], "m")
     assert (meta["cases"], meta["batch"], meta["zsre"]) == (400, 50, 100)
+
+
+def test_paired_table_compares_each_pair_with_both_records_on_the_same_cases(tmp_path):
+    sb = load_analysis("sequential_benchmark")
+    (tmp_path / "sessions").mkdir()
+    cols = sb.PAIRED_METRICS["cf"]
+    memit = pd.DataFrame({"case_id": [0, 1, 2, 3], **{c: [1.0, 0.0, 1.0, 0.5] for c in cols}})
+    alpha = pd.DataFrame({"case_id": [3, 2, 1, 0], **{c: [1.0, 1.0, 1.0, 1.0] for c in cols}})
+    memit.to_csv(sb.records_path(tmp_path, "memit", "cf"), index=False)
+    alpha.to_csv(sb.records_path(tmp_path, "alphaedit", "cf"), index=False)
+    paired = sb.paired_table(tmp_path)
+    assert set(zip(paired["method"], paired["against"])) == {("alphaedit", "memit")}  # pmet has no records
+    eff = paired[paired["metric"] == "efficacy_success"].iloc[0]
+    assert eff["n"] == 4 and abs(eff["difference"] - (0 + 1 + 0 + 0.5) / 4) < 1e-12
+    md = sb.paired_markdown(paired)
+    assert "| cf | alphaedit − memit | +37.5 ± " in md and md.count("| cf |") == 1
+    assert sb.paired_markdown(pd.DataFrame()) == ""
+    assert sb.records_path(tmp_path, "pmet+ns", "zsre").name == "pmet_ns_zsre_records.csv"
