@@ -11,8 +11,9 @@ To keep the search cheap, every fact's target vector is optimised once, on the u
 reused for every grid point and batch (in a real session batch j's targets are optimised on the model
 after batch j − 1; this approximation only affects the search). The rule: the highest Score; among
 grid points within ``--tie`` of it, the one nearest AlphaEdit's official (τ = 2e-2, α = 10) in log
-distance. ``--write`` stores the winner as the model's ``nullspace`` block of
-``pmet_lens/presets/editing.json``.
+distance. ``--write`` stores the winner in the model's ``nullspace`` block of
+``pmet_lens/presets/editing.json``: as its plain values for ``--method alphaedit`` (MEMIT's targets),
+as its ``pmet`` entry for ``--method pmet+ns`` (PMET's targets).
 
     python analyses/tune_nullspace.py --cases 24 --batch 8 --out figures/tune_nullspace
 """
@@ -124,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         path = Path(__file__).resolve().parents[1] / "pmet_lens" / "presets" / "editing.json"
         table = json.loads(path.read_text())
-        table[name]["nullspace"] = choice
+        block = table[name].setdefault("nullspace", {})
+        if args.method == "alphaedit":  # MEMIT's targets: the block's plain values
+            block.update(choice)
+        else:  # PMET's targets: the block's "pmet" entry (pmet_lens.editing.hparams.nullspace_values)
+            block["pmet"] = choice
         path.write_text(json.dumps(table, indent=2) + "\n")
     return 0
 

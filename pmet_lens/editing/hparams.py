@@ -28,6 +28,7 @@ __all__ = [
     "Settings",
     "critical_layers_for",
     "hparams_from_dict",
+    "nullspace_values",
     "preset",
     "preset_names",
     "settings_for",
@@ -316,10 +317,12 @@ def preset(model_name: str, method: str = "pmet", user_dir: str | Path | None = 
       lr 0.2, c = 3/4; MEMIT λ 15000, 25 steps, lr 0.5, c = 3/4.
     * ``gpt-neox-20b``: R = {6..10}; PMET λ 15000, 30 steps, lr 0.5, c = 4/5, 5k samples;
       MEMIT λ 20000, 20 steps, lr 0.5, c = 3/10, 50k samples.
-    * ``alphaedit``: MEMIT's preset (targets and spread) with the model's ``nullspace`` block of
-      ``presets/editing.json`` (τ, α); without one, AlphaEdit's official τ = 2e-2, α = 10. Every
-      method's hyper-parameters carry that block too, so ``preset(name, "pmet").with_(nullspace=True)``
-      is PMET with the projection at the same τ and α.
+    * ``alphaedit``: MEMIT's preset (targets and spread) with τ and α from the model's ``nullspace``
+      block of ``presets/editing.json`` (see :func:`nullspace_values`: its ``memit`` entry, since
+      AlphaEdit uses MEMIT's targets); without one, AlphaEdit's official τ = 2e-2, α = 10. Every
+      method's hyper-parameters carry their own τ and α from that block, so
+      ``preset(name, "pmet").with_(nullspace=True)`` is PMET with the projection at the τ and α chosen
+      with PMET's targets.
     * any other model whose R is stored in ``presets/critical_layers.json``: the class defaults
       with that R (and a warning: λ and the optimisation settings were not tuned for it).
 
@@ -337,7 +340,7 @@ def preset(model_name: str, method: str = "pmet", user_dir: str | Path | None = 
     values: dict[str, Any] = {}
     if found is not None and key is not None:
         values = _tuplify(found[1][stored])
-        values.update(_tuplify(found[1].get("nullspace", {})))  # τ and α (used when nullspace=True)
+        values.update(nullspace_values(found[1].get("nullspace", {}), stored))  # τ, α (used when nullspace=True)
     if "layers" not in values:
         layers = critical_layers_for(key or model_name, user_dir)
         if layers is None:
@@ -350,6 +353,43 @@ def preset(model_name: str, method: str = "pmet", user_dir: str | Path | None = 
         logger.warning("no tuned editing preset for %s: using %s defaults with R = %s from causal tracing",
                        model_name, cls.__name__, list(values["layers"]))
     return cls(**values)
+
+
+def nullspace_values(block: dict[str, Any], method: str) -> dict[str, Any]:
+    """τ (``nullspace_threshold``) and α (``l2``) for ``method``'s targets from a preset's ``nullspace`` block.
+
+    The block holds plain values that apply to every method and, optionally, one entry per target
+    method (``"memit"``, ``"pmet"``) whose values take precedence, because the threshold and the ridge
+    weight that win on the tune split depend on the targets being projected
+    (``analyses/tune_nullspace.py --method``)::
+
+        {"nullspace_threshold": 0.02, "l2": 1.0, "pmet": {"l2": 10.0}}
+
+    Args:
+        block: the ``nullspace`` block (``{}`` when the preset has none).
+        method: ``"memit"`` or ``"pmet"`` (``alphaedit`` reads ``"memit"``'s values).
+
+    Raises:
+        ValueError: an entry that is neither a known hyper-parameter nor a method's sub-block.
+    """
+    allowed = {"nullspace_threshold", "l2"}
+    values: dict[str, Any] = {}
+    for k, v in block.items():
+        if k.startswith("_") or (isinstance(v, dict) and k in _STORED):
+            continue
+        if k not in allowed or isinstance(v, dict):
+            raise ValueError(f"unknown key {k!r} in the preset's nullspace block (allowed: {sorted(allowed)} "
+                             f"or a per-method block {sorted(_STORED)})")
+        values[k] = v
+    sub = block.get(method, {})
+    bad = sorted(set(sub) - allowed - {k for k in sub if k.startswith("_")})
+    if bad:
+        raise ValueError(f"unknown key(s) {bad} in the preset's nullspace.{method} block (allowed: {sorted(allowed)})")
+    values.update({k: v for k, v in sub.items() if not k.startswith("_")})
+    return values
+
+
+_STORED = ("memit", "pmet")
 
 
 def _tuplify(values: dict[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,30 @@ def test_preset_lookup_is_by_exact_name():
         preset("gpt-j-6B", "rome")
 
 
+def test_nullspace_block_per_target_method(tmp_path):
+    from pmet_lens.core.presets import write_entry
+    from pmet_lens.editing import preset
+    from pmet_lens.editing.hparams import nullspace_values
+
+    block = {"nullspace_threshold": 0.02, "l2": 1.0, "pmet": {"l2": 10.0}, "_doc": "x"}
+    assert nullspace_values(block, "memit") == {"nullspace_threshold": 0.02, "l2": 1.0}
+    assert nullspace_values(block, "pmet") == {"nullspace_threshold": 0.02, "l2": 10.0}
+    assert nullspace_values({}, "pmet") == {}
+    for bad, where in (({"tau": 0.1}, "'tau'"), ({"pmet": {"alpha": 3.0}}, "nullspace.pmet"),
+                       ({"rome": {"l2": 3.0}}, "'rome'")):
+        with pytest.raises(ValueError, match=where):
+            nullspace_values(bad, "pmet")
+    # the shipped SmolLM2 block: MEMIT's targets (alphaedit) α 1, PMET's α 10, from the tune split's search
+    name = "SmolLM2-135M-Instruct"
+    assert (preset(name, "alphaedit").l2, preset(name, "pmet").with_(nullspace=True).l2) == (1.0, 10.0)
+    # a user preset: the alphaedit values come from the plain entries, pmet's from its own entry
+    write_entry("editing.json", "tiny-x", {"memit": {"layers": [1]}, "pmet": {"layers": [1]},
+                                           "nullspace": {"nullspace_threshold": 0.5, "l2": 2.0,
+                                                         "pmet": {"nullspace_threshold": 0.1}}}, tmp_path)
+    a, p_ = preset("tiny-x", "alphaedit", tmp_path), preset("tiny-x", "pmet", tmp_path)
+    assert (a.nullspace_threshold, a.l2) == (0.5, 2.0) and (p_.nullspace_threshold, p_.l2) == (0.1, 2.0)
+
+
 @pytest.mark.parametrize("cls", [PMETHyperParams, MEMITHyperParams])
 def test_update_only_fields_do_not_change_the_targets(tiny_model, cls):
     """``target_settings()`` leaves out λ, C's corpus settings and the spread (and PMET's W_O switch):
