@@ -55,7 +55,7 @@ from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, preset
 from pmet_lens.editing.nullspace import NullspaceStore
 from pmet_lens.editing.session import EditSession
-from pmet_lens.evaluation import ZSRE_METRICS, evaluate_counterfact, evaluate_zsre, format_table
+from pmet_lens.evaluation import ZSRE_METRICS, ZsreMetric, evaluate_counterfact, evaluate_zsre, format_table
 from pmet_lens.evaluation.perplexity import perplexity, wikitext_sample
 from pmet_lens.evaluation.sequential import batch_efficacy, curve_row
 from pmet_lens.viz.dashboard import session_dashboard
@@ -98,21 +98,29 @@ PAIRED_METRICS: dict[str, list[str]] = {"cf": ["efficacy_success", "paraphrase_s
 """Per-record columns compared case by case (zsRE under the official metric)."""
 
 
-def score_zsre(model, records, progress: bool = True) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
-    """The official metric's per-record results, and the zsRE summary of ``model`` under each metric,
-    keyed by its section of the summaries."""
+def score_zsre(model, records, metrics: tuple[ZsreMetric, ...] = ZSRE_METRICS,
+               progress: bool = True) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
+    """The official metric's per-record results, and the zsRE summary of ``model`` under each of
+    ``metrics`` (which must include "official"), keyed by its section of the summaries."""
     per_record = pd.DataFrame()
     summaries: dict[str, dict[str, Any]] = {}
-    for m in ZSRE_METRICS:
+    for m in metrics:
         rows, summaries[ZSRE_SECTIONS[m]] = evaluate_zsre(model, records, metric=m, progress=progress)
         if m == "official":
             per_record = rows
     return per_record, summaries
 
 
+def session_file(out: Path, method: str, kind: str, suffix: str) -> Path:
+    """Where a run keeps ``method``'s files on ``kind`` under ``out/sessions``: the session itself
+    (``suffix`` ".safetensors"), its per-batch curves ("_curves.json") and its per-record results
+    ("_records.csv", for the paired comparisons)."""
+    return out / "sessions" / f"{method.replace('+', '_')}_{kind}{suffix}"
+
+
 def records_path(out: Path, method: str, kind: str) -> Path:
     """Where a run keeps ``method``'s per-record results on ``kind`` (for the paired comparisons)."""
-    return out / "sessions" / f"{method.replace('+', '_')}_{kind}_records.csv"
+    return session_file(out, method, kind, "_records.csv")
 
 
 def score_edited(model, kind: str, records: list[Any], args, summarise: bool) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -122,10 +130,9 @@ def score_edited(model, kind: str, records: list[Any], args, summarise: bool) ->
         rows, summary = evaluate_counterfact(model, records, summarise and not args.no_generation,
                                              gen_every=args.gen_every, progress=not args.quiet)
         return rows, ({"cf": summary} if summarise else {})
-    if summarise:
-        return score_zsre(model, records, progress=not args.quiet)
-    rows, _ = evaluate_zsre(model, records, metric="official", progress=not args.quiet)
-    return rows, {}
+    rows, summaries = score_zsre(model, records, ZSRE_METRICS if summarise else ("official",),
+                                 progress=not args.quiet)
+    return rows, (summaries if summarise else {})
 
 
 def paired_table(out: Path) -> pd.DataFrame:
@@ -166,13 +173,13 @@ def batches_of(items: list[Any], size: int) -> list[list[Any]]:
 
 def curves_path(out: Path, method: str, kind: str) -> Path:
     """Where a run keeps ``method``'s per-batch curves on ``kind`` (beside its session file)."""
-    return out / "sessions" / f"{method.replace('+', '_')}_{kind}_curves.json"
+    return session_file(out, method, kind, "_curves.json")
 
 
 def run_session(model, method: str, kind: str, batches: list[list[Fact]], args, stores, ppl_sample,
                 out: Path) -> tuple[EditSession, list[dict[str, Any]], pd.DataFrame]:
     """Edit ``batches`` one after another with ``method``; after each, the cheap curves. Resumable."""
-    path = out / "sessions" / f"{method.replace('+', '_')}_{kind}.safetensors"
+    path = session_file(out, method, kind, ".safetensors")
     track = curves_path(out, method, kind)
     kwargs = dict(cov_store=stores[0], nullspace_store=stores[1], perplexity_sample=ppl_sample,
                   perplexity_fn=perplexity, progress=not args.quiet)

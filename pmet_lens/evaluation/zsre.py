@@ -49,7 +49,7 @@ from pmet_lens.evaluation.tables import harmonic_mean
 __all__ = ["ZSRE_METRICS", "ZSRE_TESTS", "ZsreMetric", "evaluate_zsre", "official_rows"]
 
 ZsreMetric = Literal["teacher_forced", "official"]
-ZSRE_METRICS: tuple[str, ...] = ("teacher_forced", "official")
+ZSRE_METRICS: tuple[ZsreMetric, ...] = ("teacher_forced", "official")
 """The two ways of scoring zsRE (see the module docstring)."""
 ZSRE_TESTS: tuple[str, ...] = ("efficacy", "paraphrase", "specificity")
 """The three tests, in the papers' column order (PMET Table 2)."""
