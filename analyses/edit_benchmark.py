@@ -410,9 +410,13 @@ def load_previous(out: Path, meta: dict[str, Any]):
 def stale_editors(saved: dict[str, dict], current: dict[str, dict]) -> set[str]:
     """Editor labels whose saved results used other hyper-parameters than ``current`` (method ->
     preset dict): PMET's change also makes its ablations stale; a run without a record of its
-    hyper-parameters makes every editor stale."""
+    hyper-parameters makes every editor stale. Fields the edit ignores (τ and α without the
+    projection, :meth:`~pmet_lens.editing.EditHyperParams.effective_settings`) do not count."""
+    def settings(table: dict[str, dict], method: str) -> dict[str, Any] | None:
+        return hparams_from_dict(table[method]).effective_settings() if method in table else None
+
     editors = {"memit": {"MEMIT"}, "pmet": {"PMET", *ABLATIONS}}
-    return {e for m, labels in editors.items() if saved.get(m) != current.get(m) for e in labels}
+    return {e for m, labels in editors.items() if settings(saved, m) != settings(current, m) for e in labels}
 
 
 def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta, cons_key) -> None:

@@ -150,6 +150,16 @@ class EditHyperParams:
         out["method"] = self.method
         return json.loads(json.dumps(out))
 
+    #: Fields that only matter when ``nullspace`` is on (AlphaEdit eq. 12's τ and α).
+    nullspace_fields: ClassVar[frozenset[str]] = frozenset({"nullspace_threshold", "l2"})
+
+    def effective_settings(self) -> dict[str, Any]:
+        """The JSON-ready settings an edit depends on: :meth:`to_dict` without τ and α when
+        ``nullspace`` is off (the plain update ignores them). Two hyper-parameter sets with equal
+        ``effective_settings()`` make the same edit of the same facts."""
+        skip = frozenset() if self.nullspace else self.nullspace_fields
+        return {k: v for k, v in self.to_dict().items() if k not in skip}
+
     def with_(self, **changes: Any) -> "EditHyperParams":
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)

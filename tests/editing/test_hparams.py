@@ -59,6 +59,9 @@ def test_nullspace_block_per_target_method(tmp_path):
                                                          "pmet": {"nullspace_threshold": 0.1}}}, tmp_path)
     a, p_ = preset("tiny-x", "alphaedit", tmp_path), preset("tiny-x", "pmet", tmp_path)
     assert (a.nullspace_threshold, a.l2) == (0.5, 2.0) and (p_.nullspace_threshold, p_.l2) == (0.1, 2.0)
+    # τ and α are part of an edit's effective settings only with the projection
+    assert "l2" not in p_.effective_settings() and p_.with_(nullspace=True).effective_settings()["l2"] == 2.0
+    assert p_.effective_settings() == p_.with_(l2=99.0).effective_settings()
 
 
 @pytest.mark.parametrize("cls", [PMETHyperParams, MEMITHyperParams])

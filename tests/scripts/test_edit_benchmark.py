@@ -17,6 +17,11 @@ def test_resume_drops_results_of_changed_presets():
     memit_changed = {**current, "memit": {**current["memit"], "lam": 1.0}}
     assert eb.stale_editors(memit_changed, current) == {"MEMIT"}
     assert eb.stale_editors({}, current) == {"MEMIT", "PMET", *eb.ABLATIONS}
+    # τ and α without the projection change no edit: a preset's new null-space block leaves results valid
+    alpha_only = {**current, "pmet": {**current["pmet"], "l2": 123.0, "nullspace_threshold": 0.5}}
+    assert eb.stale_editors(alpha_only, current) == set()
+    projected = {m: preset("SmolLM2-135M-Instruct", m).with_(nullspace=True).to_dict() for m in ("pmet", "memit")}
+    assert eb.stale_editors({**projected, "pmet": {**projected["pmet"], "l2": 123.0}}, projected) == {"PMET", *eb.ABLATIONS}
 
 
 def test_only_the_no_attn_delta_ablation_reoptimises():
