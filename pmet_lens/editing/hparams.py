@@ -328,8 +328,8 @@ def preset(model_name: str, method: str = "pmet", user_dir: str | Path | None = 
     * ``gpt-neox-20b``: R = {6..10}; PMET λ 15000, 30 steps, lr 0.5, c = 4/5, 5k samples;
       MEMIT λ 20000, 20 steps, lr 0.5, c = 3/10, 50k samples.
     * ``alphaedit``: MEMIT's preset (targets and spread) with τ and α from the model's ``nullspace``
-      block of ``presets/editing.json`` (see :func:`nullspace_values`: its ``memit`` entry, since
-      AlphaEdit uses MEMIT's targets); without one, AlphaEdit's official τ = 2e-2, α = 10. Every
+      block of ``presets/editing.json`` (see :func:`nullspace_values`: its ``memit`` entry or, without
+      one, its plain values, since AlphaEdit uses MEMIT's targets); without one, AlphaEdit's official τ = 2e-2, α = 10. Every
       method's hyper-parameters carry their own τ and α from that block, so
       ``preset(name, "pmet").with_(nullspace=True)`` is PMET with the projection at the τ and α chosen
       with PMET's targets.
