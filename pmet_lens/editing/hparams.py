@@ -150,9 +150,6 @@ class EditHyperParams:
         out["method"] = self.method
         return json.loads(json.dumps(out))
 
-    #: Fields that only matter when ``nullspace`` is on (AlphaEdit eq. 12's τ and α).
-    nullspace_fields: ClassVar[frozenset[str]] = frozenset({"nullspace_threshold", "l2"})
-
     def effective_settings(self) -> dict[str, Any]:
         """The JSON-ready settings an edit depends on: :meth:`to_dict` without τ and α when
         ``nullspace`` is off (the plain update ignores them). Two hyper-parameter sets with equal
@@ -164,10 +161,13 @@ class EditHyperParams:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
+    #: Fields that only matter when ``nullspace`` is on (AlphaEdit eq. 12's τ and α).
+    nullspace_fields: ClassVar[frozenset[str]] = frozenset({"nullspace_threshold", "l2"})
+
     #: Fields that only enter the weight update (λ, C, the spread, which weights are written), not
     #: the optimisation of the target vectors (PMET eq. 9, MEMIT eq. 16).
     update_only_fields: ClassVar[frozenset[str]] = frozenset(
-        {"lam", "cov_tokens", "cov_seq_len", "cov_dtype", "nullspace", "nullspace_threshold", "l2"})
+        {"lam", "cov_tokens", "cov_seq_len", "cov_dtype", "nullspace"}) | nullspace_fields
 
     def target_settings(self) -> dict[str, Any]:
         """The JSON-ready settings the optimised targets depend on: :meth:`to_dict` without
@@ -365,6 +365,10 @@ def preset(model_name: str, method: str = "pmet", user_dir: str | Path | None = 
     return cls(**values)
 
 
+_STORED = ("memit", "pmet")
+"""The methods whose preset entries :func:`preset` reads (``alphaedit`` reads ``memit``'s)."""
+
+
 def nullspace_values(block: dict[str, Any], method: str) -> dict[str, Any]:
     """τ (``nullspace_threshold``) and α (``l2``) for ``method``'s targets from a preset's ``nullspace`` block.
 
@@ -382,7 +386,7 @@ def nullspace_values(block: dict[str, Any], method: str) -> dict[str, Any]:
     Raises:
         ValueError: an entry that is neither a known hyper-parameter nor a method's sub-block.
     """
-    allowed = {"nullspace_threshold", "l2"}
+    allowed = EditHyperParams.nullspace_fields
     values: dict[str, Any] = {}
     for k, v in block.items():
         if k.startswith("_") or (isinstance(v, dict) and k in _STORED):
@@ -397,9 +401,6 @@ def nullspace_values(block: dict[str, Any], method: str) -> dict[str, Any]:
         raise ValueError(f"unknown key(s) {bad} in the preset's nullspace.{method} block (allowed: {sorted(allowed)})")
     values.update({k: v for k, v in sub.items() if not k.startswith("_")})
     return values
-
-
-_STORED = ("memit", "pmet")
 
 
 def _tuplify(values: dict[str, Any]) -> dict[str, Any]:
