@@ -29,7 +29,10 @@ as it exists, and each optimised mass edit (deltas and targets) is saved under
 ``--out/edit_benchmark_edits/``. ``--resume`` keeps the finished results and reuses the saved targets
 (checked against the facts, the hyper-parameters and the model's weights), so an interrupted run loses
 at most the editor it was working on. The rows that reuse PMET's targets (Fig. 3, + W_O, even spread) run
-before the w/o δ_a ablation, which optimises anew.
+before the w/o δ_a ablation, which optimises anew. ``--targets-from DIR`` takes the targets that a run on
+fewer cases saved (e.g. the 256-case run's for the 769-case one: the report cases are in a fixed order) and
+optimises only the other cases' targets; each fact's targets are optimised independently, so they are the
+same targets up to float rounding.
 
     python analyses/edit_benchmark.py --limit 50 --gen-every 10 --methods memit,pmet
 """
@@ -65,7 +68,7 @@ from pmet_lens.evaluation import (
 
 logger = logging.getLogger("edit_benchmark")
 
-ABLATIONS = {
+ABLATIONS: dict[str, dict[str, Any]] = {
     "PMET w/o δ_a": {"use_attn_delta": False},
     "PMET + W_O^MHSA": {"update_attn": True},
     "PMET even spread": {"spread": "even"},
@@ -110,24 +113,51 @@ def run_edit(model, facts, hparams, label, store, args, generation=True, targets
     return per_record, summary, norms, result.targets
 
 
-def saved_targets(path: Path, model, facts, hparams) -> dict[str, torch.Tensor] | None:
-    """Targets of an edit that an earlier run saved at ``path`` (for ``--resume``), or ``None`` when
-    there is none or it was made for other facts, other hyper-parameters or another model."""
+def _load_targets(path: Path, model, hparams) -> tuple[dict[str, torch.Tensor], list[dict]] | None:
+    """The targets that an earlier run saved at ``path`` and their facts (as CounterFact records), or
+    ``None`` when there is none or it was made for other target settings or another model."""
     if not path.is_file():
         return None
     try:
         saved = EditResult.load(path, model)
     except ValueError as err:
-        logger.warning("--resume: not reusing %s: %s", path, err)
+        logger.warning("not reusing %s: %s", path, err)
         return None
     # λ, C's corpus size and the spread enter only the solve: targets optimised under other values are the same
-    same_hp = hparams_from_dict(saved.hparams).target_settings() == hparams.target_settings()
-    same_facts = [f.to_counterfact() for f in saved.facts] == [f.to_counterfact() for f in as_facts(facts)]
-    if not (same_hp and same_facts):
-        logger.warning("--resume: not reusing %s: made for other %s", path, "facts" if same_hp else "hyper-parameters")
+    if hparams_from_dict(saved.hparams).target_settings() != hparams.target_settings():
+        logger.warning("not reusing %s: made for other hyper-parameters", path)
+        return None
+    return saved.targets, [f.to_counterfact() for f in saved.facts]
+
+
+def saved_targets(path: Path, model, facts, hparams) -> dict[str, torch.Tensor] | None:
+    """Targets of an edit that an earlier run saved at ``path`` for exactly ``facts`` (for ``--resume``),
+    or ``None`` when there is none or it was made for other facts, other hyper-parameters or another model."""
+    found = _load_targets(path, model, hparams)
+    if found is None:
+        return None
+    if found[1] != [f.to_counterfact() for f in as_facts(facts)]:
+        logger.warning("--resume: not reusing %s: made for other facts", path)
         return None
     logger.info("--resume: reusing the targets saved in %s", path)
-    return saved.targets
+    return found[0]
+
+
+def prefix_targets(path: Path, model, facts, hparams) -> tuple[dict[str, torch.Tensor], int] | None:
+    """Targets that another run saved at ``path`` for the first ``k`` of ``facts``, and ``k`` (for
+    ``--targets-from``); ``None`` as :func:`saved_targets`, or when the saved facts neither begin
+    ``facts`` nor begin with them. A run on more facts gives back its first ``len(facts)`` rows: each
+    fact's targets are optimised independently, so they are this run's targets up to float rounding."""
+    found = _load_targets(path, model, hparams)
+    if found is None:
+        return None
+    ours = [f.to_counterfact() for f in as_facts(facts)]
+    k = min(len(found[1]), len(ours))
+    if k == 0 or found[1][:k] != ours[:k]:
+        logger.warning("--targets-from: not reusing %s: made for other facts", path)
+        return None
+    logger.info("--targets-from: reusing the targets of %d facts saved in %s", k, path)
+    return {s: v[:k] for s, v in found[0].items()}, k
 
 
 def save_progress(out: Path, meta, summaries, per_records, norms, scaling_rows, zsre_summaries) -> None:
@@ -223,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", action="append", default=[], metavar="DIR",
                         help="with --resume: also take the results of a run made in DIR (same cases), e.g. "
                              "--methods memit run at the same time with its own --out")
+    parser.add_argument("--targets-from", action="append", default=[], metavar="DIR",
+                        help="reuse the optimised targets saved by a run in DIR (its --out) on cases that begin "
+                             "this run's, e.g. the 256-case run's for the 769-case one: only the other cases' "
+                             "targets are optimised (same presets; each fact's targets are independent)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -236,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         if m not in ("pmet", "memit"):
             parser.error(f"unknown method {m!r} (pmet, memit)")
     out = Path(args.out)
+    if any(Path(d).resolve() == out.resolve() for d in args.targets_from):
+        parser.error(f"--targets-from {args.out} is this run's own --out; use --resume to reuse its targets")
+    missing = [d for d in args.targets_from if not (Path(d) / "edit_benchmark_edits").is_dir()]
+    if missing:
+        parser.error(f"--targets-from: {missing} hold no saved edits (DIR/edit_benchmark_edits/); give the --out "
+                     "of an earlier edit_benchmark.py run")
     out.mkdir(parents=True, exist_ok=True)
 
     model = load_model()
@@ -270,25 +310,59 @@ def main(argv: list[str] | None = None) -> int:
     def progress() -> None:
         save_progress(out, meta, summaries, per_records, norms, scaling_rows, zsre_summaries)
 
-    # (kind, method) -> optimised targets of all report cases ("cf") or zsRE records ("zsre"), reused by the
+    # (kind, stem) -> optimised targets of all report cases ("cf") or zsRE records ("zsre"). The stem is the
+    # method ("pmet", "memit") or an ablation that optimises its own loss ("pmet_no_attn_delta"). Reused by the
     # scaling curve and the ablations that keep PMET's loss; saved under edits_dir for --resume.
     targets: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    # Targets taken (at least in part) from --targets-from and not yet saved in edits_dir: their first
+    # full edit saves them, so --resume after an interruption reuses all of them.
+    unsaved: set[tuple[str, str]] = set()
+    reuse_dirs = ([edits_dir] if args.resume else []) + [Path(d) / "edit_benchmark_edits" for d in args.targets_from]
+    stem_of = {abl: f"pmet_{switch}" for switch, abl in ABLATION_SWITCHES.items()}
 
-    def saved(m: str, records, kind: str) -> dict[str, torch.Tensor] | None:
-        if (kind, m) not in targets and args.resume:
-            found = saved_targets(edits_dir / f"{kind}_{m}.safetensors", model, records, preset(name, m))
-            if found is not None:
-                targets[(kind, m)] = found
-        return targets.get((kind, m))
+    def saved(stem: str, records, kind: str, hp) -> dict[str, torch.Tensor] | None:
+        """``stem``'s targets on ``records`` from this run or saved by an earlier one: this ``--out``'s
+        (``--resume``, the same records), else a ``--targets-from`` run's on records that begin these,
+        the others' targets optimised now."""
+        key = (kind, stem)
+        if key not in targets:
+            for d in reuse_dirs:
+                path = d / f"{kind}_{stem}.safetensors"
+                if d == edits_dir:
+                    exact = saved_targets(path, model, records, hp)
+                    found = None if exact is None else (exact, len(records))
+                else:
+                    found = prefix_targets(path, model, records, hp)
+                if found is None:
+                    continue
+                given, k = found
+                if k < len(records):
+                    logger.info("%s: optimising the targets of the other %d of %d %s records", stem,
+                                len(records) - k, len(records), kind)
+                    rest = edit(model, records[k:], hparams=hp, cov_store=store, apply=False, progress=True,
+                                compile=args.compile)
+                    given = {s: torch.cat([v, rest.targets[s].to(v.device)]) for s, v in given.items()}
+                targets[key] = given
+                if d != edits_dir:
+                    unsaved.add(key)
+                break
+        return targets.get(key)
 
-    def keep(m: str, kind: str, result) -> None:
+    def save_path(stem: str, kind: str) -> Path | None:
+        """Where the next full edit of ``stem`` should be saved for ``--resume``: ``None`` when its
+        targets already are there."""
+        key = (kind, stem)
+        return None if key in targets and key not in unsaved else edits_dir / f"{kind}_{stem}.safetensors"
+
+    def keep(stem: str, kind: str, result) -> None:
         """Remember ``result``'s targets for this run and save the edit for ``--resume``."""
-        result.save(edits_dir / f"{kind}_{m}.safetensors")
-        targets[(kind, m)] = result.targets
+        result.save(edits_dir / f"{kind}_{stem}.safetensors")
+        targets[(kind, stem)] = result.targets
+        unsaved.discard((kind, stem))
 
     def targets_of(m: str, records, kind: str = "cf") -> dict[str, torch.Tensor]:
         """The method's optimised targets on ``records``: from this run, saved by an earlier one, or optimised now."""
-        if saved(m, records, kind) is None:
+        if saved(m, records, kind, preset(name, m)) is None:
             keep(m, kind, edit(model, records, hparams=preset(name, m), cov_store=store, apply=False, progress=True,
                                compile=args.compile))
         return targets[(kind, m)]
@@ -302,10 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     for m in table1:
         if label[m] in summaries:
             continue
-        given = saved(m, facts, "cf")
-        pr, s, nm, targets[("cf", m)] = run_edit(
-            model, facts, preset(name, m), label[m], store, args, targets=given,
-            save_to=None if given is not None else edits_dir / f"cf_{m}.safetensors")
+        given = saved(m, facts, "cf", preset(name, m))
+        pr, s, nm, targets[("cf", m)] = run_edit(model, facts, preset(name, m), label[m], store, args, targets=given,
+                                                 save_to=save_path(m, "cf"))
+        unsaved.discard(("cf", m))
         per_records[label[m]], summaries[label[m]] = pr, s
         norms += nm
         progress()
@@ -335,8 +409,13 @@ def main(argv: list[str] | None = None) -> int:
         for abl, change in sorted(ablations.items(), key=lambda item: not reuses_pmet_targets(item[1])):
             if abl in summaries:
                 continue
-            reuse = targets_of("pmet", facts) if reuses_pmet_targets(change) else None
-            pr, s, nm, _ = run_edit(model, facts, base.with_(**change), abl, store, args, targets=reuse)
+            hp = base.with_(**change)
+            if reuses_pmet_targets(change):
+                given, to = targets_of("pmet", facts), None
+            else:  # w/o δ_a: its own targets, saved like the methods' for --resume
+                given, to = saved(stem_of[abl], facts, "cf", hp), save_path(stem_of[abl], "cf")
+            pr, s, nm, _ = run_edit(model, facts, hp, abl, store, args, targets=given, save_to=to)
+            unsaved.discard(("cf", stem_of[abl]))
             per_records[abl], summaries[abl] = pr, s
             norms += nm
             progress()
@@ -349,20 +428,20 @@ def main(argv: list[str] | None = None) -> int:
             progress()
         # MEMIT, PMET and (unless skipped) PMET's ablations: Table 3 is on CounterFact only in the paper;
         # on zsRE the + W_O row tests whether writing δ_a into the weights closes PMET's gap to MEMIT.
-        runs = [(label[m], preset(name, m), {}) for m in methods]
+        runs = [(label[m], preset(name, m), m) for m in methods]
         if "pmet" in methods and "ablations" not in skip:
-            runs += [(abl, preset(name, "pmet").with_(**change), change) for abl, change in ablations.items()]
-        for editor, hp, change in runs:
+            runs += [(abl, preset(name, "pmet").with_(**change), stem_of[abl]) for abl, change in ablations.items()]
+        for editor, hp, stem in runs:
             if editor in zsre_summaries:
                 continue
-            if not change:  # MEMIT / PMET: optimise here (one update), unless saved earlier
-                given = saved(hp.method, records, "zsre")
-            else:
-                given = targets_of("pmet", records, kind="zsre") if reuses_pmet_targets(change) else None
+            if editor in ablations and reuses_pmet_targets(ablations[editor]):
+                given, to = targets_of("pmet", records, kind="zsre"), None
+            else:  # MEMIT, PMET, w/o δ_a: optimise here (one update), unless saved earlier
+                given, to = saved(stem, records, "zsre", hp), save_path(stem, "zsre")
             result = edit(model, records, hparams=hp, cov_store=store, apply=True, progress=True, targets=given,
                           compile=args.compile)
-            if not change and given is None:
-                keep(hp.method, "zsre", result)
+            if to is not None:
+                keep(stem, "zsre", result)
             try:
                 zsre_summaries[editor] = evaluate_zsre_metrics(model, records)
             finally:

@@ -59,6 +59,43 @@ def test_resume_reuses_saved_targets_only_for_the_same_facts_and_target_settings
     assert eb.saved_targets(tmp_path / "edits" / "missing.safetensors", model, facts, hp) is None
 
 
+def test_targets_from_a_run_on_fewer_cases_are_the_first_rows_of_this_runs(tmp_path):
+    """--targets-from: a saved edit of the first facts gives back their targets (k of them) for a run on
+    more facts, and a run on more facts gives a run on fewer its first rows; facts that do not begin
+    with (or begin) the saved ones are refused. Reuse is sound because each fact's targets are
+    optimised independently: the saved targets followed by the rest's equal one edit of all facts."""
+    from conftest import make_tiny_model
+    from pmet_lens.editing import CovarianceStore, PMETHyperParams, edit
+
+    eb = load_analysis("edit_benchmark")
+    model = make_tiny_model(parallel=False, norm="RMS", gated=True)
+    facts = [{"subject": "Danielle Darrieux", "prompt": "The mother tongue of {} is", "target_new": "English",
+              "target_true": "French"},
+             {"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome", "target_true": "Paris"},
+             {"subject": "Barack Obama", "prompt": "{} was born in", "target_new": "Paris", "target_true": "Hawaii"}]
+    hp = PMETHyperParams(layers=(1, 2), cov_tokens=1500, cov_seq_len=64, steps=4, lam=0.5,
+                         context_prefixes=("Once upon a time",))
+    store = CovarianceStore(tmp_path / "cov", progress=False)
+    first = edit(model, facts[:2], hparams=hp, cov_store=store, apply=False, progress=False)
+    path = first.save(tmp_path / "edits" / "cf_pmet.safetensors")
+
+    found = eb.prefix_targets(path, model, facts, hp)
+    assert found is not None and found[1] == 2
+    assert all(torch.equal(found[0][s], first.targets[s]) for s in first.targets)
+    assert eb.saved_targets(path, model, facts, hp) is None  # --resume wants the same facts
+    fewer = eb.prefix_targets(path, model, facts[:1], hp)
+    assert fewer is not None and fewer[1] == 1
+    assert all(torch.equal(fewer[0][s], first.targets[s][:1]) for s in first.targets)
+    assert eb.prefix_targets(path, model, facts[1:], hp) is None
+    assert eb.prefix_targets(path, model, facts, hp.with_(steps=5)) is None
+
+    rest = edit(model, facts[2:], hparams=hp, cov_store=store, apply=False, progress=False)
+    whole = edit(model, facts, hparams=hp, cov_store=store, apply=False, progress=False)
+    for s in whole.targets:
+        joined = torch.cat([found[0][s], rest.targets[s]])
+        torch.testing.assert_close(joined, whole.targets[s], rtol=1e-5, atol=1e-5)
+
+
 def test_ablation_switches_name_every_ablation_and_reject_others(capsys):
     import pytest
 
