@@ -18,6 +18,7 @@ benchmark (PMET Table 1).
     python analyses/tune_editing.py --clamps 0.75,1.5,3 --lams 30,300 --out figures/tune_clamp
     python analyses/tune_editing.py --methods pmet --steps 15,30,60 --lrs 0.1,0.2,0.4 --lams 10,30,100
     python analyses/tune_editing.py --limit 48 --cov-tokens 100000,200000,400000 --out figures/tune_cov_tokens
+    python analyses/tune_editing.py --methods pmet --start 48 --limit 52 --clamps 1.5,3 --lams 30 --out figures/tune_pmet_confirm
 
 Writes ``<out>/tune_editing.csv`` (one row per method, c, steps, lr, C's token count and λ) and ``<out>/tune_editing.json``
 (the best row per method). ``analyses/tune_presets.sh`` runs the search that chose the presets.
@@ -95,6 +96,9 @@ def grid(text: str | None, cast, default) -> list | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=100, help="tune facts to edit (at most 100)")
+    parser.add_argument("--start", type=int, default=0,
+                        help="skip the first START tune facts, e.g. --start 48 --limit 52 to confirm a search made "
+                             "on the first 48 on the tune facts it did not use")
     parser.add_argument("--methods", default="pmet,memit")
     parser.add_argument("--lams", default=",".join(str(x) for x in DEFAULT_GRID), help="comma-separated λ grid")
     parser.add_argument("--clamps", default=None,
@@ -111,11 +115,14 @@ def main() -> None:
     parser.add_argument("--presets", type=Path, default=None,
                         help="user preset directory for --write (default: pmet_lens.core.presets.user_presets_dir())")
     args = parser.parse_args()
+    n_tune = len(split_facts("tune"))
+    if not 0 <= args.start < n_tune:
+        parser.error(f"--start must be in [0, {n_tune}) (the tune split has {n_tune} facts), got {args.start}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     model = load_model()
     name = model.cfg.model_name
-    facts = split_facts("tune", limit=args.limit)
+    facts = split_facts("tune")[args.start:args.start + args.limit]
     lams = grid(args.lams, float, None)
     cov_tokens = grid(args.cov_tokens, int, None)
     store = CovarianceStore()
@@ -125,6 +132,7 @@ def main() -> None:
         clamps = grid(args.clamps, float, base.clamp_norm_factor)
         steps = grid(args.steps, int, base.steps)
         lrs = grid(args.lrs, float, base.lr)
+        assert clamps is not None and steps is not None and lrs is not None  # each has the preset's default
         for c, n_steps, lr in itertools.product(clamps, steps, lrs):
             rows += sweep(model, facts, base.with_(clamp_norm_factor=c, steps=n_steps, lr=lr), lams, store, cov_tokens)
     df = pd.DataFrame(rows)
