@@ -115,14 +115,14 @@ def main() -> None:
     parser.add_argument("--presets", type=Path, default=None,
                         help="user preset directory for --write (default: pmet_lens.core.presets.user_presets_dir())")
     args = parser.parse_args()
-    n_tune = len(split_facts("tune"))
-    if not 0 <= args.start < n_tune:
-        parser.error(f"--start must be in [0, {n_tune}) (the tune split has {n_tune} facts), got {args.start}")
+    tune = split_facts("tune")
+    if not 0 <= args.start < len(tune):
+        parser.error(f"--start must be in [0, {len(tune)}) (the tune split has {len(tune)} facts), got {args.start}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     model = load_model()
     name = model.cfg.model_name
-    facts = split_facts("tune")[args.start:args.start + args.limit]
+    facts = tune[args.start:args.start + args.limit]
     lams = grid(args.lams, float, None)
     cov_tokens = grid(args.cov_tokens, int, None)
     store = CovarianceStore()
