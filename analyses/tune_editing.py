@@ -17,7 +17,7 @@ benchmark (PMET Table 1).
     python analyses/tune_editing.py --limit 100 --write
     python analyses/tune_editing.py --clamps 0.75,1.5,3 --lams 30,300 --out figures/tune_clamp
     python analyses/tune_editing.py --methods pmet --steps 15,30,60 --lrs 0.1,0.2,0.4 --lams 10,30,100
-    python analyses/tune_editing.py --limit 48 --cov-tokens 100000,200000,400000 --out figures/tune_cov_tokens
+    python analyses/tune_editing.py --limit 48 --cov-tokens 100000,200000,400000 --lams 30,300 --out figures/tune_cov_tokens
     python analyses/tune_editing.py --methods pmet --start 48 --limit 52 --clamps 1.5,3 --lams 30 --out figures/tune_pmet_confirm
 
 Writes ``<out>/tune_editing.csv`` (one row per method, c, steps, lr, C's token count and λ) and ``<out>/tune_editing.json``
