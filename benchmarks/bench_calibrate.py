@@ -1,6 +1,6 @@
 """Benchmark: R of the default model by the fast calibration path vs the full averaged trace.
 
-1. ``pmet_lens.analysis.calibrate.scan_layers`` over --facts known facts (only the last subject
+1. ``pmet_lens.analysis.layer_scan.scan_layers`` over --facts known facts (only the last subject
    token's plain and MLP-severed rows, --samples noise draws), timed, with R, its bootstrap band
    and the per-fact time;
 2. ``pmet_lens.average_traces`` (all five traces ROME / MEMIT Fig. 3 need: hidden / MLP / attention
@@ -26,7 +26,7 @@ import torch
 
 from pmet_lens import load_known_facts, load_model
 from pmet_lens.analysis.averaged import average_traces
-from pmet_lens.analysis.calibrate import scan_layers
+from pmet_lens.analysis.layer_scan import scan_layers
 from pmet_lens.analysis.layers import critical_layers
 
 from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)

@@ -1,7 +1,7 @@
 """Calibrate a model with no preset in one call: R, then λ and the clamp c of PMET and MEMIT, then a
 user preset that :func:`pmet_lens.editing.edit` picks up by the model's name.
 
-1. R: :func:`pmet_lens.analysis.calibrate.scan_layers`, the critical-layers rule (MEMIT section 3,
+1. R: :func:`pmet_lens.analysis.layer_scan.scan_layers`, the critical-layers rule (MEMIT section 3,
    Fig. 3) on the last subject token's plain and MLP-severed curves over known facts, with a
    bootstrap band.
 2. λ and c, per method, on the TUNE part of the CounterFact split only
@@ -17,24 +17,27 @@ user preset that :func:`pmet_lens.editing.edit` picks up by the model's name.
 3. The preset: R into the user's ``critical_layers.json`` (with its band), the chosen settings
    into the user's ``editing.json`` (:mod:`pmet_lens.core.presets`), under ``cfg.model_name``.
 
-This module sits above evaluation (the λ search scores edits) and viz (the figure); the R step
-alone lives in :mod:`pmet_lens.analysis.calibrate`.
+This module sits above evaluation (the λ search scores edits) and viz (the figure, drawn from the
+result's tables); the R step alone, the layer scan, lives in :mod:`pmet_lens.analysis.layer_scan`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import pandas as pd
 from transformer_lens import HookedTransformer
 
-from pmet_lens.analysis.calibrate import LayerScan, scan_layers
+from pmet_lens.analysis.layer_scan import LayerScan, scan_layers
 from pmet_lens.analysis.layers import write_critical_layers
+from pmet_lens.core.models import load_model, require_model
 from pmet_lens.core.presets import find_entry, write_entry
 from pmet_lens.data import KnownFact, load_known_facts
 from pmet_lens.data.splits import split_facts
@@ -43,7 +46,11 @@ from pmet_lens.evaluation import evaluate_counterfact
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CLAMPS", "DEFAULT_LAMS", "CalibrationResult", "calibrate", "search_lambda"]
+__all__ = ["DEFAULT_CLAMPS", "DEFAULT_LAMS", "CalibrationResult", "calibrate", "calibration_page", "search_lambda"]
+
+EVIDENCE_FILES: tuple[str, ...] = ("calibrate_curves.csv", "calibrate_wins.csv", "calibrate_search.csv",
+                                   "calibrate_summary.json", "calibrate.html")
+"""What :meth:`CalibrationResult.write` puts in its folder (beside ``plotly.min.js`` for the page)."""
 
 DEFAULT_LAMS: tuple[float, ...] = (3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
 """λ grid: half-decade steps from 3 to 10^4 (the papers' GPT-J / GPT-NeoX λ are 6000-20000; a
@@ -96,10 +103,54 @@ class CalibrationResult:
                 "preset_paths": [str(p) for p in self.preset_paths], "seconds": self.seconds}
 
     def figure(self) -> Any:
-        """Plotly figure: the gap per layer with R shaded, and the bootstrap shares of the runs."""
+        """Plotly figure: the gap per layer with R shaded, and the bootstrap shares of the runs
+        (:func:`pmet_lens.viz.calibration.calibration_figure`)."""
         from pmet_lens.viz.calibration import calibration_figure
 
-        return calibration_figure(self)
+        return calibration_figure(self.curves(), self.wins(), self.layers, n_facts=self.scan.n_facts,
+                                  model_name=self.model_name)
+
+    def write(self, out: str | Path) -> list[Path]:
+        """Write the evidence to the folder ``out`` (:data:`EVIDENCE_FILES`): the curves, the bootstrap
+        wins and the λ search as CSV, :meth:`summary` as JSON, and :meth:`figure` as ``calibrate.html``,
+        which loads plotly.js from ``plotly.min.js`` beside it (:mod:`pmet_lens.viz.html`; works offline).
+        Returns the paths written."""
+        from pmet_lens.viz.html import write_figure
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        curves, wins, search, summary, page = (out / name for name in EVIDENCE_FILES)
+        self.curves().to_csv(curves, index=False)
+        self.wins().to_csv(wins, index=False)
+        self.search.to_csv(search, index=False)
+        summary.write_text(json.dumps(self.summary(), indent=2, default=str) + "\n")
+        write_figure(self.figure(), page)
+        return [curves, wins, search, summary, page]
+
+
+def calibration_page(out: str | Path) -> Path:
+    """Rebuild ``calibrate.html`` in the folder ``out`` from the tables :meth:`CalibrationResult.write`
+    put there (``calibrate_curves.csv``, ``calibrate_wins.csv``, ``calibrate_summary.json``), without a
+    model: the figure shows the saved numbers. Returns the page's path.
+
+    Raises:
+        FileNotFoundError: a table is missing (the message names it).
+    """
+    from pmet_lens.viz.calibration import calibration_figure
+    from pmet_lens.viz.html import write_figure
+
+    out = Path(out)
+    curves_path, wins_path, _, summary_path, page = (out / name for name in EVIDENCE_FILES)
+    missing = [str(p) for p in (curves_path, wins_path, summary_path) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"cannot rebuild {page}: {', '.join(missing)} missing; give the folder that "
+                                "CalibrationResult.write (pmet-lens calibrate --out) wrote")
+    summary = json.loads(summary_path.read_text())
+    wins = pd.read_csv(wins_path)
+    wins["layers"] = [json.loads(x) for x in wins["layers"]]  # "[3, 4, 5]" in the CSV
+    fig = calibration_figure(pd.read_csv(curves_path), wins, summary["R"], n_facts=summary["facts"],
+                             model_name=summary["model"])
+    return write_figure(fig, page)
 
 
 def _distance(row: dict[str, Any], base: Any) -> float:
@@ -130,6 +181,7 @@ def search_lambda(
         (:meth:`~pmet_lens.editing.hparams.EditHyperParams.to_dict` without ``method``, ``layers`` and the
         null-space fields, which are not searched).
     """
+    require_model(model, "pmet_lens.calibration.search_lambda")
     if method not in _CLASSES:
         raise ValueError(f"method must be 'pmet' or 'memit', got {method!r}")
     if not lams or not clamps or any(not (x > 0) for x in [*lams, *clamps]):
@@ -161,7 +213,7 @@ def search_lambda(
 
 
 def calibrate(
-    model: HookedTransformer,
+    model: HookedTransformer | str | os.PathLike[str] | None = None,
     *,
     facts: Sequence[KnownFact] | None = None,
     n_facts: int = 100,
@@ -184,14 +236,16 @@ def calibrate(
     """R, λ and c for ``model`` and a user preset that :func:`pmet_lens.editing.edit` then uses.
 
     Args:
-        model: any hooked model pmet-lens loads (``cfg.model_name`` names the preset).
+        model: a model loaded with :func:`pmet_lens.core.models.load_model`, or anything ``load_model``
+            takes, loaded here: a transformers checkpoint directory, a ``.gguf`` file, a TransformerLens
+            model name, or ``None`` for the embedded default model. ``cfg.model_name`` names the preset.
         facts: known facts for R (default ROME's shipped known facts).
-        n_facts: see :func:`pmet_lens.analysis.calibrate.scan_layers`.
-        min_facts: see :func:`pmet_lens.analysis.calibrate.scan_layers`.
-        known_only: see :func:`pmet_lens.analysis.calibrate.scan_layers`.
-        size: see :func:`pmet_lens.analysis.calibrate.scan_layers`.
-        samples: see :func:`pmet_lens.analysis.calibrate.scan_layers`.
-        n_boot: see :func:`pmet_lens.analysis.calibrate.scan_layers`.
+        n_facts: see :func:`pmet_lens.analysis.layer_scan.scan_layers`.
+        min_facts: see :func:`pmet_lens.analysis.layer_scan.scan_layers`.
+        known_only: see :func:`pmet_lens.analysis.layer_scan.scan_layers`.
+        size: see :func:`pmet_lens.analysis.layer_scan.scan_layers`.
+        samples: see :func:`pmet_lens.analysis.layer_scan.scan_layers`.
+        n_boot: see :func:`pmet_lens.analysis.layer_scan.scan_layers`.
         methods: editors to search λ and c for (empty: R only).
         tune_facts: first N cases of the TUNE split edited together in each grid point.
         lams: the λ grid (:data:`DEFAULT_LAMS`).
@@ -203,14 +257,20 @@ def calibrate(
             :func:`pmet_lens.core.presets.user_presets_dir`).
 
     Raises:
+        TypeError: ``model`` is neither a HookedTransformer nor a name or path (``None``: the default).
         ValueError: bad settings, or too few usable facts (see ``scan_layers``); nothing is written then.
+        FileNotFoundError: a path that does not exist.
     """
+    by_name = model is None or isinstance(model, (str, os.PathLike))
+    if not by_name:
+        require_model(model, "pmet_lens.calibrate", accepts_path=True)
     methods = [m.lower() for m in methods]
     bad = [m for m in methods if m not in _CLASSES]
     if bad:
         raise ValueError(f"methods must be among 'pmet', 'memit'; got {bad}")
     if isinstance(tune_facts, bool) or not isinstance(tune_facts, int) or tune_facts < 1:
         raise ValueError(f"tune_facts must be an int >= 1, got {tune_facts!r}")
+    model = load_model(cast("str | os.PathLike[str] | None", model)) if by_name else cast(HookedTransformer, model)
     name = str(model.cfg.model_name)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()

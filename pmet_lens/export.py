@@ -25,6 +25,7 @@ from pmet_lens.core.hf import (
     hooked_from_hf,
     replace_dir,
 )
+from pmet_lens.core.models import require_hf_model, require_model
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def _scratch(path: Path) -> Path:
 
 def hf_state_dict(model: HookedTransformer) -> tuple[Any, dict[str, torch.Tensor]]:
     """``(hf_config, state)``: ``model``'s weights as they are now, in its transformers layout."""
+    require_model(model, "pmet_lens.export.hf_state_dict")
     config = hf_config_of(model)
     layout = hf_layout(config, model.cfg)
     return config, layout.to_hf(model.state_dict())
@@ -69,6 +71,7 @@ def export_hf(model: HookedTransformer, path: str | Path, *, overwrite: bool = F
         ValueError: a model without a transformers config, or weights the architecture has no
             place for (see :meth:`pmet_lens.core.hf.HFLayout.to_hf`).
     """
+    require_model(model, "pmet_lens.export_hf")
     from transformers import AutoModelForCausalLM
 
     path = _check_target(path, overwrite)
@@ -115,6 +118,7 @@ def export_gguf(model: HookedTransformer, path: str | Path, *, dtype: str = "f32
         ValueError: ``dtype`` is not "f32"/"f16", a model not loaded from GGUF, or a GGUF
             architecture other than ``llama``.
     """
+    require_model(model, "pmet_lens.export_gguf")
     import gguf
     import numpy as np
 
@@ -187,6 +191,8 @@ def apply_delta(hf_model: Any, path: str | Path, *, check_identity: bool = True)
         ``hf_model`` (edited).
 
     Raises:
+        TypeError: ``hf_model`` is not a transformers model (a HookedTransformer takes
+            :meth:`pmet_lens.editing.result.EditResult.load` instead).
         ValueError: not an edit file; a different (or already edited) model; a delta whose shape
             does not fit. In every case the weights are left as they were.
     """
@@ -194,6 +200,7 @@ def apply_delta(hf_model: Any, path: str | Path, *, check_identity: bool = True)
 
     from pmet_lens.editing.identity import weights_hash
 
+    require_hf_model(hf_model, "pmet_lens.apply_delta")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"edit file {str(path)!r} does not exist")

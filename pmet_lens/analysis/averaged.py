@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from pmet_lens.analysis.tracing import Kind, trace
+from pmet_lens.core.models import require_model
 from pmet_lens.core.stats import mean_ci95
 from pmet_lens.core.tokens import encode, subject_range, target_ids
 from pmet_lens.data import KnownFact
@@ -125,6 +126,7 @@ def knows_fact(model: HookedTransformer, fact: KnownFact) -> tuple[bool, int]:
     ``" " + fact.attribute`` (ROME's known facts are those whose prediction starts the attribute;
     with a different tokenizer we compare token ids, so " Paris" for "Paris" counts).
     """
+    require_model(model, "pmet_lens.analysis.averaged.knows_fact")
     tokens = torch.tensor([encode(model, fact.prompt)], device=model.cfg.device)
     with torch.inference_mode():
         greedy = int(model(tokens)[0, -1].argmax())
@@ -171,6 +173,7 @@ def average_traces(
         limit: stop after this many known facts.
         progress: show a tqdm progress bar.
     """
+    require_model(model, "pmet_lens.average_traces")
 
     need = list(dict.fromkeys(list(kinds) + (["hidden"] if severed else [])))
     per_kind: dict[str, dict[str, list[torch.Tensor]]] = {k: {c: [] for c in TOKEN_CLASSES} for k in need}

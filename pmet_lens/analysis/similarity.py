@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from pmet_lens.core.arch import Architecture, apply_ln_affine, architecture
+from pmet_lens.core.models import require_model
 from pmet_lens.core.readout import final_logits
 from pmet_lens.core.stats import mean_ci95
 from pmet_lens.core.tokens import decode_text, tokenize
@@ -241,6 +242,7 @@ def component_similarity(
         Columns ``variant, layer, component ("mhsa"|"ffn"), metric ("cosine"|"jaccard"),
         mean, ci_low, ci_high, n``; one row per (variant, layer, component, metric).
     """
+    require_model(model, "pmet_lens.component_similarity")
     scores = similarity_scores(model, prompts, k=k, variant=variant, batch_size=batch_size, progress=progress)
     return summarize(scores.values())
 

@@ -39,6 +39,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from transformer_lens.hook_points import HookPoint
 
 from pmet_lens.core.arch import Architecture, architecture
+from pmet_lens.core.models import require_model
 from pmet_lens.core.readout import final_logits
 from pmet_lens.core.tokens import decode_text, encode, subject_range, target_ids
 
@@ -229,6 +230,7 @@ def trace(
         ValueError: empty prompt, subject not in the prompt, unknown kind / sever, window larger
             than the model, samples < 1, noise < 0, a position out of range.
     """
+    require_model(model, "pmet_lens.trace")
     arch = _validate(model, prompt, kind, window, samples, noise, sever)
     n_layers = arch.n_layers
     prompt_ids = encode(model, prompt)

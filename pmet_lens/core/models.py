@@ -62,8 +62,72 @@ def default_cache_dir() -> Path:
     return Path(base) / "pmet_lens"
 
 
+def _described(obj: object) -> str:
+    """``obj`` as an error message names it: its type, and its value when short (``str 'gpt2'``)."""
+    kind = type(obj).__name__
+    if obj is None:
+        return "None"
+    if isinstance(obj, (str, os.PathLike, int, float, bool)):
+        text = repr(str(obj) if isinstance(obj, os.PathLike) else obj)
+        return f"{kind} {text[:77] + '...' if len(text) > 80 else text}"
+    module = type(obj).__module__.split(".")[0]
+    return f"{kind} (from {module})" if module not in ("builtins", "pmet_lens") else kind
+
+
+def require_model(obj: object, what: str, *, accepts_path: bool = False) -> HookedTransformer:
+    """``obj`` when it is a loaded model (a ``HookedTransformer``); otherwise one ``TypeError`` that says
+    what to pass. Every public entry point that takes a model calls it first, before any work.
+
+    Args:
+        obj: the ``model`` argument as the user gave it.
+        what: the entry point, as the user calls it (``"pmet_lens.trace"``, ``"EditSession.load"``).
+        accepts_path: the entry point also takes what :func:`load_model` takes (only
+            :func:`pmet_lens.calibration.calibrate`); the message then says so.
+
+    Raises:
+        TypeError: ``obj`` is not a ``HookedTransformer``.
+    """
+    if isinstance(obj, HookedTransformer):
+        return obj
+    got = _described(obj)
+    if accepts_path:
+        raise TypeError(f"{what} takes a HookedTransformer loaded with pmet_lens.load_model(...), or what load_model "
+                        f"takes: a transformers checkpoint directory, a .gguf file, a TransformerLens model name, or "
+                        f"None for the default model; got {got}")
+    message = f"{what} needs a HookedTransformer loaded with pmet_lens.load_model(...); got {got}."
+    if obj is None or isinstance(obj, (str, os.PathLike)):
+        arg = "" if obj is None else repr(str(obj))
+        message += (f" Load it first: model = pmet_lens.load_model({arg}), then pass model. To calibrate a "
+                    "checkpoint by path use pmet_lens.calibrate(path)")
+    elif type(obj).__module__.split(".")[0] == "transformers":
+        message += (" This is a transformers model: load its checkpoint directory with pmet_lens.load_model(path); "
+                    "to add a saved edit to a transformers model use pmet_lens.apply_delta(hf_model, path)")
+    raise TypeError(message)
+
+
+def require_hf_model(obj: object, what: str) -> Any:
+    """``obj`` when it is a transformers model (``PreTrainedModel``); otherwise a ``TypeError`` that says
+    what to pass (:func:`require_model`'s counterpart for the functions that take a transformers model).
+
+    Raises:
+        TypeError: ``obj`` is not a transformers ``PreTrainedModel``.
+    """
+    from transformers import PreTrainedModel
+
+    if isinstance(obj, PreTrainedModel):
+        return obj
+    message = (f"{what} needs a transformers model (e.g. AutoModelForCausalLM.from_pretrained(checkpoint)); "
+               f"got {_described(obj)}.")
+    if isinstance(obj, HookedTransformer):
+        message += (" For a model loaded with pmet_lens.load_model, load the saved edit with "
+                    "pmet_lens.EditResult.load(path, model, apply=True)")
+    elif obj is None or isinstance(obj, (str, os.PathLike)):
+        message += " Load the model first, then pass it"
+    raise TypeError(message)
+
+
 def load_model(
-    name: str | None = None,
+    name: str | os.PathLike[str] | None = None,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,

@@ -18,6 +18,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from pmet_lens.core.arch import architecture
+from pmet_lens.core.models import require_model
 from pmet_lens.editing.context import context_prefixes
 from pmet_lens.editing.covariance import CovarianceStore
 from pmet_lens.editing.engine import projected_site_solve, run_batch
@@ -97,6 +98,7 @@ def edit(
             changes; a ``method`` that contradicts ``hparams`` is a ValueError) or NaN/inf during
             optimisation or solve; in every case the weights are exactly as before the call.
     """
+    require_model(model, "pmet_lens.edit")
     if method is not None and (not isinstance(method, str) or method.lower() not in METHODS):
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     if hparams is None:

@@ -17,6 +17,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from pmet_lens.core.arch import architecture
+from pmet_lens.core.models import require_model
 from pmet_lens.core.paths import atomic_path
 from pmet_lens.data import Fact, as_facts
 from pmet_lens.editing.identity import weights_hash
@@ -201,12 +202,14 @@ class EditResult:
         """Load a saved edit for ``model`` (unedited), checking it is the model it was made for.
 
         Raises:
+            TypeError: ``model`` is not a loaded model.
             FileNotFoundError: there is no file at ``path``.
             EditError: the file is truncated or corrupt (not readable as safetensors).
             ValueError: the file is not an edit file or the model's weights hash differs.
         """
         from safetensors import safe_open
 
+        require_model(model, "EditResult.load")
         if not Path(path).is_file():
             raise FileNotFoundError(f"edit file {path} does not exist")
         try:

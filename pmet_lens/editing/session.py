@@ -38,6 +38,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformer_lens import HookedTransformer
 
+from pmet_lens.core.models import require_model
 from pmet_lens.core.paths import atomic_path
 from pmet_lens.data import DataError, Fact, as_facts
 from pmet_lens.editing.context import context_prefixes
@@ -105,6 +106,7 @@ class EditSession:
         perplexity_fn: Callable[[HookedTransformer, Any], float] | None = None,
         progress: bool = True,
     ) -> None:
+        require_model(model, "EditSession")
         if hparams is None:
             hparams = preset(str(getattr(model.cfg, "model_name", "")), method)
         elif not isinstance(hparams, EditHyperParams):
@@ -344,15 +346,27 @@ class EditSession:
         (checked by weights hash); the saved batches are written into it in order.
 
         Raises:
-            ValueError: not a session file, or a different (or already edited) model.
+            TypeError: ``model`` is not a loaded model.
+            ValueError: not a session file; a model already edited (same name as the session's model,
+                other weights: the message says how to load it fresh); another model.
         """
+        require_model(model, "EditSession.load")
         meta, tensors = cls.read(path)
         current = weights_hash(model)
         if current != meta["model_hash"]:
+            saved_name = meta.get("model_name")
+            if saved_name is not None and str(saved_name) == str(getattr(model.cfg, "model_name", "")):
+                raise ValueError(
+                    f"{path} was saved from a session on {saved_name!r}, and this model has that name but other "
+                    f"weights (weights hash {current}; the session started from {meta['model_hash']}): it may "
+                    "already be edited, e.g. the same session's model, or one a session was already loaded onto "
+                    "or an edit applied to. Load the model fresh (model = pmet_lens.load_model(...), no edit "
+                    "applied) and call EditSession.load(path, model) on it, once. If it is another model of the "
+                    "same name, load the session on the unedited model it was started on")
             raise ValueError(
                 f"{path} belongs to another model (weights hash {meta['model_hash']} of "
-                f"{meta.get('model_name')!r}; this model's is {current}). Load it on the unedited model the "
-                "session was started on (a fresh pmet_lens.load_model(), no edit applied)")
+                f"{saved_name!r}; this model, {getattr(model.cfg, 'model_name', '')!r}, has {current}). Load it "
+                "on the unedited model the session was started on (a fresh pmet_lens.load_model(), no edit applied)")
         self = cls.__new__(cls)
         self._bind(model, cov_store, nullspace_store, perplexity_sample, perplexity_fn, progress)
         self.base_hash = current

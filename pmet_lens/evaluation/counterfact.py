@@ -33,6 +33,7 @@ import pandas as pd
 from transformer_lens import HookedTransformer
 
 from pmet_lens.core.generation import sample_texts
+from pmet_lens.core.models import require_model
 from pmet_lens.core.stats import mean_ci95
 from pmet_lens.data import DataError, Fact, as_facts
 from pmet_lens.evaluation.consistency import ConsistencyReference, ProxyReference, RomeReference
@@ -109,6 +110,7 @@ def evaluate_counterfact(
     Raises:
         pmet_lens.DataError: a record without ``target_new`` / ``target_true``.
     """
+    require_model(model, "pmet_lens.evaluate_counterfact")
     if gen_every < 1:
         raise ValueError(f"gen_every must be >= 1, got {gen_every}")
     facts = as_facts(records)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformer_lens import HookedTransformer
 
+from pmet_lens.core.models import require_model
 from pmet_lens.core.tokens import tokenizer_of
 from pmet_lens.data import data_path
 
@@ -68,6 +69,7 @@ def wikitext_sample(
         ValueError: ``n_tokens`` < ``seq_len``, ``seq_len`` < 2 or above the model's context, or a
             text with fewer than ``n_tokens`` tokens.
     """
+    require_model(model, "pmet_lens.evaluation.perplexity.wikitext_sample")
     if not (isinstance(seq_len, int) and 2 <= seq_len <= model.cfg.n_ctx):
         raise ValueError(f"seq_len must be an int in [2, n_ctx={model.cfg.n_ctx}], got {seq_len!r}")
     if not (isinstance(n_tokens, int) and n_tokens >= seq_len):
@@ -96,6 +98,7 @@ def perplexity(
 ) -> float:
     """Perplexity of ``model`` (as it is now, optionally with forward ``hooks`` attached for the
     call only) on ``sample`` (default :func:`wikitext_sample`)."""
+    require_model(model, "pmet_lens.evaluation.perplexity.perplexity")
     if sample is None:
         sample = wikitext_sample(model)
     total = 0.0

@@ -40,6 +40,7 @@ from typing import Any, Literal, Sequence, cast
 import pandas as pd
 from transformer_lens import HookedTransformer
 
+from pmet_lens.core.models import require_model
 from pmet_lens.core.stats import mean_ci95
 from pmet_lens.core.tokens import encode, pad_id
 from pmet_lens.data import DataError, ZsreRecord
@@ -108,6 +109,7 @@ def evaluate_zsre(
         ValueError: an unknown ``metric`` or no records.
         pmet_lens.DataError: a record that is not a :class:`~pmet_lens.data.records.ZsreRecord`.
     """
+    require_model(model, "pmet_lens.evaluate_zsre")
     if metric not in ZSRE_METRICS:
         raise ValueError(f"unknown zsRE metric {metric!r}; choose one of {list(ZSRE_METRICS)}")
     records = list(records)

@@ -28,6 +28,7 @@ from transformer_lens import HookedTransformer
 from pmet_lens.analysis.averaged import knows_fact
 from pmet_lens.analysis.layers import critical_layers
 from pmet_lens.analysis.tracing import trace
+from pmet_lens.core.models import require_model
 from pmet_lens.core.stats import mean_ci95
 from pmet_lens.core.tokens import subject_range
 from pmet_lens.data import KnownFact
@@ -52,6 +53,7 @@ def last_subject_curves(
     The answer scored is the model's greedy next token (as in :func:`~pmet_lens.analysis.averaged.average_traces` for known
     facts, whose greedy token is the answer's first token).
     """
+    require_model(model, "pmet_lens.analysis.layer_scan.last_subject_curves")
     last = subject_range(model, prompt, subject)[1] - 1
     plain = trace(model, prompt, subject, kind="hidden", samples=samples, noise=noise, seed=seed, positions=[last])
     severed = trace(model, prompt, subject, kind="hidden", samples=samples, noise=noise, seed=seed,
@@ -161,6 +163,7 @@ def scan_layers(
         ValueError: fewer than ``min_facts`` usable facts (the message says how many the model
             knows and how to proceed), or bad settings.
     """
+    require_model(model, "pmet_lens.analysis.layer_scan.scan_layers")
     if isinstance(n_facts, bool) or not isinstance(n_facts, int) or n_facts < 1:
         raise ValueError(f"n_facts must be an int >= 1, got {n_facts!r}")
     need = n_facts if min_facts is None else min_facts

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pmet_lens.analysis.averaged import average_traces
-from pmet_lens.analysis.calibrate import last_subject_curves, scan_layers
+from pmet_lens.analysis.layer_scan import last_subject_curves, scan_layers
 from pmet_lens.analysis.layers import critical_layers
 from pmet_lens.analysis.tracing import trace
 from pmet_lens.core.tokens import subject_range
