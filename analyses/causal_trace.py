@@ -6,11 +6,14 @@ Writes into --out (default figures/):
   causal_trace_{hidden,mlp,attn}.html/.png   token class x layer heat maps
   causal_trace_severed.html/.png             severed-path line plot, R shaded
   causal_trace_summary.json     settings, facts used, R, L, per-layer gap
+  plotly.min.js                 plotly.js for the .html pages (they work offline)
 and stores R under the model's cfg.model_name in the user's critical_layers.json (the user preset directory,
 $PMET_LENS_CACHE/presets by default; --presets DIR for another; never the package's read-only presets),
 where pmet_lens.editing.preset reads it before the shipped table (unless --no-preset).
 
-Usage: python analyses/causal_trace.py [--model NAME] [--limit N] [--samples 10] [--seed 0] [--out figures]
+--replot rebuilds the .html and .png figures from the .csv and .json files a run wrote in --out, without a model.
+
+Usage: python analyses/causal_trace.py [--model NAME] [--limit N] [--samples 10] [--seed 0] [--out figures] [--replot]
 """
 
 from __future__ import annotations
@@ -20,15 +23,55 @@ import json
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from pmet_lens import load_known_facts, load_model
-from pmet_lens.analysis.averaged import average_traces
+from pmet_lens.analysis.averaged import TOKEN_CLASSES, AverageTrace, average_traces
 from pmet_lens.analysis.layers import critical_layers, write_critical_layers
+from pmet_lens.viz.html import write_figure
 from pmet_lens.viz.tracing import average_heatmap, save_average_png, save_severed_png, severed_plot
 
 
-def main() -> None:
+def write_figures(out: Path, avg: AverageTrace, R: list[int]) -> None:
+    """The heat map of each kind and the severed-path plot, as .html (plotly.js beside them,
+    :mod:`pmet_lens.viz.html`) and .png."""
+    for kind in avg.kinds:
+        write_figure(average_heatmap(avg, kind), out / f"causal_trace_{kind}.html")
+        save_average_png(avg, kind, out / f"causal_trace_{kind}.png")
+    write_figure(severed_plot(avg, R), out / "causal_trace_severed.html")
+    save_severed_png(avg, out / "causal_trace_severed.png", R)
+
+
+def load_average(out: Path) -> tuple[AverageTrace, list[int]]:
+    """The averaged traces and R a run wrote in ``out`` (the tables hold every number the figures show)."""
+    paths = [out / n for n in ("causal_trace_classes.csv", "causal_trace_severed.csv", "causal_trace_summary.json")]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"--replot: {missing} missing; give the --out of a finished run")
+    classes, severed = pd.read_csv(paths[0]), pd.read_csv(paths[1])
+    summary = json.loads(paths[2].read_text())
+    kinds = tuple(dict.fromkeys(classes["kind"]))
+    mean, ci, count = {}, {}, {}
+    for kind in kinds:
+        part = classes[classes["kind"] == kind]
+        grid = {col: part.pivot(index="token_class", columns="layer", values=col).reindex(list(TOKEN_CLASSES))
+                for col in ("mean", "ci")}  # [token class, layer]
+        mean[kind] = torch.tensor(grid["mean"].to_numpy(), dtype=torch.float32)
+        ci[kind] = torch.tensor(grid["ci"].to_numpy(), dtype=torch.float32)
+        count[kind] = torch.tensor(part.groupby("token_class")["count"].first().reindex(list(TOKEN_CLASSES)).to_numpy())
+    sev = {k: g.sort_values("layer") for k, g in severed.groupby("severed", sort=False)}
+    avg = AverageTrace(
+        kinds=kinds, mean=mean, ci=ci, count=count,
+        severed_mean={k: torch.tensor(g["mean"].to_numpy(), dtype=torch.float32) for k, g in sev.items()},
+        severed_ci={k: torch.tensor(g["ci"].to_numpy(), dtype=torch.float32) for k, g in sev.items()},
+        n_facts=summary["facts_used"], n_seen=summary["facts_seen"], fact_ids=summary["known_ids"],
+        low_score=summary["mean_corrupted_prob"], high_score=summary["mean_clean_prob"],
+        samples=summary["samples"], noise=summary["noise"], window=summary["window"])
+    return avg, list(summary["R"])
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model name (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--limit", type=int, default=30,
@@ -42,7 +85,13 @@ def main() -> None:
     parser.add_argument("--no-preset", action="store_true", help="do not write the user's critical_layers.json")
     parser.add_argument("--presets", type=Path, default=None,
                         help="user preset directory to write R into (default: pmet_lens.core.presets.user_presets_dir())")
-    args = parser.parse_args()
+    parser.add_argument("--replot", action="store_true",
+                        help="only rebuild the .html and .png figures from the tables a run wrote in --out (no model)")
+    args = parser.parse_args(argv)
+    if args.replot:
+        write_figures(args.out, *load_average(args.out))
+        print(f"rebuilt the figures in {args.out}")
+        return
 
     torch.set_grad_enabled(False)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -58,11 +107,7 @@ def main() -> None:
 
     avg.class_frame().to_csv(args.out / "causal_trace_classes.csv", index=False)
     avg.severed_frame().to_csv(args.out / "causal_trace_severed.csv", index=False)
-    for kind in avg.kinds:
-        average_heatmap(avg, kind).write_html(args.out / f"causal_trace_{kind}.html", include_plotlyjs="cdn")
-        save_average_png(avg, kind, args.out / f"causal_trace_{kind}.png")
-    severed_plot(avg, R).write_html(args.out / "causal_trace_severed.html", include_plotlyjs="cdn")
-    save_severed_png(avg, args.out / "causal_trace_severed.png", R)
+    write_figures(args.out, avg, R)
     summary = {
         "model": name, "facts_used": avg.n_facts, "facts_seen": avg.n_seen, "known_ids": avg.fact_ids,
         "samples": args.samples, "noise": args.noise, "window": args.window, "seed": args.seed,

@@ -3,10 +3,14 @@
 Runs both variants ("paper" and "logit_lens") over ROME's 1209 known facts and all layers and
 writes, under --out (default figures/):
   component_similarity.csv   long table (variant, layer, component, metric, mean, ci_low, ci_high, n)
-  component_similarity.html  interactive plotly figure (cosine and Jaccard, MHSA vs FFN, 95% band)
+  component_similarity.html  interactive plotly figure (cosine and Jaccard, MHSA vs FFN, 95% band),
+                             loading plotly.js from plotly.min.js beside it (works offline)
   component_similarity.png   static figure for the README
+  component_similarity.json  model, number of prompts, k, variant, run time
 
-Usage: python analyses/component_similarity.py [--model NAME] [--k 50] [--limit N] [--out DIR]
+--replot rebuilds the two figures from the .csv and .json a run wrote in --out, without a model.
+
+Usage: python analyses/component_similarity.py [--model NAME] [--k 50] [--limit N] [--out DIR] [--replot]
 """
 
 from __future__ import annotations
@@ -28,12 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="both", choices=["both", "paper", "logit_lens"])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", default="figures", help="output directory (default: figures/)")
+    parser.add_argument("--replot", action="store_true",
+                        help="only rebuild the .html and .png figures from the .csv and .json a run wrote in --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.replot:
+        replot(Path(args.out))
+        return 0
 
     from pmet_lens import load_known_facts, load_model
     from pmet_lens.analysis.similarity import component_similarity
-    from pmet_lens.viz.similarity import similarity_figure, similarity_png
 
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
@@ -47,17 +55,37 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "component_similarity.csv", index=False)
-    title = f"{name}: last-token state before vs after MHSA / FFN ({len(facts)} known facts, k = {args.k})"
-    similarity_figure(df, title=title).write_html(out / "component_similarity.html", include_plotlyjs="cdn")
-    similarity_png(df, out / "component_similarity.png", title=title)
-    (out / "component_similarity.json").write_text(json.dumps(
-        {"model": name, "n_prompts": len(facts), "k": args.k, "variant": args.variant, "seconds": round(seconds, 1)}, indent=2))
+    meta = {"model": name, "n_prompts": len(facts), "k": args.k, "variant": args.variant, "seconds": round(seconds, 1)}
+    (out / "component_similarity.json").write_text(json.dumps(meta, indent=2))
+    write_figures(out, df, meta)
 
     late = df[(df.layer >= df.layer.max() // 2) & (df.metric == "jaccard")]
     print(f"{name}: {len(facts)} prompts, {df.layer.nunique()} layers, {seconds:.1f} s -> {out}/component_similarity.{{csv,html,png}}")
     print("mean Jaccard in the second half of the layers:")
     print(late.groupby(["variant", "component"])["mean"].mean().round(3).to_string())
     return 0
+
+
+def write_figures(out: Path, df, meta: dict) -> None:
+    """component_similarity.html (plotly.js beside it, :mod:`pmet_lens.viz.html`) and .png of the table ``df``."""
+    from pmet_lens.viz.html import write_figure
+    from pmet_lens.viz.similarity import similarity_figure, similarity_png
+
+    title = f"{meta['model']}: last-token state before vs after MHSA / FFN ({meta['n_prompts']} known facts, k = {meta['k']})"
+    write_figure(similarity_figure(df, title=title), out / "component_similarity.html")
+    similarity_png(df, out / "component_similarity.png", title=title)
+
+
+def replot(out: Path) -> None:
+    """Rebuild the figures from the table and settings a run wrote in ``out`` (no model)."""
+    import pandas as pd
+
+    table, meta = out / "component_similarity.csv", out / "component_similarity.json"
+    missing = [str(p) for p in (table, meta) if not p.is_file()]
+    if missing:
+        raise SystemExit(f"--replot: {missing} missing; give the --out of a finished run")
+    write_figures(out, pd.read_csv(table), json.loads(meta.read_text()))
+    print(f"rebuilt {out}/component_similarity.{{html,png}}")
 
 
 if __name__ == "__main__":

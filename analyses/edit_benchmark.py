@@ -22,7 +22,8 @@ only. Optimised targets are computed once per method and reused (they depend on 
 spread nor which weights are updated) by the even-spread and + W_O ablations and by the smaller edits of the
 scaling curve (identical up to float rounding). Consistency is the documented offline proxy
 (:mod:`pmet_lens.evaluation.consistency`), never comparable with the papers' column. Outputs go to ``--out``
-(default ``figures/``): CSV, interactive HTML, matplotlib PNG, and ``edit_benchmark.md`` with the tables beside the papers' GPT-J numbers.
+(default ``figures/``): CSV, interactive HTML (plotly.js in ``plotly.min.js`` beside it), matplotlib PNG, and
+``edit_benchmark.md`` with the tables beside the papers' GPT-J numbers; ``--replot`` rebuilds these from the saved results.
 
 The full run takes hours on a CPU, so it is resumable: every result is written to ``--out`` as soon
 as it exists, and each optimised mass edit (deltas and targets) is saved under
@@ -65,6 +66,7 @@ from pmet_lens.evaluation import (
     evaluate_zsre,
     format_table,
 )
+from pmet_lens.viz.html import write_page
 
 logger = logging.getLogger("edit_benchmark")
 
@@ -257,8 +259,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="reuse the optimised targets saved by a run in DIR (its --out) on cases that begin "
                              "this run's, e.g. the 256-case run's for the 769-case one: only the other cases' "
                              "targets are optimised (same presets; each fact's targets are independent)")
+    parser.add_argument("--replot", action="store_true",
+                        help="only rebuild the report (markdown, figures, HTML) from the results a run saved in --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.replot:
+        replot(Path(args.out))
+        return 0
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     chosen = [a.strip() for a in args.ablations.split(",") if a.strip()]
     unknown = sorted(set(chosen) - set(ABLATION_SWITCHES))
@@ -539,7 +546,7 @@ def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta
         long = df.melt(id_vars=["n_edits", "editor"], value_vars=METRICS, var_name="metric", value_name="value")
         fig = px.line(long, x="n_edits", y="value", color="editor", facet_col="metric", markers=True, log_x=True,
                       title="Fig. 3: metrics vs number of simultaneous edits")
-        html_parts.append(fig.to_html(full_html=False, include_plotlyjs="inline"))
+        html_parts.append(fig)
         fig_m, axes = png_figure(1, len(METRICS), figsize=(4 * len(METRICS), 3.2), sharex=True)
         for ax, metric in zip(axes, METRICS):
             for editor, g in df.groupby("editor"):
@@ -555,7 +562,7 @@ def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta
         nd = pd.DataFrame(norms)
         nd["series"] = nd["editor"] + " (" + nd["weight"] + ")"
         fig = px.line(nd, x="layer", y="delta_norm", color="series", markers=True, title="Fig. 4: per-layer ‖ΔW‖")
-        html_parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if not html_parts else False))
+        html_parts.append(fig)
         fig_m, ax = png_figure(figsize=(6, 3.5))
         for series, g in nd.groupby("series"):
             ax.plot(g["layer"], g["delta_norm"], marker="o", label=series)
@@ -564,11 +571,25 @@ def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta
         ax.legend(fontsize=7)
         save_png(fig_m, out / "edit_benchmark_fig4_delta_norms.png")
     (out / "edit_benchmark.md").write_text("\n".join(md) + "\n")
-    page = ["<html><head><meta charset='utf-8'><title>Edit benchmark</title></head><body>"]
+    page: list[Any] = []
     for table_name, table in tables.items():
         page += [f"<h2>{table_name}</h2>", table.to_html(index=False)]
-    page += html_parts + ["</body></html>"]
-    (out / "edit_benchmark.html").write_text("\n".join(page), encoding="utf-8")
+    write_page(out / "edit_benchmark.html", page + html_parts, title="Edit benchmark", plotlyjs="directory")
+
+
+def replot(out: Path) -> None:
+    """Rebuild the report (``edit_benchmark.md``, the tables beside the papers, the figures and
+    ``edit_benchmark.html``) from the results a run saved in ``out``, without a model: the numbers are the run's."""
+    path = out / "edit_benchmark_summaries.json"
+    if not path.is_file():
+        raise SystemExit(f"--replot: {path} does not exist; give the --out of a finished run")
+    saved = json.loads(path.read_text())
+    norms_path, scaling_path = out / "edit_benchmark_fig4_delta_norms.csv", out / "edit_benchmark_fig3_scaling.csv"
+    norms = pd.read_csv(norms_path).to_dict("records") if norms_path.is_file() else []
+    scaling = pd.read_csv(scaling_path).to_dict("records") if scaling_path.is_file() else []
+    zsre_path = out / "edit_benchmark_zsre_summaries.json"
+    zsre = json.loads(zsre_path.read_text()) if zsre_path.is_file() else {}
+    write_report(out, saved["summaries"], norms, scaling, zsre, saved["meta"], "consistency_proxy")
 
 
 def to_markdown(df: pd.DataFrame) -> str:

@@ -27,12 +27,14 @@ one bit for bit) and keeps finished tables.
 Outputs in ``--out`` (default ``figures/sequential``): ``sequential_table.csv`` (CounterFact),
 ``sequential_zsre.csv`` (official metric), ``sequential_zsre_teacher_forced.csv``, ``sequential_curves.csv``,
 ``sequential_efficacy.csv`` (per request after each batch), ``sequential_null_dims.csv``,
-``sequential.html`` (interactive session view), PNG curves,
+``sequential.html`` (interactive session view; plotly.js in ``plotly.min.js`` beside it), PNG curves,
 ``sequential_summaries.json`` and ``sequential_tables.md``; per method and dataset the per-record results
 (``sessions/*_records.csv``) and, for each pair of :data:`PAIRS` with both, the paired per-case
 differences (``sequential_paired.csv``: on the same cases the between-case spread cancels, so these CIs
 are the ones to read when comparing two methods). A ``--resume`` run scores the per-record results of
 finished methods that lack them (no generation).
+
+``--replot`` rebuilds ``sequential.html`` from the curves a finished run saved, without a model.
 
     python analyses/sequential_benchmark.py --cases 100 --batch 25 --methods memit,alphaedit
 """
@@ -230,8 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue saved sessions and keep finished tables")
     parser.add_argument("--out", default="figures/sequential", help="output directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--replot", action="store_true",
+                        help="only rebuild sequential.html from the curves a run saved in --out (no model, no edit)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.replot:
+        replot(Path(args.out))
+        return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -359,14 +366,36 @@ def write_outputs(out: Path, summaries: dict[str, Any], curves: pd.DataFrame, ef
         for kind in dict.fromkeys(curves["dataset"]):
             part = curves[curves["dataset"] == kind]
             curves_png(part, out / f"sequential_curves_{kind}.png", title=f"Sequential editing ({kind})")
-        cf_curves = curves[curves["dataset"] == "cf"] if "cf" in set(curves["dataset"]) else curves
-        cf_eff = eff[eff["dataset"] == cf_curves["dataset"].iloc[0]]
-        session_dashboard(cf_curves, cf_eff, batch=1, html_path=out / "sequential.html")
+        write_session_view(out, curves, eff)
     paired = paired_table(out)
     if len(paired):
         paired.to_csv(out / "sequential_paired.csv", index=False)
     (out / "sequential_tables.md").write_text(markdown_tables(summaries) + paired_markdown(paired)
                                              + curves_markdown(curves, summaries.get("baseline_perplexity")))
+
+
+def write_session_view(out: Path, curves: pd.DataFrame, eff: pd.DataFrame) -> Path:
+    """``sequential.html``: the session view of the CounterFact curves (zsRE's when CounterFact was not
+    run), loading plotly.js from ``plotly.min.js`` beside it (:mod:`pmet_lens.viz.html`)."""
+    cf_curves = curves[curves["dataset"] == "cf"] if "cf" in set(curves["dataset"]) else curves
+    cf_eff = eff[eff["dataset"] == cf_curves["dataset"].iloc[0]]
+    path = out / "sequential.html"
+    session_dashboard(cf_curves, cf_eff, batch=1, html_path=path, plotlyjs="directory")
+    return path
+
+
+def replot(out: Path) -> Path:
+    """Rebuild ``sequential.html`` from the curves a run saved in ``out`` (``sequential_summaries.json``
+    and ``sessions/*_curves.json``), without a model: the numbers are the run's."""
+    summaries_path = out / "sequential_summaries.json"
+    if not summaries_path.is_file():
+        raise SystemExit(f"--replot: {summaries_path} does not exist; give the --out of a finished run")
+    meta = json.loads(summaries_path.read_text())["meta"]
+    kinds = [k for k, n in (("cf", "cases"), ("zsre", "zsre")) if meta[n]]
+    curves, eff = all_curves(out, {}, kinds)
+    if not len(curves):
+        raise SystemExit(f"--replot: {out}/sessions holds no saved curves")
+    return write_session_view(out, curves, eff)
 
 
 def paired_markdown(paired: pd.DataFrame) -> str:

@@ -315,8 +315,17 @@ def _floats(text: str, what: str) -> list[float]:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from pmet_lens.calibration import calibrate
+    from pmet_lens.calibration import calibrate, calibration_page
 
+    if args.replot:
+        if not args.out:
+            raise CLIError("--replot rebuilds --out's calibrate.html from the tables there: give --out DIR")
+        try:
+            page = calibration_page(args.out)
+        except FileNotFoundError as exc:
+            raise CLIError(str(exc)) from None
+        print(f"rebuilt {page}")
+        return 0
     methods = [m for m in args.methods.split(",") if m] if args.methods else []
     bad = [m for m in methods if m not in ("pmet", "memit")]
     if bad:
@@ -342,13 +351,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     for path in result.preset_paths:
         print(f"preset written: {path}")
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        result.curves().to_csv(out / "calibrate_curves.csv", index=False)
-        result.wins().to_csv(out / "calibrate_wins.csv", index=False)
-        result.search.to_csv(out / "calibrate_search.csv", index=False)
-        (out / "calibrate_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        result.figure().write_html(out / "calibrate.html", include_plotlyjs="cdn")
-        print(f"wrote {out}/calibrate_{{curves,wins,search}}.csv, calibrate_summary.json, calibrate.html")
+        result.write(out)
+        print(f"wrote {out}/calibrate_{{curves,wins,search}}.csv, calibrate_summary.json, calibrate.html "
+              "(plotly.js beside it in plotly.min.js)")
     return 0
 
 
@@ -403,7 +408,9 @@ def _add_own_model_commands(sub: Any) -> None:
                    help="user preset directory to write (default: $PMET_LENS_PRESETS, else $PMET_LENS_CACHE/presets)")
     p.add_argument("--no-write", action="store_true", help="do not write a preset")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="directory for the evidence: CSV tables, summary JSON, figure (HTML)")
+    p.add_argument("--out", help="directory for the evidence: CSV tables, summary JSON, figure (HTML, works offline)")
+    p.add_argument("--replot", action="store_true",
+                   help="only rebuild --out's calibrate.html from the tables a run wrote there (no model)")
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("export", help="write a model (optionally with a delta file applied) as a transformers "

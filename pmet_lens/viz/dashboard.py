@@ -1,5 +1,5 @@
-"""An interactive dashboard of one edit (plotly + circuitsvis), shown in Jupyter and written as a
-self-contained HTML report.
+"""An interactive dashboard of one edit (plotly + circuitsvis), shown in Jupyter and written as an
+HTML report (self-contained by default, :mod:`pmet_lens.viz.html`).
 
 For a chosen fact and (optionally) its :class:`pmet_lens.editing.EditResult`:
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,10 +37,12 @@ from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
 from pmet_lens.core.arch import architecture
+from pmet_lens.core.models import require_model
 from pmet_lens.core.readout import final_logits
 from pmet_lens.core.tokens import encode, subject_range, target_ids
 from pmet_lens.data import Fact, as_facts
 from pmet_lens.evaluation.scoring import score_continuations
+from pmet_lens.viz.html import PlotlyJS, page_html, write_page
 
 logger = logging.getLogger(__name__)
 
@@ -65,27 +68,26 @@ class Dashboard:
     attention: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
-    def to_html(self) -> str:
-        """One self-contained HTML page (plotly.js and circuitsvis bundles inline, no network)."""
-        parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title></head><body>",
-                 f"<h1>{html.escape(self.title)}</h1>"]
-        first = True
+    def parts(self) -> list[Any]:
+        """The page's parts in order: a heading and a figure per figure, then a heading and a circuitsvis
+        rendering (its scripts inline) per attention pattern."""
+        parts: list[Any] = [f"<h1>{html.escape(self.title)}</h1>"]
         for name, fig in self.figures.items():
-            parts.append(f"<h2>{html.escape(name)}</h2>")
-            parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if first else False))
-            first = False
+            parts += [f"<h2>{html.escape(name)}</h2>", fig]
         for name, rendered in self.attention.items():
-            parts.append(f"<h2>{html.escape(name)}</h2>")
-            parts.append(rendered.local_src)
-        parts.append("</body></html>")
-        return "\n".join(parts)
+            parts += [f"<h2>{html.escape(name)}</h2>", _closed_container(rendered.local_src)]
+        return parts
 
-    def write_html(self, path: str | Path) -> Path:
-        """Write :meth:`to_html` to ``path`` and return it."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_html(), encoding="utf-8")
-        return path
+    def to_html(self, plotlyjs: PlotlyJS = "inline") -> str:
+        """The report as one HTML page (:func:`pmet_lens.viz.html.page_html`). By default
+        self-contained: plotly.js and the circuitsvis bundles inline, no network; ``plotlyjs="directory"``
+        loads plotly.js from ``plotly.min.js`` beside the page instead."""
+        return page_html(self.parts(), title=self.title, plotlyjs=plotlyjs)
+
+    def write_html(self, path: str | Path, plotlyjs: PlotlyJS = "inline") -> Path:
+        """Write the report to ``path`` (:func:`pmet_lens.viz.html.write_page`; ``plotlyjs`` as in
+        :meth:`to_html`, ``"directory"`` also writing ``plotly.min.js`` beside it) and return it."""
+        return write_page(path, self.parts(), title=self.title, plotlyjs=plotlyjs)
 
     def show(self) -> None:
         """Display every part in Jupyter (figures, then attention patterns)."""
@@ -99,11 +101,19 @@ class Dashboard:
             display(rendered)
 
 
+def _closed_container(src: str) -> str:
+    """circuitsvis's HTML with its container closed: it opens with ``<div id=... />``, which HTML reads as
+    an open ``<div>``, so everything after it (the next heading and rendering) would sit inside the first
+    rendering's container and be replaced when React draws into it."""
+    return re.sub(r"^(\s*<div\b[^>]*?)\s*/>", r"\1></div>", src, count=1)
+
+
 def logit_lens(
     model: HookedTransformer, text: str, position: int, token_ids: list[int]
 ) -> Float[torch.Tensor, "n_layers n_tokens"]:
     """P of each of ``token_ids`` read from ``hook_resid_post`` of every layer at ``position``
     (final norm + unembedding applied to the intermediate stream, nostalgebraist's logit lens)."""
+    require_model(model, "pmet_lens.viz.dashboard.logit_lens")
     arch = architecture(model)
     names = [arch.resid_post_hook(l) for l in range(arch.n_layers)]
     with torch.no_grad():
@@ -116,6 +126,7 @@ def logit_lens(
 
 def last_token_attention(model: HookedTransformer, text: str) -> Float[torch.Tensor, "n_layers n_heads query key"]:
     """All attention patterns of ``text`` ([layer, head, query, key])."""
+    require_model(model, "pmet_lens.viz.dashboard.last_token_attention")
     arch = architecture(model)
     names = [arch.attn_pattern_hook(l) for l in range(arch.n_layers)]
     with torch.no_grad():
@@ -155,6 +166,7 @@ def dashboard(
     *,
     batch: pd.DataFrame | Mapping[str, pd.DataFrame] | None = None,
     html_path: str | Path | None = None,
+    plotlyjs: PlotlyJS = "inline",
     show: bool = False,
 ) -> Dashboard:
     """Build the dashboard of ``fact`` before / after ``edit_result`` (see the module docstring).
@@ -165,9 +177,13 @@ def dashboard(
             ``target_true``, paraphrase and neighborhood prompts are used when present.
         edit_result: the :class:`pmet_lens.editing.EditResult`; ``None`` shows the model alone.
         batch: per-record metrics of a batch (one DataFrame, or ``{editor: DataFrame}``).
-        html_path: also write the self-contained HTML report here.
+        html_path: also write the HTML report here.
+        plotlyjs: where the report gets plotly.js from (:mod:`pmet_lens.viz.html`): ``"inline"``, the
+            default, makes one self-contained file (to open or mail anywhere, offline);
+            ``"directory"`` shares ``plotly.min.js`` beside it with the other pages of its folder.
         show: display in Jupyter.
     """
+    require_model(model, "pmet_lens.dashboard")
     import plotly.express as px
     import plotly.graph_objects as go
 
@@ -270,7 +286,7 @@ def dashboard(
             board.figures["Batch: metric distributions"] = fig
 
     if html_path is not None:
-        board.write_html(html_path)
+        board.write_html(html_path, plotlyjs)
     if show:
         board.show()
     return board
@@ -282,6 +298,7 @@ def session_dashboard(
     *,
     batch: int = 1,
     html_path: str | Path | None = None,
+    plotlyjs: PlotlyJS = "inline",
     show: bool = False,
 ) -> Dashboard:
     """The session view: per-batch curves and the fate of batch ``batch``'s edits.
@@ -293,7 +310,8 @@ def session_dashboard(
         efficacy: per request and evaluation point (:func:`pmet_lens.evaluation.sequential.batch_efficacy`
             rows, with ``method``), for the survival figure and the per-edit table.
         batch: the batch (1-based) whose edits are followed through the later batches.
-        html_path: also write the self-contained HTML report here.
+        html_path: also write the HTML report here.
+        plotlyjs: as in :func:`dashboard` (default ``"inline"``: one self-contained file).
         show: display in Jupyter.
     """
     import plotly.graph_objects as go
@@ -326,7 +344,7 @@ def session_dashboard(
                           xaxis_title="after its own batch", yaxis_title="after the last batch", template="plotly_white")
         board.figures[f"batch {batch} edits before / after"] = fig
     if html_path is not None:
-        board.write_html(html_path)
+        board.write_html(html_path, plotlyjs)
     if show:
         board.show()
     return board
