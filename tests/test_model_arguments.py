@@ -130,16 +130,26 @@ def test_calibrate_refuses_what_load_model_does_not_take(tmp_path):
         pmet_lens.calibrate(str(tmp_path / "no-such-model"), methods=("rome",))
 
 
+def test_calibrate_hands_none_and_a_gguf_path_to_load_model(monkeypatch):
+    """``calibrate()`` and ``calibrate("model.gguf")`` load the model with ``load_model`` exactly as given (the
+    default model, the GGUF file) and calibrate what it returns."""
+    import pmet_lens.calibration as calibration
+
+    tiny = make_tiny_model(*TINY_VARIANTS["seq-rms-gated"])
+    asked = []
+    monkeypatch.setattr(calibration, "load_model", lambda name: asked.append(name) or tiny)
+    expected = pmet_lens.calibrate(tiny, **SCAN)
+    for given in (None, "my-model.Q4_1.gguf"):
+        result = pmet_lens.calibrate(given, **SCAN)
+        assert result.layers == expected.layers and torch.equal(result.scan.plain, expected.scan.plain)
+    assert asked == [None, "my-model.Q4_1.gguf"]
+
+
 @pytest.mark.slow
-def test_calibrate_takes_none_and_a_gguf_file_for_the_default_model(default_model):
-    """``calibrate()`` and ``calibrate("...gguf")`` load the embedded default model (its GGUF file) and
-    calibrate it as ``calibrate(load_model())`` does."""
-    settings = {**SCAN, "n_facts": 2}
-    expected = pmet_lens.calibrate(default_model, **settings)
-    for given in (None, str(default_gguf_path())):
-        result = pmet_lens.calibrate(given, **settings)
-        assert result.model_name == "SmolLM2-135M-Instruct" and result.layers == expected.layers
-        assert torch.equal(result.scan.plain, expected.scan.plain)
+def test_calibrate_loads_the_default_models_gguf_file():
+    """``calibrate`` on the embedded default model's .gguf file, as a user with that file would call it."""
+    result = pmet_lens.calibrate(str(default_gguf_path()), **{**SCAN, "n_facts": 1, "samples": 1, "n_boot": 0})
+    assert result.model_name == "SmolLM2-135M-Instruct" and len(result.layers) == 2 and result.scan.n_facts == 1
 
 
 # ----------------------------------------------------------------------------- sessions on an edited model
