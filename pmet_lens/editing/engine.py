@@ -106,7 +106,7 @@ def run_batch(model: HookedTransformer, facts: Sequence[Fact], hparams: EditHype
         logger.info("targets: mean steps %.1f, mean P(o*) %.3f", optimised.steps.float().mean(), optimised.prob.mean())
         values = {s: optimised.value(s).detach() for s in settings.delta_sites}
         stats: dict[str, Any] = {"steps": optimised.steps.tolist(), "loss": optimised.loss.tolist(),
-                                 "prob": optimised.prob.tolist()}
+                                 "prob": optimised.prob.tolist(), "phi": optimised.phi.tolist()}
     else:
         values, stats = dict(targets), {"targets": "given"}
     originals: dict[str, torch.Tensor] = {}

@@ -53,7 +53,7 @@ class EditResult:
         hparams: the hyper-parameters as a dict (``EditHyperParams.to_dict``).
         model_hash: weights hash of the unedited model (checked by :meth:`load`).
         prefixes: the context prefixes used (pass them again to skip re-sampling).
-        stats: per-fact optimisation figures (steps, final loss, target probability).
+        stats: per-fact optimisation figures (steps, final loss, target probability, the NLL weight φ of that loss).
     """
 
     model: HookedTransformer

@@ -64,6 +64,9 @@ class Targets:
         delta: site -> [facts, d_model] optimised δ.
         steps: [facts] optimisation steps taken by each fact.
         loss: [facts] each fact's loss at its last evaluation.
+        prob: [facts] P(o*) at that evaluation (exp of the weighted mean token log-probability).
+        phi: [facts] the NLL weight φ_i in that loss (PMET eq. 9: ``nll_factor``, or 0.1·``nll_factor``
+            when o* was top in every prompt at the step before).
     """
 
     init: dict[str, torch.Tensor]
@@ -71,6 +74,7 @@ class Targets:
     steps: torch.Tensor
     loss: torch.Tensor
     prob: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    phi: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
     def value(self, site: str) -> Float[torch.Tensor, "facts d_model"]:
         """Target vector v = initial output + δ at ``site``."""
@@ -275,6 +279,7 @@ def optimise_targets(
         init={s: cat([p.init[s] for p in parts]) for s in settings.delta_sites},
         delta={s: cat([p.delta[s] for p in parts]) for s in settings.delta_sites},
         steps=cat([p.steps for p in parts]), loss=cat([p.loss for p in parts]), prob=cat([p.prob for p in parts]),
+        phi=cat([p.phi for p in parts]),
     )
 
 
@@ -320,6 +325,7 @@ def _optimise_chunk(model: HookedTransformer, requests: PreparedRequests, hparam
         steps = torch.zeros(n, dtype=torch.long)
         last_loss = torch.zeros(n)
         last_prob = torch.zeros(n)
+        last_phi = torch.zeros(n)
         for it in range(hparams.steps):
             act_facts = active.nonzero().flatten()
             row_mask = active[rows.fact]
@@ -359,6 +365,7 @@ def _optimise_chunk(model: HookedTransformer, requests: PreparedRequests, hparam
                 last_loss[active.cpu()] = la[active.cpu()]
                 prob = torch.zeros(n, device=lp.device).index_add(0, rows.nll_fact[sel], tok_lp.detach() * rows.nll_weight[sel]).exp()
                 last_prob[active.cpu()] = prob.cpu()[active.cpu()]
+                last_phi[active.cpu()] = phi.cpu()[active.cpu()]  # the φ of this loss, before the update below
                 steps[active.cpu()] = it
                 stop = (loss.detach() < hparams.loss_stop) & active
                 if settings.kl_stop is not None:
@@ -383,7 +390,7 @@ def _optimise_chunk(model: HookedTransformer, requests: PreparedRequests, hparam
             active = still
         steps += 1
         return Targets(init=init, delta={s: d.detach() for s, d in delta.items()}, steps=steps, loss=last_loss,
-                       prob=last_prob)
+                       prob=last_prob, phi=last_phi)
     finally:
         for p, state in grad_state:
             p.requires_grad_(state)
