@@ -1,10 +1,15 @@
-"""Shared fixtures: tiny random HookedTransformers covering every architecture path, and the
-real default model (session-scoped, loaded once; converted weights are cached on disk)."""
+"""Shared fixtures: tiny random HookedTransformers covering every architecture path, tiny transformers
+checkpoints, and the real default model with the suite's own covariance statistics (session-scoped,
+built once; the converted weights are the user's cache, everything else the suite's own)."""
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
@@ -16,8 +21,33 @@ from transformers import AutoTokenizer
 
 # Presets a user wrote on this machine (pmet-lens calibrate, tune scripts) must not change what the
 # tests see: the suite (and every CLI subprocess it starts) reads an empty user preset directory.
-# The covariance and model caches stay where they are, so their files are reused.
 os.environ["PMET_LENS_PRESETS"] = tempfile.mkdtemp(prefix="pmet_lens_test_presets_")
+atexit.register(shutil.rmtree, os.environ["PMET_LENS_PRESETS"], ignore_errors=True)
+
+
+def _own_cache() -> Path:
+    """The suite's cache directory ($PMET_LENS_CACHE for the tests, every CLI subprocess and notebook kernel).
+
+    The key statistics C and the null-space projectors P are built fresh in it by this version of
+    the package: a cached C from an earlier version (its key changes only when a format constant is
+    bumped) cannot decide a test. Only ``models/``, the default model converted from its GGUF file,
+    is the user's cache directory, linked in, so the conversion is not repeated (its file name
+    names the GGUF file it came from)."""
+    from pmet_lens.core.models import default_cache_dir
+
+    user_models = default_cache_dir() / "models"
+    user_models.mkdir(parents=True, exist_ok=True)
+    own = Path(tempfile.mkdtemp(prefix="pmet_lens_test_cache_"))
+    (own / "models").symlink_to(user_models, target_is_directory=True)
+    atexit.register(shutil.rmtree, own, ignore_errors=True)  # removes the link, never the user's files
+    return own
+
+
+os.environ["PMET_LENS_CACHE"] = str(_own_cache())
+
+REAL_COV_TOKENS = 8192
+"""Corpus tokens of C in the real-model editing tests (the presets' 100k cost ~10x the build time;
+λ and the optimisation stay the preset's)."""
 
 TINY_VARIANTS = {
     # id: (parallel_attn_mlp, normalization_type, gated_mlp)
@@ -79,6 +109,77 @@ def default_model() -> HookedTransformer:
     return load_model()
 
 
+@pytest.fixture(scope="session")
+def default_hf():
+    """transformers' own de-quantised copy of the default model, ``(model, tokenizer)``, loaded once per
+    session (the independent reference of parity tests). A test that changes its weights restores them."""
+    from pmet_lens.core.models import load_default_hf
+
+    return load_default_hf()
+
+
+@pytest.fixture(scope="session")
+def real_cov_store():
+    """The covariance store of every real-model editing test: the suite's cache directory (see
+    ``_own_cache``), so C is built once per session (:data:`REAL_COV_TOKENS` tokens of the shipped
+    WikiText-2) and CLI subprocesses and notebooks read the same files."""
+    from pmet_lens.editing import CovarianceStore
+
+    return CovarianceStore(progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_nullspace_store():
+    """AlphaEdit's projector cache of the real-model tests, in the suite's cache directory."""
+    from pmet_lens.editing.nullspace import NullspaceStore
+
+    return NullspaceStore()
+
+
+def real_hparams(method: str, **overrides):
+    """The default model's preset for ``method`` with C from :data:`REAL_COV_TOKENS` tokens."""
+    from pmet_lens.core.models import DEFAULT_MODEL
+    from pmet_lens.editing import preset
+
+    return preset(DEFAULT_MODEL, method).with_(cov_tokens=REAL_COV_TOKENS, **overrides)
+
+
+# ------------------------------------------------------------------------- tiny transformers checkpoints
+def tiny_llama_config(**kw):
+    """A 4-layer Llama (GQA) config with the default model's vocabulary."""
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, architectures=["LlamaForCausalLM"])
+    return LlamaConfig(**{**base, **kw})
+
+
+def save_tiny_checkpoint(config, directory: Path, *, seed: int = 0, perturb_norms: bool = False) -> Path:
+    """A random transformers model of ``config`` saved in ``directory`` with the default model's tokenizer,
+    so that ``load_model(directory)`` and ``pmet-lens --model directory`` load it as a user's checkpoint.
+    ``perturb_norms`` draws random norm parameters, so that a wrong mapping of them shows."""
+    from transformers import AutoModelForCausalLM
+
+    from pmet_lens.core.models import default_gguf_path
+
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(config)
+    if perturb_norms:
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if p.ndim == 1 and ("norm" in name or "ln" in name):
+                    p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(directory)
+    _tokenizer(str(default_gguf_path())).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Llama checkpoint directory named ``my-tiny-llama`` (no preset knows it)."""
+    return save_tiny_checkpoint(tiny_llama_config(), tmp_path_factory.mktemp("models") / "my-tiny-llama")
+
+
 def load_analysis(name: str) -> ModuleType:
     """Import one of the repo's ``analyses/*.py`` scripts (not a package) by name, e.g. ``"tune_editing"``."""
     path = Path(__file__).resolve().parents[1] / "analyses" / f"{name}.py"
@@ -86,3 +187,51 @@ def load_analysis(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def calibrate_best_row(search, method: str, defaults) -> dict:
+    """The row of a calibration's λ x c search table (``CalibrationResult.search``) that it must choose for
+    ``method``: the best Score (to 9 decimals); among ties, the λ and c nearest ``defaults`` (the method's
+    hyper-parameters before the search) by the sum of |log ratio|."""
+    import math
+
+    rows = search[search["method"] == method].to_dict("records")
+    top = max(round(r["score"], 9) for r in rows)
+    tied = [r for r in rows if round(r["score"], 9) == top]
+    return min(tied, key=lambda r: abs(math.log(r["lam"] / defaults.lam)) + abs(math.log(r["clamp"] / defaults.clamp_norm_factor)))
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m pmet_lens.cli ARGS`` in a new process, as a user runs it (stdout / stderr captured)."""
+    return subprocess.run([sys.executable, "-m", "pmet_lens.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def cli_main(capsys):
+    """``pmet-lens`` in this process, through ``pmet_lens.cli.main(argv)`` (the code a subprocess runs,
+    without a new Python per call): ``cli_main(*args)`` returns ``(exit status, stdout, stderr)``;
+    argparse's own exits (usage errors, ``--help``) are returned, not raised."""
+    from pmet_lens.cli import main
+
+    def call(*args: str) -> tuple[int, str, str]:
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return call
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading a model inside ``pmet_lens.cli`` fails the test: for inputs that must be refused first."""
+    import pmet_lens.cli
+
+    def refuse(name):
+        raise AssertionError(f"the CLI loaded a model ({name or 'the default'}) before refusing the input")
+
+    monkeypatch.setattr(pmet_lens.cli, "_load_model", refuse)
