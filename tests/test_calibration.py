@@ -5,30 +5,20 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-from conftest import _tokenizer
+from conftest import calibrate_best_row
 from pmet_lens import calibrate, edit, load_model
-from pmet_lens.core.models import default_gguf_path
 from pmet_lens.core.presets import write_entry
 from pmet_lens.data import load_known_facts
-from pmet_lens.editing import CovarianceStore, preset
+from pmet_lens.editing import CovarianceStore, MEMITHyperParams, PMETHyperParams, preset
 
 FACT = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
 TINY = {"steps": 3, "cov_tokens": 2000, "cov_seq_len": 64}
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         architectures=["LlamaForCausalLM"])
-    path = tmp_path_factory.mktemp("models") / "my-tiny-llama"
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    _tokenizer(str(default_gguf_path())).save_pretrained(path)
-    return path
+@pytest.fixture
+def tiny_checkpoint(tiny_llama_checkpoint):
+    return tiny_llama_checkpoint
 
 
 def test_edit_uses_the_preset_calibrate_wrote(tiny_checkpoint, tmp_path, monkeypatch):
@@ -45,7 +35,14 @@ def test_edit_uses_the_preset_calibrate_wrote(tiny_checkpoint, tmp_path, monkeyp
                        progress=False)
     assert len(result.layers) == 2 and result.layers == sorted(result.layers)
     assert set(result.search["method"]) == {"pmet", "memit"} and len(result.search) == 4
-    assert abs(result.wins()["share"].sum() - 1) < 1e-9
+    assert sorted(result.search["lam"]) == [10.0, 10.0, 1000.0, 1000.0] and set(result.search["n_facts"]) == {2}
+    for method, cls in (("pmet", PMETHyperParams), ("memit", MEMITHyperParams)):
+        best = calibrate_best_row(result.search, method, cls(**TINY))
+        assert (result.chosen[method]["lam"], result.chosen[method]["clamp_norm_factor"]) == (best["lam"], best["clamp"])
+        assert result.chosen[method]["steps"] == 3 and result.chosen[method]["cov_tokens"] == 2000
+    wins = result.wins()
+    assert abs(wins["share"].sum() - 1) < 1e-9 and wins["share"].is_monotonic_decreasing
+    assert wins.loc[wins["is_R"], "layers"].tolist() == [result.layers]
     assert [p.parent for p in result.preset_paths] == [tmp_path / "cache" / "presets"] * 2
     stored = json.loads((tmp_path / "cache" / "presets" / "critical_layers.json").read_text())
     assert stored["my-tiny-llama"]["layers"] == result.layers and "band95" in stored["my-tiny-llama"]
@@ -54,7 +51,11 @@ def test_edit_uses_the_preset_calibrate_wrote(tiny_checkpoint, tmp_path, monkeyp
     assert not {"nullspace", "nullspace_threshold", "l2"} & (set(editing["pmet"]) | set(editing["memit"]))
     alpha = preset(model.cfg.model_name, "alphaedit")
     assert (alpha.nullspace_threshold, alpha.l2, list(alpha.layers)) == (0.05, 3.0, result.layers)
-    assert result.figure().data  # the figure has traces
+    fig, curves = result.figure(), result.curves()
+    assert [t.name for t in fig.data] == ["plain", "MLP severed", "gap (plain - severed)", "share of resamples"]
+    assert list(fig.data[0].y) == list(curves["plain"]) and list(fig.data[2].y) == list(curves["gap"])
+    assert list(fig.data[3].y) == list(wins["share"])
+    assert curves["in_R"].tolist() == [layer in result.layers for layer in range(4)]
     for method in ("pmet", "memit"):
         hp = preset(model.cfg.model_name, method)
         assert list(hp.layers) == result.layers

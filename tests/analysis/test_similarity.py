@@ -72,10 +72,40 @@ def test_topk_jaccard():
     assert topk_jaccard(a, b).tolist() == [1.0, pytest.approx(1 / 7)]
 
 
-def test_topk_change(tiny_model):
-    ch = topk_change(tiny_model, PROMPTS[0], layer=1, component="ffn", k=5)
-    assert len(ch.before) == len(ch.after) == 5
-    assert len(ch.kept) + len(ch.entered) == 5 and len(ch.kept) + len(ch.left) == 5
+def _manual_topk(model, prompt, layer, component, variant, k):
+    """Top-k token ids of the component's input and output, from a full run_with_cache and module hooks."""
+    seen = {}
+    ln = model.blocks[layer].ln1 if component == "mhsa" else model.blocks[layer].ln2
+    handle = ln.register_forward_hook(lambda m, i, o: seen.__setitem__("ln", o[0, -1]))
+    try:
+        _, cache = model.run_with_cache(prompt)
+    finally:
+        handle.remove()
+    out = cache[f"blocks.{layer}.hook_attn_out" if component == "mhsa" else f"blocks.{layer}.hook_mlp_out"][0, -1]
+    if variant == "paper":
+        x, project = seen["ln"], (lambda v: v @ model.W_E.T)
+    else:
+        parallel_or_attn = component == "mhsa" or model.cfg.parallel_attn_mlp
+        x = cache[f"blocks.{layer}.hook_resid_pre" if parallel_or_attn else f"blocks.{layer}.hook_resid_mid"][0, -1]
+        project = lambda v: model.unembed(model.ln_final(v[None, None]))[0, 0]  # noqa: E731
+    return project(x).topk(k).indices.tolist(), project(out).topk(k).indices.tolist()
+
+
+@pytest.mark.parametrize("component, variant", [("ffn", "paper"), ("mhsa", "logit_lens")])
+@torch.no_grad()
+def test_topk_change(tiny_model, component, variant):
+    k, layer = 5, 1
+    ch = topk_change(tiny_model, PROMPTS[0], layer=layer, component=component, k=k, variant=variant)
+    before, after = _manual_topk(tiny_model, PROMPTS[0], layer, component, variant, k)
+    dec = lambda ids: [tiny_model.tokenizer.decode([i]) for i in ids]  # noqa: E731
+    assert (ch.layer, ch.component, ch.variant) == (layer, component, variant)
+    assert ch.before == dec(before) and ch.after == dec(after)  # in rank order
+    assert ch.kept == dec([i for i in before if i in after])
+    assert ch.left == dec([i for i in before if i not in after])
+    assert ch.entered == dec([i for i in after if i not in before])
+    assert ch.jaccard == pytest.approx(len(set(before) & set(after)) / len(set(before) | set(after)))
+    with pytest.raises(ValueError, match="component must be one of"):
+        topk_change(tiny_model, PROMPTS[0], layer=layer, component="mlp")
 
 
 @pytest.mark.parametrize("kwargs, err, match", [
@@ -93,11 +123,9 @@ def test_bad_input(tiny_model, kwargs, err, match):
 
 
 @pytest.mark.slow
-def test_independent_transformers_computation(default_model):
+def test_independent_transformers_computation(default_model, default_hf):
     """Same quantities computed with transformers' LlamaForCausalLM modules agree to 1e-3."""
-    from pmet_lens.core.models import load_default_hf
-
-    hf, tok = load_default_hf()
+    hf, tok = default_hf
     prompts = ["The Colosseum is located in the city of", "Barack Obama was born in the state of",
                "The Beatles were a band from", "Mount Fuji is the highest mountain in",
                "The currency of the United Kingdom is the", "Albert Einstein developed the theory of"]

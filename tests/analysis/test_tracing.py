@@ -87,8 +87,35 @@ def test_severed_differs_only_where_path_exists_tiny(tiny_model, sever):
 
 
 def test_multi_token_target_tiny(tiny_model):
-    r = trace(tiny_model, PROMPT, SUBJECT, samples=2, target="Paris France")
-    assert len(r.target_ids) >= 2 and 0 < r.high_score < 1
+    """A multi-token target scores exp(mean token log-probability), teacher-forced after the prompt: clean,
+    corrupted (mean over the noise samples) and with the last token's final state restored."""
+    from pmet_lens.analysis.tracing import embedding_std
+    from pmet_lens.core.tokens import encode
+
+    r = trace(tiny_model, PROMPT, SUBJECT, samples=2, seed=4, target="Paris France")
+    tgt = tiny_model.tokenizer(" Paris France", add_special_tokens=False)["input_ids"]
+    assert r.target_ids == tgt and len(tgt) >= 2
+    ids = torch.tensor([encode(tiny_model, PROMPT) + tgt[:-1]])
+    n = ids.shape[1] - len(tgt) + 1  # prompt tokens
+
+    def score(logits):  # [pos, vocab] -> geometric mean of the target tokens' probabilities
+        lp = logits.log_softmax(-1)
+        return float(torch.stack([lp[n - 1 + i, t] for i, t in enumerate(tgt)]).mean().exp())
+
+    with torch.no_grad():
+        assert _close(r.high_score, score(tiny_model(ids)[0]))
+        s0, s1 = r.subject_range
+        gen = torch.Generator().manual_seed(4)
+        eps = torch.randn(2, s1 - s0, tiny_model.cfg.d_model, generator=gen) * 3.0 * embedding_std(tiny_model)
+
+        def corrupted(e):
+            def noise(act, hook):
+                act[:, s0:s1] += e
+                return act
+            return tiny_model.run_with_hooks(ids, fwd_hooks=[("hook_embed", noise)])[0]
+
+        assert _close(r.low_score, sum(score(corrupted(e)) for e in eps) / 2, rel=1e-3)
+    assert abs(r.low_score - r.high_score) > 1e-3 * r.high_score  # the noise changed the score
     assert _close(r.scores[:r.subject_range[0]], torch.full((r.subject_range[0], r.n_layers), r.low_score))
 
 
@@ -123,7 +150,7 @@ def test_window_and_classes_and_rule():
     plain = torch.tensor([0.1, 0.5, 0.6, 0.6, 0.6, 0.5, 0.3, 0.2])
     mlp = torch.tensor([0.1, 0.1, 0.1, 0.2, 0.5, 0.5, 0.3, 0.2])
     assert critical_layers(plain, mlp, size=3) == ([1, 2, 3], 3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"size must be an int in 1\.\.8, got 0"):
         critical_layers(plain, mlp, size=0)
 
 

@@ -23,16 +23,28 @@ def test_fast_layout_bit_identical_tiny(tiny_model):
 
 
 def test_fast_layout_keeps_in_place_updates(tiny_model):
+    """An in-place update of a weight in the fast layout (as an edit writes ΔW) gives the logits of the
+    stock layout with the same update, bit for bit, and the update survives switching layouts."""
+    from conftest import TINY_VARIANTS, make_tiny_model
+
+    variant = next(v for v, args in TINY_VARIANTS.items() if args == (tiny_model.cfg.parallel_attn_mlp,
+                                                                       tiny_model.cfg.normalization_type,
+                                                                       tiny_model.cfg.gated_mlp))
+    stock = uninstall_fast_linear(make_tiny_model(*TINY_VARIANTS[variant]))  # the same weights, stock layout
     install_fast_linear(tiny_model)
-    w = tiny_model.blocks[0].mlp.W_out
-    before = _logits(tiny_model)
+    assert torch.equal(_logits(stock), _logits(tiny_model))
+    update = 0.5 * torch.randn(tiny_model.blocks[0].mlp.W_out.shape, generator=torch.Generator().manual_seed(0))
+    before, saved = _logits(tiny_model), tiny_model.blocks[0].mlp.W_out.detach().clone()
     with torch.no_grad():
-        w += 0.5
+        tiny_model.blocks[0].mlp.W_out += update
+        stock.blocks[0].mlp.W_out += update
     changed = _logits(tiny_model)
+    assert torch.equal(changed, _logits(stock))
+    assert (changed - before).abs().max() > 1e-3
+    assert torch.equal(_logits(uninstall_fast_linear(tiny_model)), changed)
     with torch.no_grad():
-        w -= 0.5
-    assert not torch.equal(before, changed)
-    uninstall_fast_linear(tiny_model)
+        tiny_model.blocks[0].mlp.W_out.copy_(saved)
+    assert torch.equal(_logits(tiny_model), before)
 
 
 @pytest.mark.slow

@@ -74,11 +74,9 @@ def test_default_model_knows_paris(default_model):
 
 
 @pytest.mark.slow
-def test_logits_parity_with_transformers(default_model):
+def test_logits_parity_with_transformers(default_model, default_hf):
     """The hooked model reproduces transformers' own de-quantised GGUF model."""
-    from pmet_lens.core.models import load_default_hf
-
-    hf, tok = load_default_hf()
+    hf, tok = default_hf
     prompts = ["The Eiffel Tower is located in the city of", "The mother tongue of Danielle Darrieux is",
                "Hello! My name is", "Python is a programming language that", "1, 2, 3, 4,"]
     with torch.no_grad():

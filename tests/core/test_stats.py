@@ -47,8 +47,15 @@ def test_missing_values_are_skipped():
     assert m[1] == 7.0 and h[1] == pytest.approx(Z95 * 2.0 / math.sqrt(3))
 
 
-def test_z_is_the_normal_quantile():
-    assert Z95 == pytest.approx(1.959963984540054, abs=5e-5)
+def test_z_is_the_normal_quantile_to_two_decimals():
+    """Z95 is the two-sided 95% quantile of the standard normal rounded to two decimals (1.96, as ROME,
+    MEMIT and PMET use it), not a nearby value: the quantile comes from the inverse CDF here."""
+    from statistics import NormalDist
+
+    quantile = NormalDist().inv_cdf(0.975)
+    assert abs(quantile - 1.959963984540054) < 1e-12
+    assert Z95 == round(quantile, 2) == 1.96
+    assert NormalDist().cdf(Z95) - NormalDist().cdf(-Z95) == pytest.approx(0.95, abs=1e-4)
 
 
 def test_agrees_with_the_old_formulas():

@@ -73,7 +73,7 @@ def test_limit_and_user_path(tmp_path):
     path.write_text(json.dumps([f.to_counterfact() for f in cf]))
     again = load_counterfact(path)
     assert [f.text for f in again] == [f.text for f in cf]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="limit must be >= 0, got -1"):
         load_counterfact(limit=-1)
 
 
@@ -118,7 +118,7 @@ def test_bad_counterfact_records_named(tmp_path):
     path.write_text(json.dumps(["Zeus"]))
     with pytest.raises(DataError, match=r"zsRE record #0: expected a JSON object"):
         load_zsre(path)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"CounterFact file not found: .*nope\.json"):
         load_counterfact(tmp_path / "nope.json")
 
 

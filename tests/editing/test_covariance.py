@@ -7,6 +7,50 @@ import torch
 
 from pmet_lens.editing.covariance import CovarianceStore as _Store
 
+CORPUS = ["The Eiffel Tower is in Paris. It was built for the 1889 World's Fair.\n\nParis is the capital of France.\n"
+          + "The tower is 330 metres tall and was the tallest structure in the world for 41 years. " * 5,
+          "Danielle Darrieux was a French actress.\nShe spoke French.\n" + "Her career spanned eight decades. " * 20]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_covariance_equals_plain_run_with_cache(tiny_model, dtype):
+    """C = Σ k kᵀ / n written out: the corpus's paragraphs tokenised one by one without special tokens,
+    cut to n tokens and into chunks of seq_len, each chunk run ALONE with plain ``run_with_cache`` (no
+    padding, no BOS although this model prepends one by default, no early stop), k kᵀ summed over
+    every position in float64 and divided by the number of tokens. The store batches 4 chunks, pads
+    the short last one, stops at the last hooked layer and must give the same C for W_out's and W_O's
+    keys."""
+    n_tokens, seq_len = 250, 48  # chunks 48 x 5 + 10: the second batch pads its 10-token chunk to 48
+    hooks = ["blocks.1.mlp.hook_post", "blocks.2.attn.hook_z"]
+    tok = tiny_model.tokenizer
+    ids = [t for text in CORPUS for para in text.split("\n") if para.strip()
+           for t in tok(para, add_special_tokens=False)["input_ids"]]
+    assert len(ids) >= n_tokens
+    ids = ids[:n_tokens]
+    sums = {h: 0.0 for h in hooks}
+    with_bos = {h: 0.0 for h in hooks}
+    for start in range(0, n_tokens, seq_len):
+        chunk = ids[start:start + seq_len]
+        for bos, acc in ((False, sums), (True, with_bos)):
+            tokens = torch.tensor([[tok.bos_token_id] * bos + chunk])
+            _, cache = tiny_model.run_with_cache(tokens, names_filter=hooks)
+            for h in hooks:
+                k = cache[h][0].reshape(tokens.shape[1], -1).double()  # [pos, d_k] (hook_z: [pos, heads, d_head])
+                acc[h] = acc[h] + k.T @ k
+    reference = {h: sums[h] / n_tokens for h in hooks}
+    tiny_model.cfg.default_prepend_bos = True
+    try:
+        got = _Store(False, corpus=CORPUS, batch_size=4, progress=False).get(tiny_model, hooks, n_tokens, dtype, seq_len)
+    finally:
+        tiny_model.cfg.default_prepend_bos = False
+    for h in hooks:
+        assert got[h].dtype == getattr(torch, dtype)
+        ref, tol = reference[h], 1e-5 * float(reference[h].abs().max())
+        torch.testing.assert_close(got[h].double(), ref, rtol=1e-5, atol=tol)
+        # the details matter at this tolerance: a BOS per chunk, or n counting the padding, gives another C
+        assert (with_bos[h] / (n_tokens + 6) - ref).abs().max() > 100 * tol
+        assert (ref * n_tokens / (6 * seq_len) - ref).abs().max() > 100 * tol
+
 
 def test_covariance_cache_corrupt_rebuilt(tiny_model, tmp_path, caplog):
     store = _Store(tmp_path, progress=False)
@@ -42,7 +86,13 @@ def test_covariance_corpus_inputs(tiny_model, tmp_path):
         _Store(False, corpus=str(tmp_path / "typo.txt"))
     with pytest.raises(ValueError, match="no 'text' field"):
         _Store(False, corpus=[{"body": "x"}])
-    assert _Store(False, corpus=[{"body": texts[0]}], text_field="body").corpus_hash
+    # records name their text field; the corpus hash is the text's (sha256 of the texts, joined), not the container's
+    import hashlib
+
+    by_field = _Store(False, corpus=[{"body": texts[0]}], text_field="body")
+    assert by_field.corpus_hash == _Store(False, corpus=[texts[0]]).corpus_hash == hashlib.sha256(texts[0].encode()).hexdigest()[:16]
+    assert _Store(False, corpus=texts).corpus_hash == hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
+    assert _Store(False, corpus=texts).corpus_hash != by_field.corpus_hash
     with pytest.raises(TypeError, match="expected a text"):
         _Store(False, corpus=[3])
     with pytest.raises(ValueError, match="has .* tokens but C needs 100000"):

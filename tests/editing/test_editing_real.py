@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import load_analysis
+from conftest import load_analysis, real_hparams
 from pmet_lens.core.tokens import encode, target_ids
 from pmet_lens.data import load_counterfact, load_known_facts
-from pmet_lens.editing import CovarianceStore, edit, preset
+from pmet_lens.editing import edit
 
 EIFFEL = "The Eiffel Tower is located in the city of"
 # Measured on SmolLM2 with the presets (PMET λ 30, c 1.5; MEMIT λ 30, c 0.75; `analyses/paraphrase_probe.py`
@@ -34,14 +34,14 @@ def _score(model, text, target):
 
 
 @pytest.fixture(scope="module", params=["pmet", "memit"])
-def darrieux(request, default_model, tmp_path_factory):
+def darrieux(request, default_model, real_cov_store):
     """Scores before / during the edit and whether the weights came back bit-for-bit."""
     fact = load_counterfact(limit=1)[0]
     assert fact.subject == "Danielle Darrieux" and fact.target_new == "English"
     assert HARD_PARAPHRASE in fact.paraphrase_prompts
-    # small covariance sample keeps the test fast; λ and the optimisation are the preset's
-    hp = preset("SmolLM2-135M-Instruct", request.param).with_(cov_tokens=8192)
-    store = CovarianceStore(tmp_path_factory.mktemp("cov"), progress=False)
+    # the suite's small covariance sample keeps the test fast; λ and the optimisation are the preset's
+    hp = real_hparams(request.param)
+    store = real_cov_store
     before = {k: v.clone() for k, v in default_model.state_dict().items() if "W_out" in k}
     prompts = (fact.text, *fact.paraphrase_prompts)
     pairs = [(p, "English", "French") for p in prompts] + [(EIFFEL, "Paris", "London"), (EIFFEL, "Paris", "English")]
@@ -66,8 +66,10 @@ def test_darrieux_english(darrieux):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="known miss on SmolLM2: the model states nobody's mother tongue on this "
-                   "template (see HARD_PARAPHRASE and the control test below); a pass shows as XPASS")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known miss on SmolLM2: the model states nobody's mother tongue on this template (see "
+                          "HARD_PARAPHRASE and the control test below); an unexpected pass fails the run, and so "
+                          "does any error other than this assertion")
 def test_darrieux_hard_paraphrase(darrieux):
     fact, _, edited, _ = darrieux
     assert edited[(HARD_PARAPHRASE, "English", "French")]

@@ -10,13 +10,13 @@ from pmet_lens.editing import MEMITHyperParams, PMETHyperParams, prepare_request
 
 
 def test_hparams_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"layers must be strictly ascending without repeats, got \(3, 2\)"):
         PMETHyperParams(layers=(3, 2))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="lam must be a finite number > 0, got -1"):
         PMETHyperParams(lam=-1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="update_attn=True needs use_attn_delta=True"):
         PMETHyperParams(use_attn_delta=False, update_attn=True)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="spread must be 'sqrt' or 'even', got 'cubic'"):
         MEMITHyperParams(spread="cubic")
     assert PMETHyperParams(layers=[1, 2]).layers == (1, 2)
 

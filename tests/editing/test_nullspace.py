@@ -72,6 +72,27 @@ def test_prev_term_shrinks_change_of_earlier_keys():
     assert (earlier @ with_prev).norm() < 0.5 * (earlier @ without).norm()
 
 
+@pytest.mark.parametrize("with_prev", [False, True], ids=["first-batch", "with-KpKp"])
+def test_projected_solve_equals_the_direct_solve_of_eq_12(with_prev):
+    """X = solve(P (K1ᵀK1 + KpKp) + α I, P K1ᵀ R) written out directly, for a random low-rank
+    projector P (not C's: any symmetric idempotent P) and float32 inputs, as the editors pass them."""
+    g = torch.Generator().manual_seed(7)
+    d, rank, u, d_out, alpha = 24, 7, 5, 8, 0.3
+    U, _ = torch.linalg.qr(torch.randn(d, rank, generator=g, dtype=torch.float64))
+    P = U @ U.T  # [d, d], rank 7
+    keys = torch.randn(u, d, generator=g)
+    resid = torch.randn(u, d_out, generator=g)
+    earlier = torch.randn(9, d, generator=g, dtype=torch.float64)
+    prev = earlier.T @ earlier if with_prev else torch.zeros(d, d, dtype=torch.float64)
+    K, R = keys.double(), resid.double()
+    direct = torch.linalg.solve(P @ (K.T @ K + prev) + alpha * torch.eye(d, dtype=torch.float64), P @ K.T @ R)
+    got = projected_solve(keys, resid, P, alpha, prev=prev if with_prev else None)
+    assert got.dtype == torch.float64 and got.shape == (d, d_out)
+    torch.testing.assert_close(got, direct, rtol=1e-10, atol=1e-12)
+    # the projection matters: without it (P = I) the solution is another one
+    assert (projected_solve(keys, resid, torch.eye(d), alpha, prev=prev if with_prev else None) - direct).norm() > 0.1 * direct.norm()
+
+
 def test_threshold_zero_and_empty_nullspace_give_zero_update():
     cov, _ = _low_rank_cov()
     keys = torch.randn(3, 24, dtype=torch.float64)
@@ -129,8 +150,10 @@ def test_alphaedit_hparams_validated_and_round_trip():
     assert hp.method == "alphaedit" and hp.nullspace and hp.spread == "even"
     assert hparams_from_dict(hp.to_dict()) == hp
     assert hparams_from_dict(PMETHyperParams(nullspace=True).to_dict()).nullspace
-    for bad in ({"nullspace_threshold": -1.0}, {"l2": 0.0}, {"nullspace": False}):
-        with pytest.raises((ValueError, TypeError)):
+    for bad, match in (({"nullspace_threshold": -1.0}, r"nullspace_threshold \(τ\) must be a finite number >= 0"),
+                       ({"l2": 0.0}, r"l2 \(α\) must be a finite number > 0"),
+                       ({"nullspace": False}, "AlphaEditHyperParams needs nullspace=True")):
+        with pytest.raises(ValueError, match=match):
             AlphaEditHyperParams(**bad)
     with pytest.raises(TypeError, match="nullspace"):
         PMETHyperParams(nullspace=1)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pmet_lens.core.arch import architecture
+from conftest import real_hparams
+from pmet_lens.core.arch import architecture, block_index
 from pmet_lens.core.tokens import encode, subject_last_position, target_ids
 from pmet_lens.data import load_counterfact
-from pmet_lens.editing import CovarianceStore, edit, preset
+from pmet_lens.editing import edit
 
 SITE_HOOK = {"mlp_out": "mlp_out_hook", "attn_out": "attn_out_hook", "resid_post": "resid_post_hook"}
 
@@ -60,13 +61,20 @@ def official_loss(model, fact, hp, prefixes, deltas):
     return nll, kl, wd, reverse
 
 
+def _read(model, text: str, names: list[str]):
+    """run_with_cache of one text for ``names``, stopped after the last block they are read from."""
+    with torch.no_grad():
+        _, cache = model.run_with_cache(torch.tensor([encode(model, text)]), names_filter=names,
+                                        stop_at_layer=max(block_index(n) for n in names) + 1)
+    return cache
+
+
 @pytest.fixture(scope="module", params=["pmet", "memit"])
-def four_fact_edit(request, default_model, tmp_path_factory):
+def four_fact_edit(request, default_model, real_cov_store):
     facts = load_counterfact(limit=4)
-    hp = preset("SmolLM2-135M-Instruct", request.param).with_(cov_tokens=8192)
-    store = CovarianceStore(tmp_path_factory.mktemp("cov"), progress=False)
-    result = edit(default_model, facts, hparams=hp, cov_store=store, progress=False, apply=False)
-    return hp, store, result
+    hp = real_hparams(request.param)
+    result = edit(default_model, facts, hparams=hp, cov_store=real_cov_store, progress=False, apply=False)
+    return hp, real_cov_store, result
 
 
 @pytest.mark.slow
@@ -77,20 +85,25 @@ def test_final_loss_is_the_official_loss(default_model, four_fact_edit):
         text = fact.prompt.format(fact.subject)
         pos = subject_last_position(model, fact.prompt, fact.subject)
         names = {site: _site_hook(arch, site, L) for site in result.targets}
-        with torch.no_grad():
-            _, cache = model.run_with_cache(torch.tensor([encode(model, text)]), names_filter=list(names.values()))
+        cache = _read(model, text, list(names.values()))
         deltas = {}
         for site, hook in names.items():
             init = cache[hook][0, pos].float()
             deltas[site] = (hook, result.targets[site][i].float() - init, float(init.norm()))
         nll, kl, wd, reverse = official_loss(model, fact, hp, result.prefixes, deltas)
-        loss, prob = result.stats["loss"][i], result.stats["prob"][i]
-        assert -torch.log(torch.tensor(prob)).item() == pytest.approx(nll, rel=2e-3, abs=2e-3), fact.where
-        # MEMIT's φ is fixed; PMET's is nll_factor or 0.1·nll_factor depending on whether o* was top
-        phis = [hp.nll_factor] if result.method == "memit" else [hp.nll_factor, 0.1 * hp.nll_factor]
-        gaps = [abs(loss - (phi * nll + hp.kl_factor * kl + wd)) for phi in phis]
-        assert min(gaps) < 2e-3 + 2e-3 * abs(loss), (fact.where, loss, nll, kl, wd)
-        assert kl >= 0 and reverse >= 0
+        loss, prob, phi = result.stats["loss"][i], result.stats["prob"][i], result.stats["phi"][i]
+        assert -torch.log(torch.tensor(prob)).item() == pytest.approx(nll, rel=1e-4, abs=1e-5), fact.where
+        # MEMIT's φ is fixed; PMET's is nll_factor, or 0.1·nll_factor on a step after one where o* was top
+        allowed = [hp.nll_factor] if result.method == "memit" else [hp.nll_factor, 0.1 * hp.nll_factor]
+        assert any(phi == pytest.approx(value, rel=1e-6) for value in allowed), (fact.where, phi)
+        # float32 suffix-cached batches against plain full forwards: measured within 3.2e-6 (relative to
+        # 1 + loss 4e-6) on the Intel Xeon, so the tolerance is 12x that and still tells the KL's direction
+        tol = 5e-5 * (1 + abs(loss))
+        assert abs(loss - (phi * nll + hp.kl_factor * kl + wd)) < tol, (fact.where, loss, phi, nll, kl, wd)
+        # KL(P_init ‖ P_edited) in the KL's place misses the loss by more than the tolerance (by 2.4e-4 at
+        # least on these facts: the two directions differ at third order in the change of distribution)
+        assert kl > 0 and reverse > 0
+        assert abs(loss - (phi * nll + hp.kl_factor * reverse + wd)) > tol, (fact.where, kl, reverse, tol)
 
 
 @pytest.mark.slow
@@ -115,9 +128,7 @@ def test_update_uses_group_weighted_keys(default_model, four_fact_edit):
                 for j, tmpl in enumerate(templates):
                     text = tmpl.replace("{}", fact.prompt)
                     pos = subject_last_position(model, text, fact.subject)
-                    with torch.no_grad():
-                        _, cache = model.run_with_cache(torch.tensor([encode(model, text.format(fact.subject))]),
-                                                        names_filter=[key_hook, _site_hook(arch, site, L)])
+                    cache = _read(model, text.format(fact.subject), [key_hook, _site_hook(arch, site, L)])
                     per_template.append(cache[key_hook][0, pos].double())
                     if j == 0:
                         current = cache[_site_hook(arch, site, L)][0, pos].double()

@@ -5,18 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import real_hparams
 from pmet_lens.data.splits import split_facts
-from pmet_lens.editing import CovarianceStore
 from pmet_lens.editing.session import EditSession
 from pmet_lens.evaluation.sequential import batch_efficacy
 
 
 @pytest.mark.slow
-def test_three_alphaedit_batches_survive_and_undo_to_one_is_exact(default_model):
+def test_three_alphaedit_batches_survive_and_undo_to_one_is_exact(default_model, real_cov_store, real_nullspace_store):
+    """The preset's AlphaEdit (τ, α, optimisation) with the suite's C (8192 tokens, built once per session)."""
     model = default_model
     facts = split_facts("tune", limit=12)
     batches = [facts[0:4], facts[4:8], facts[8:12]]
-    session = EditSession(model, method="alphaedit", cov_store=CovarianceStore(progress=False), progress=False)
+    session = EditSession(model, hparams=real_hparams("alphaedit"), cov_store=real_cov_store,
+                          nullspace_store=real_nullspace_store, progress=False)
     try:
         session.edit(batches[0])
         after1 = {n: _param(model, n).clone() for n in session.originals}

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import real_hparams
 from pmet_lens.core.generation import sample_texts
 from pmet_lens.data import DataError, Fact, load_counterfact, load_zsre
+from pmet_lens.editing import edit
 from pmet_lens.evaluation import evaluate_counterfact, evaluate_zsre, format_table, harmonic_mean, mean_ci95
 from pmet_lens.evaluation.consistency import ProxyReference
 from pmet_lens.evaluation.textmetrics import Tfidf, ngram_entropy
@@ -128,11 +130,11 @@ def test_counterfact_matches_plain_loop_edited(tiny_model):
 
 
 @pytest.mark.slow
-def test_counterfact_matches_plain_loop_real_edit(default_model):
+def test_counterfact_matches_plain_loop_real_edit(default_model, real_cov_store):
     """With the real editor (issue 5) on the real model: an applied edit, then the same edit as hooks."""
-    editing = pytest.importorskip("pmet_lens.editing")
     facts = _facts(1)
-    result = editing.edit(default_model, facts, method="pmet", apply=False, progress=False)
+    result = edit(default_model, facts, hparams=real_hparams("pmet"), cov_store=real_cov_store, apply=False,
+                  progress=False)
     with result:
         applied, s = evaluate_counterfact(default_model, facts, generation=False, progress=False)
         _check_against_reference(default_model, facts, applied)
@@ -180,7 +182,13 @@ def test_generation_metrics_match_texts(tiny_model):
     assert "consistency" not in per_record and "consistency" not in summary  # proxy, never the paper's name
     assert summary["consistency_kind"] == "consistency_proxy"
     assert summary["n_generation"] == 1
-    assert 0.0 <= per_record["consistency_proxy"][0] <= 1.0
+    # the proxy is the TF-IDF cosine of the record's texts, joined, and its reference text about o*
+    ref = ProxyReference.from_wikitext()
+    expected = ref.tfidf.similarity(" ".join(texts), ref.reference_text(facts[0]))
+    assert per_record["consistency_proxy"][0] == pytest.approx(expected, abs=1e-12)
+    assert expected > 0  # the texts share words with the reference: a value, not an empty match
+    assert np.isnan(per_record["consistency_proxy"][1])
+    assert summary["consistency_proxy"] == pytest.approx(expected)
 
 
 def test_bad_records():
