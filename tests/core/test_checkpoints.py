@@ -10,9 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
 
-from conftest import _tokenizer
+from conftest import save_tiny_checkpoint
 from pmet_lens import MEMITHyperParams, PMETHyperParams, apply_delta, edit, export_hf, load_model, trace
-from pmet_lens.core.models import default_gguf_path
 from pmet_lens.editing import CovarianceStore
 
 V = 49152  # the default model's tokenizer, as in conftest.make_tiny_model
@@ -33,15 +32,6 @@ PROMPTS = ["The Eiffel Tower is located in the city of", "The capital of France 
 TOL = 1e-4
 
 
-def _save_tiny(kind: str, directory) -> None:
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(ARCHS[kind]())
-    with torch.no_grad():  # random norm parameters, so that a wrong mapping of them shows
-        for name, p in hf.named_parameters():
-            if p.ndim == 1 and ("norm" in name or "ln" in name):
-                p.add_(0.2 * torch.randn_like(p))
-    hf.save_pretrained(directory)
-    _tokenizer(str(default_gguf_path())).save_pretrained(directory)
 
 
 def _ids(tokenizer) -> torch.Tensor:
@@ -59,7 +49,7 @@ def _hf_logits(path, ids: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(params=list(ARCHS), scope="module")
 def checkpoint(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp("ckpt") / f"tiny-{request.param}"
-    _save_tiny(request.param, directory)
+    save_tiny_checkpoint(ARCHS[request.param](), directory, perturb_norms=True)
     return directory
 
 
@@ -151,8 +141,51 @@ def test_existing_export_path_is_refused_and_untouched(checkpoint, tmp_path):
 
 def test_delta_file_checks(checkpoint, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"edit file .*missing\.safetensors' does not exist"):
         apply_delta(hf, tmp_path / "missing.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable safetensors"):
         apply_delta(hf, tmp_path / "junk.safetensors")
+
+
+def test_delta_files_that_do_not_fit_are_refused_and_change_nothing(tiny_llama_checkpoint, store, tmp_path):
+    """apply_delta refuses a safetensors file that is no edit file, a delta for a parameter the model does
+    not have, and a delta of the wrong shape, each with its own message and the weights untouched."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = load_model(tiny_llama_checkpoint, device="cpu")
+    edit(model, [FACT], hparams=_hparams(MEMITHyperParams), cov_store=store, apply=False,
+         progress=False).save(tmp_path / "edit.safetensors")
+    with safe_open(str(tmp_path / "edit.safetensors"), framework="pt") as fh:
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    assert sorted(k for k in tensors if k.startswith("delta/")) == ["delta/blocks.1.mlp.W_out", "delta/blocks.2.mlp.W_out"]
+    d_mlp, d_model = tensors["delta/blocks.1.mlp.W_out"].shape
+    bad = {
+        "not-an-edit": ({"x": torch.zeros(2)}, {"format": "something-else"}, "is not a pmet-lens edit file"),
+        "unknown-param": ({**tensors, "delta/blocks.9.mlp.W_out": torch.zeros(d_mlp, d_model)}, meta,
+                          "'blocks.9.mlp.W_out' is not a parameter of this LlamaForCausalLM"),
+        "wrong-shape": ({**tensors, "delta/blocks.2.mlp.W_out": torch.zeros(d_mlp - 1, d_model)}, meta,
+                        rf"delta blocks.2.mlp.W_out has shape \({d_mlp - 1}, {d_model}\), this model's parameter "
+                        rf"\({d_mlp}, {d_model}\)"),
+    }
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_checkpoint, dtype=torch.float32)
+    snapshot = {k: v.clone() for k, v in hf.state_dict().items()}
+    for name, (content, metadata, message) in bad.items():
+        save_file(content, str(tmp_path / f"{name}.safetensors"), metadata=metadata)
+        with pytest.raises(ValueError, match=message):
+            apply_delta(hf, tmp_path / f"{name}.safetensors")
+        assert all(torch.equal(snapshot[k], v) for k, v in hf.state_dict().items()), name
+    apply_delta(hf, tmp_path / "edit.safetensors")  # the file they were made from applies
+    assert not torch.equal(snapshot["model.layers.1.mlp.down_proj.weight"], hf.state_dict()["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_gguf_export_refuses_a_bad_dtype_and_a_model_not_from_gguf(tiny_llama_checkpoint, tmp_path):
+    from pmet_lens import export_gguf
+
+    model = load_model(tiny_llama_checkpoint, device="cpu")
+    with pytest.raises(ValueError, match="dtype must be 'f32' or 'f16', got 'q4_0'"):
+        export_gguf(model, tmp_path / "m.gguf", dtype="q4_0")
+    with pytest.raises(ValueError, match="'my-tiny-llama' was not loaded from a GGUF file.*export_hf instead"):
+        export_gguf(model, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []  # nothing written, no scratch file left
