@@ -17,6 +17,9 @@
 # input with its learned scale, projected with `W_E.T`) and `logit_lens` (what the paper's text describes: the
 # residual stream entering the component, read out through `ln_final` and `W_U`).
 
+# %% tags=["parameters"]
+N_SAMPLE = 40  # known facts in the sample run (the full run is analyses/component_similarity.py)
+
 # %%
 import pandas as pd
 
@@ -29,16 +32,16 @@ facts = pmet_lens.load_known_facts()
 len(facts), facts[0]
 
 # %% [markdown]
-# ## A sample run (40 prompts, both variants)
+# ## A sample run (`N_SAMPLE` prompts, both variants)
 # The full 1209-prompt run is `python analyses/component_similarity.py`.
 
 # %%
-sample = [f.prompt for f in facts[:40]]
+sample = [f.prompt for f in facts[:N_SAMPLE]]
 df = component_similarity(model, sample, k=50, variant='both', progress=False)
 df.head()
 
 # %%
-similarity_figure(df, title='Sample of 40 known facts').show()
+similarity_figure(df, title=f'Sample of {N_SAMPLE} known facts').show()
 
 # %% [markdown]
 # ## The full run, if `figures/component_similarity.csv` exists

@@ -15,6 +15,10 @@
 # probabilities before/after on the prompt, its paraphrases and neighbourhood prompts, preview the edit as forward
 # hooks (weights untouched) and restore the model bit-for-bit.
 
+# %% tags=["parameters"]
+N_FACTS = 4    # tune-split facts edited
+HPARAMS = {}   # overrides of the PMET preset, e.g. {'steps': 10}
+
 # %%
 import pandas as pd
 import torch
@@ -25,8 +29,8 @@ from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, edit, preset
 
 model = load_model()
-facts = split_facts('tune', limit=4)
-hp = preset('SmolLM2-135M-Instruct', 'pmet')
+facts = split_facts('tune', limit=N_FACTS)
+hp = preset('SmolLM2-135M-Instruct', 'pmet').with_(**HPARAMS)
 hp
 
 

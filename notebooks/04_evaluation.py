@@ -18,6 +18,12 @@
 # the papers' numbers. Cases come from the REPORT part of the fixed CounterFact split (hyper-parameters were tuned
 # on the TUNE part only).
 
+# %% tags=["parameters"]
+N_CASES = 4    # report-split cases evaluated
+N_ZSRE = 20    # zsRE records evaluated
+GEN_LENGTH = 100  # tokens per generated text, prompt included (ROME's max_out_len)
+HPARAMS = {}   # overrides of the PMET preset, e.g. {'steps': 10}
+
 # %%
 import logging
 import time
@@ -29,7 +35,7 @@ from pmet_lens.evaluation import evaluate_counterfact, evaluate_zsre, format_tab
 logging.getLogger('pmet_lens').setLevel(logging.ERROR)
 t_start = time.time()
 model = pmet_lens.load_model()
-facts = split_facts('report', limit=4)
+facts = split_facts('report', limit=N_CASES)
 [(f.case_id, f.text, f.target_true, '->', f.target_new) for f in facts]
 
 # %% [markdown]
@@ -37,7 +43,7 @@ facts = split_facts('report', limit=4)
 # Generation metrics on every 4th case only (one case: 10 sampled texts), to keep the notebook fast.
 
 # %%
-before, s_before = evaluate_counterfact(model, facts, gen_every=4, progress=False)
+before, s_before = evaluate_counterfact(model, facts, gen_every=4, max_length=GEN_LENGTH, progress=False)
 before
 
 # %% [markdown]
@@ -46,13 +52,16 @@ before
 # the edited model without touching the weights.
 
 # %%
-result = pmet_lens.edit(model, facts[:1], method='pmet', apply=False, progress=False)
+from pmet_lens.editing import preset
+
+hp = preset('SmolLM2-135M-Instruct', 'pmet').with_(**HPARAMS)
+result = pmet_lens.edit(model, facts[:1], hparams=hp, apply=False, progress=False)
 with model.hooks(fwd_hooks=result.as_hooks()):
-    after, s_after = evaluate_counterfact(model, facts[:1], gen_every=1, progress=False)
+    after, s_after = evaluate_counterfact(model, facts[:1], gen_every=1, max_length=GEN_LENGTH, progress=False)
 after
 
 # %%
-format_table({'SmolLM2 (unedited, 4 cases)': s_before, 'PMET (1 edit, its case)': s_after})
+format_table({f'SmolLM2 (unedited, {N_CASES} cases)': s_before, 'PMET (1 edit, its case)': s_after})
 
 # %% [markdown]
 # ## Dashboard
@@ -73,9 +82,9 @@ board.tables['attention_to_subject'].pivot(index='layer', columns='phase', value
 # ## zsRE (MEMIT Appendix C.1): top-1 token accuracy, unedited model
 
 # %%
-z_records = pmet_lens.load_zsre(limit=20)
+z_records = pmet_lens.load_zsre(limit=N_ZSRE)
 z_per, z_sum = evaluate_zsre(model, z_records, progress=False)
-format_table({'SmolLM2 (unedited, 20 records)': z_sum})
+format_table({f'SmolLM2 (unedited, {N_ZSRE} records)': z_sum})
 
 # %%
 print(f'notebook runtime {time.time() - t_start:.0f} s')
