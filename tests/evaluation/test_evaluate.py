@@ -191,11 +191,11 @@ def test_generation_metrics_match_texts(tiny_model):
     assert summary["consistency_proxy"] == pytest.approx(expected)
 
 
-def test_bad_records():
+def test_bad_records(tiny_model):
     with pytest.raises(DataError, match="target_true"):
-        evaluate_counterfact(None, [Fact(subject="A", prompt="{} is", target_new="B")], generation=False)  # type: ignore[arg-type]
+        evaluate_counterfact(tiny_model, [Fact(subject="A", prompt="{} is", target_new="B")], generation=False)
     with pytest.raises(ValueError, match="gen_every"):
-        evaluate_counterfact(None, _facts(1), gen_every=0)  # type: ignore[arg-type]
+        evaluate_counterfact(tiny_model, _facts(1), gen_every=0)
 
 
 # ----------------------------------------------------------------- text metrics
