@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from pmet_lens.analysis.tracing import Kind, trace
+from pmet_lens.core.readout import final_logits
 from pmet_lens.core.stats import mean_ci95
 from pmet_lens.core.tokens import encode, subject_range, target_ids
 from pmet_lens.data import KnownFact
@@ -126,8 +127,8 @@ def knows_fact(model: HookedTransformer, fact: KnownFact) -> tuple[bool, int]:
     with a different tokenizer we compare token ids, so " Paris" for "Paris" counts).
     """
     tokens = torch.tensor([encode(model, fact.prompt)], device=model.cfg.device)
-    with torch.inference_mode():
-        greedy = int(model(tokens)[0, -1].argmax())
+    with torch.inference_mode():  # read out the last position only (float32 for a half-precision model)
+        greedy = int(final_logits(model, model(tokens, stop_at_layer=model.cfg.n_layers)[0, -1]).argmax())
     return greedy == target_ids(model, fact.attribute)[0], greedy
 
 
