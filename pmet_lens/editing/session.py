@@ -42,10 +42,11 @@ from pmet_lens.core.paths import atomic_path
 from pmet_lens.data import DataError, Fact, as_facts
 from pmet_lens.editing.context import context_prefixes
 from pmet_lens.editing.covariance import CovarianceStore
+from pmet_lens.editing.delta import add_delta
 from pmet_lens.editing.hparams import EditHyperParams, hparams_from_dict, preset
-from pmet_lens.editing.identity import weights_hash
+from pmet_lens.editing.identity import HASH_SCHEME, weights_hash
 from pmet_lens.editing.nullspace import NullspaceStore, Projection, project_keys_gram
-from pmet_lens.editing.result import EditResult
+from pmet_lens.editing.result import EditResult, check_dtype, check_identity, dtype_name
 from pmet_lens.editing.validate import validate_requests
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ class BatchRecord:
 
     Attributes:
         facts: the batch's requests.
-        deltas: parameter name -> ΔW written by this batch (parameter dtype).
+        deltas: parameter name -> the change this batch applied (float32, float64 for float64 weights;
+            :mod:`pmet_lens.editing.delta`).
         keys: key hook -> ``[u, d_k]`` float64 keys of this batch recomputed on the model after it
             (the batch's contribution ``Kᵀ K`` to KpKp); empty for unprojected methods.
         stats: the batch's target optimisation figures (``EditResult.stats``).
@@ -258,7 +260,7 @@ class EditSession:
                 p.copy_(self.originals[name])
             for record in self.history[:k]:
                 for name, delta in record.deltas.items():
-                    params[name].add_(delta.to(params[name].device, params[name].dtype))
+                    add_delta(params[name], delta)  # the write each batch made (pmet_lens.editing.delta)
 
     def undo(self, to: int | None = None) -> None:
         """Undo the last batch, or every batch after batch ``to`` (``to=0``: all), bit for bit.
@@ -294,9 +296,14 @@ class EditSession:
                 tensors[f"batch{b}/keys/{hook}"] = K.detach().cpu().contiguous()
             batches.append({"facts": [f.to_counterfact() for f in record.facts], "stats": record.stats,
                             "metrics": record.metrics})
+        from pmet_lens.editing import engine
+
+        dtypes = {dtype_name(p.dtype) for p in engine.edited_params(self.model, self.hparams).values()}
         meta = {
             "format": _FORMAT,
             "model_hash": self.base_hash,
+            "hash_scheme": HASH_SCHEME,
+            "dtype": ",".join(sorted(dtypes)),
             "model_name": str(getattr(self.model.cfg, "model_name", "")),
             "hparams": json.dumps(self.hparams.to_dict()),
             "prefixes": json.dumps(list(self.prefixes)),
@@ -344,20 +351,22 @@ class EditSession:
         (checked by weights hash); the saved batches are written into it in order.
 
         Raises:
-            ValueError: not a session file, or a different (or already edited) model.
+            ValueError: not a session file, a model in another dtype than the session's (the message
+                names both), or a different (or already edited) model.
         """
+        from pmet_lens.editing import engine
+
         meta, tensors = cls.read(path)
-        current = weights_hash(model)
-        if current != meta["model_hash"]:
-            raise ValueError(
-                f"{path} belongs to another model (weights hash {meta['model_hash']} of "
-                f"{meta.get('model_name')!r}; this model's is {current}). Load it on the unedited model the "
-                "session was started on (a fresh pmet_lens.load_model(), no edit applied)")
+        hparams = hparams_from_dict(json.loads(meta["hparams"]))
+        check_dtype(path, meta.get("dtype"), engine.edited_params(model, hparams),
+                    "resume the session on the model loaded in the dtype it was started in")
+        current = check_identity(path, meta, model, "Load it on the unedited model the session was started on "
+                                 "(a fresh pmet_lens.load_model(), no edit applied)", mismatch="belongs to another model")
         self = cls.__new__(cls)
         self._bind(model, cov_store, nullspace_store, perplexity_sample, perplexity_fn, progress)
         self.base_hash = current
         self.baseline = json.loads(meta.get("baseline", "{}"))
-        self._start(hparams_from_dict(json.loads(meta["hparams"])), tuple(json.loads(meta["prefixes"])))
+        self._start(hparams, tuple(json.loads(meta["prefixes"])))
         device = model.cfg.device
         for b, info in enumerate(json.loads(meta["batches"])):
             deltas = {k.split("/", 2)[2]: v.to(device) for k, v in tensors.items() if k.startswith(f"batch{b}/delta/")}
