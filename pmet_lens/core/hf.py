@@ -394,7 +394,7 @@ def _layer_template(name: str) -> tuple[list[str], int]:
 
 
 def _probe_config(hf_config: Any, n_layers: int) -> Any:
-    """``hf_config`` with one block and a :data:`_PROBE_VOCAB`-token vocabulary (and no token ids
+    """``hf_config`` with one block and a 1009-token vocabulary (and no token ids
     beyond it)."""
     probe = copy.deepcopy(hf_config)
     probe.num_hidden_layers = 1
@@ -409,7 +409,7 @@ def _probe_config(hf_config: Any, n_layers: int) -> Any:
 
 def hf_layout(hf_config: Any, cfg: HookedTransformerConfig) -> HFLayout:
     """The :class:`HFLayout` of ``hf_config``, from a probe conversion: a transformers model of the
-    config with one block and a :data:`_PROBE_VOCAB`-token vocabulary, each entry set to a distinct
+    config with one block and a 1009-token vocabulary, each entry set to a distinct
     integer (its flat index + 1, float64), is converted by TransformerLens's converter; each
     converted entry names the transformers entry it is a copy of (0: a constant the converter
     made). Each TransformerLens parameter must be a strided view of one transformers parameter

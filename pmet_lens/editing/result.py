@@ -43,7 +43,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def check_dtype(path: str | Path, recorded: str | None, params: Mapping[str, torch.Tensor], fix: str) -> None:
-    """Raise :class:`ValueError` when a file's recorded weights dtype is not the dtype of the model's
+    """Raise ``ValueError`` when a file's recorded weights dtype is not the dtype of the model's
     ``params`` it edits (files that record none are not checked); ``fix`` ends the message."""
     if recorded is None:
         return
@@ -56,7 +56,7 @@ def check_dtype(path: str | Path, recorded: str | None, params: Mapping[str, tor
 def check_identity(path: str | Path, meta: dict[str, str], model: HookedTransformer, hint: str,
                    mismatch: str = "was made for a different model") -> str:
     """The model's weights hash (in the scheme the file records) if it equals the file's
-    ``model_hash``; else :class:`ValueError` saying ``{path} {mismatch}``, then ``hint`` (what to
+    ``model_hash``; else ``ValueError`` saying ``{path} {mismatch}``, then ``hint`` (what to
     load instead)."""
     if meta.get("hash_scheme") == HASH_SCHEME:
         current = weights_hash(model)
