@@ -28,8 +28,8 @@ import torch
 from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-METRICS = ("efficacy_success", "paraphrase_success", "neighborhood_success")
-NAMES = {"efficacy_success": "Efficacy", "paraphrase_success": "Generalization", "neighborhood_success": "Specificity"}
+METRICS = ("efficacy", "paraphrase", "neighborhood")  # evaluate_counterfact's summary keys
+NAMES = {"efficacy": "Efficacy", "paraphrase": "Generalization", "neighborhood": "Specificity"}
 
 
 def main() -> None:

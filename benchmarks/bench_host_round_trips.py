@@ -88,7 +88,7 @@ def llama_shaped(args) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(p.dtype))
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype).mul_(0.02))  # no float32 temporary
     return install_fast_linear(model)
 
 

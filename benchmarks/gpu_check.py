@@ -96,8 +96,8 @@ def run_config(args, dtype_name: str, n_devices: int, cache: Path) -> list[dict[
     hp_pmet = preset(name, "pmet")
     hp_alpha = preset(name, "alphaedit")
     if args.quick:
-        hp_pmet = hp_pmet.with_(cov_tokens=4096, steps=min(hp_pmet.steps, 6))
-        hp_alpha = hp_alpha.with_(cov_tokens=4096, steps=min(hp_alpha.steps, 6))
+        hp_pmet = hp_pmet.with_(cov_tokens=2048, steps=min(hp_pmet.steps, 3))
+        hp_alpha = hp_alpha.with_(cov_tokens=2048, steps=min(hp_alpha.steps, 3))
     store = CovarianceStore(cache / f"cov-{dtype_name}-{n_devices}", progress=False)
     facts = split_facts("report", limit=args.edit + 3 * args.batch)
     edit_facts, session_facts = facts[:args.edit], facts[args.edit:]
@@ -126,8 +126,7 @@ def run_config(args, dtype_name: str, n_devices: int, cache: Path) -> list[dict[
     def evaluation() -> dict[str, Any]:
         records = split_facts("report", limit=args.records)  # the edited facts come first
         _, summary = evaluate_counterfact(model, records, generation=False, batch_size=64, progress=False)
-        return {k: round(float(summary[k]), 4) for k in ("efficacy_success", "paraphrase_success",
-                                                         "neighborhood_success", "n_records") if k in summary}
+        return {k: round(float(summary[k]), 4) for k in ("efficacy", "paraphrase", "neighborhood", "score", "n_records")}
 
     def restore() -> dict[str, Any]:
         state["result"].restore()
@@ -165,12 +164,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (for a smoke test on a CPU)")
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gpu_check.json")
-    parser.add_argument("--fig2", type=int, default=None, help="Fig. 2 prompts (default 200; --quick 8)")
-    parser.add_argument("--edit", type=int, default=None, help="facts in the PMET edit (default 16; --quick 2)")
+    parser.add_argument("--fig2", type=int, default=None, help="Fig. 2 prompts (default 200; --quick 4)")
+    parser.add_argument("--edit", type=int, default=None, help="facts in the PMET edit (default 16; --quick 1)")
     parser.add_argument("--batch", type=int, default=None, help="facts per session batch (default 4; --quick 1)")
     parser.add_argument("--records", type=int, default=None, help="evaluated records (default 32; --quick 2)")
     args = parser.parse_args()
-    small = {"fig2": 8, "edit": 2, "batch": 1, "records": 2}
+    small = {"fig2": 4, "edit": 1, "batch": 1, "records": 2}
     full = {"fig2": 200, "edit": 16, "batch": 4, "records": 32}
     for key in small:
         if getattr(args, key) is None:

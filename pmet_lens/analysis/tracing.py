@@ -263,7 +263,7 @@ def trace(
         # ---- corrupted run: noise on the subject embeddings, one row per sample -----------
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         eps = torch.randn(samples, subj[1] - subj[0], model.cfg.d_model, generator=gen)
-        eps = (eps * (noise * embedding_std(model))).to(device=model.W_E.device, dtype=model.cfg.dtype)
+        eps = (eps * (noise * embedding_std(model))).to(device=device, dtype=model.cfg.dtype)
         noise_hooks = [(arch.embed_hook(), _noise_hook(eps, *subj))]
         corrupt_names = set()
         for l in range(n_layers):

@@ -146,12 +146,12 @@ def score_token_ids(
             logits = _unembed(model, resid[row_idx, pos_idx]).float()  # [unique positions, vocab]
             logsm, best = logits.log_softmax(-1), logits.argmax(-1)
             slot_t, label_t = torch.tensor(slots, device=device), torch.tensor(labels, device=device)
-            logp = logsm[slot_t, label_t].cpu()  # one transfer per batch, then split per pair on the host
-            top1 = (best[slot_t] == label_t).cpu()
+            logp = logsm[slot_t, label_t]
+            top1 = best[slot_t] == label_t
             offset = 0
             for i, length in owners:
-                mean_lp[i] = logp[offset : offset + length].mean()
-                correct[i] = top1[offset : offset + length]
+                mean_lp[i] = logp[offset : offset + length].mean().cpu()
+                correct[i] = top1[offset : offset + length].cpu()
                 offset += length
     return ContinuationScores(mean_logprob=torch.stack(mean_lp), token_correct=list(correct))  # type: ignore[arg-type]
 
