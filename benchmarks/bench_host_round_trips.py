@@ -18,7 +18,7 @@ host synchronisations, each beside its baseline measured in the same run.
 3. Scoring, the same count per batch for ``score_token_ids`` before (baseline commit) and after.
 
     python benchmarks/bench_host_round_trips.py                 # all three (about 5 min alone, < 8 GB)
-    python benchmarks/bench_host_round_trips.py --skip-identity # 2 and 3 only (small)
+    python benchmarks/bench_host_round_trips.py --skip-identity --facts 2 --steps 4   # a smoke test
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINE = "fcd5016d"  # main before issue 34's changes to the identity and the target loop
+BASELINE = "fcd50161e39e232c6ef052ba5745cbf860bdf0ba"  # main before issue 34's changes to the identity and the target loop
 
 _SYNC_METHODS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero",
                  "equal", "unique", "masked_select", "allclose"}
@@ -48,8 +48,9 @@ _SYNC_METHODS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__flo
 class SyncCounter(TorchFunctionMode):
     """Counts the calls that make the host wait for the device's result (on a GPU, a synchronisation):
     reading values (``item``, ``tolist``, ``bool(t)``, ``int(t)``, ``equal``), copies to the host
-    (``.cpu()``, ``.to("cpu")``), data-dependent shapes (``nonzero``, ``unique``, boolean-mask
-    indexing and assignment)."""
+    (``.cpu()``; on a CPU run ``.to("cpu")`` cannot be told from a move to the model's device and is
+    not counted), data-dependent shapes (``nonzero``, ``unique``, boolean-mask indexing and
+    assignment)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -65,8 +66,6 @@ class SyncCounter(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         if name in _SYNC_METHODS:
             self._hit(name)
-        elif name == "to" and any(str(a) == "cpu" for a in list(args[1:]) + list(kwargs.values())):
-            self._hit("to(cpu)")
         elif name in ("__getitem__", "__setitem__", "index_put_", "index_put") and len(args) > 1:
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
@@ -99,7 +98,8 @@ def bench_identity(args) -> None:
     model = llama_shaped(args)
     n = sum(p.numel() for p in model.parameters())
     print(f"\n1. identity check: Llama-shaped random model, d_model {args.d_model}, {args.layers} layers, d_mlp "
-          f"{args.d_mlp}, 20 heads x 128 (4 KV heads), vocabulary {args.vocab}: {n / 1e9:.2f} B parameters, bfloat16, "
+          f"{args.d_mlp}, {args.d_model // 128} heads x 128 (4 KV heads), vocabulary {args.vocab}: {n / 1e9:.2f} B "
+          "parameters, bfloat16, "
           f"fast path; built in {time.perf_counter() - start:.0f} s")
 
     def timed(fn, repeat: int) -> float:
@@ -110,7 +110,7 @@ def bench_identity(args) -> None:
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    layers = list(range(4, 9))
+    layers = list(range(4, 9)) if args.layers >= 9 else list(range(args.layers))  # the W_out a batch writes
     before = timed(lambda: legacy_weights_hash(model), args.repeat)
     first = timed(lambda: weights_hashes(model, layers), 1)
     warm = timed(lambda: weights_hashes(model, layers), max(5, args.repeat))
@@ -131,7 +131,7 @@ def bench_identity(args) -> None:
     print(f"before: full pass over the weights (every edit() and session batch) | {before:.3f}")
     print(f"after, first call (cold cache)                                   | {first:.3f}")
     print(f"after, unchanged model (edit(), session start)                   | {warm:.4f}   ({before / warm:.0f}x faster)")
-    print(f"after, 5 W_out written (a session batch; {per_edit:.0f} parameters re-read) | {edited:.3f}   "
+    print(f"after, {len(layers)} W_out written (a session batch; {per_edit:.0f} parameters re-read) | {edited:.3f}   "
           f"({before / edited:.0f}x faster)")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
 
@@ -160,6 +160,8 @@ def bench_target_loop(args) -> None:
     old = _baseline_module("pmet_lens/editing/targets.py", "baseline_targets")
     model = load_model(device="cpu")
     hp = preset(str(model.cfg.model_name), "pmet").with_(context_prefixes=("The", "I think"), batch_size=args.facts)
+    if args.steps is not None:
+        hp = hp.with_(steps=args.steps)
     requests = prepare_requests(model, split_facts("tune", limit=args.facts), hp.context_prefixes)
     settings = settings_for(hp)
     print(f"\n2. target loop: default model, PMET preset ({hp.steps} steps at most), {args.facts} TUNE facts in one chunk")
@@ -214,10 +216,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--facts", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=None, help="target steps (default the preset's; smoke tests)")
     parser.add_argument("--records", type=int, default=16)
     args = parser.parse_args()
     print(machine_line())
-    print(f"baseline: commit {BASELINE}")
+    print(f"baseline: commit {BASELINE[:8]}")
     if not args.skip_identity:
         bench_identity(args)
     bench_target_loop(args)
