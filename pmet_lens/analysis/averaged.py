@@ -20,6 +20,7 @@ from transformer_lens import HookedTransformer
 
 from pmet_lens.analysis.tracing import Kind, trace
 from pmet_lens.core.models import require_model
+from pmet_lens.core.readout import final_logits
 from pmet_lens.core.stats import mean_ci95
 from pmet_lens.core.tokens import encode, subject_range, target_ids
 from pmet_lens.data import KnownFact
@@ -128,8 +129,8 @@ def knows_fact(model: HookedTransformer, fact: KnownFact) -> tuple[bool, int]:
     """
     require_model(model, "pmet_lens.analysis.averaged.knows_fact")
     tokens = torch.tensor([encode(model, fact.prompt)], device=model.cfg.device)
-    with torch.inference_mode():
-        greedy = int(model(tokens)[0, -1].argmax())
+    with torch.inference_mode():  # read out the last position only (float32 for a half-precision model)
+        greedy = int(final_logits(model, model(tokens, stop_at_layer=model.cfg.n_layers)[0, -1]).argmax())
     return greedy == target_ids(model, fact.attribute)[0], greedy
 
 

@@ -17,7 +17,9 @@ Two variants, because the official code and the paper's text compare different s
     ``hook_resid_mid`` for a sequential block's FFN, ``hook_resid_pre`` for a parallel one),
     projected as ``unembed(ln_final(h))``.
 
-In both variants "after" is the component's output (``hook_attn_out`` / ``hook_mlp_out``).
+In both variants "after" is the component's output (``hook_attn_out`` / ``hook_mlp_out``). For a
+bfloat16 / float16 model the cosines and the vocabulary scores that decide the top-k sets are
+computed in float32 from the model's activations.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from transformer_lens import HookedTransformer
 
 from pmet_lens.core.arch import Architecture, apply_ln_affine, architecture
 from pmet_lens.core.models import require_model
-from pmet_lens.core.readout import final_logits
+from pmet_lens.core.readout import HALF_DTYPES, final_logits, float32_matmul
 from pmet_lens.core.stats import mean_ci95
 from pmet_lens.core.tokens import decode_text, tokenize
 
@@ -111,7 +113,9 @@ def _state_hooks(arch: Architecture, variants: tuple[str, ...]) -> list[str]:
 def component_states(
     model: HookedTransformer, arch: Architecture, store: dict[str, torch.Tensor], variant: str
 ) -> Float[torch.Tensor, "batch layer 4 d_model"]:
-    """Stack (before MHSA, MHSA out, before FFN, FFN out) for every layer from recorded hooks."""
+    """Stack (before MHSA, MHSA out, before FFN, FFN out) for every layer from recorded hooks, on the
+    embedding's device (a model split over devices records each layer on its own)."""
+    device = model.W_E.device
     per_layer = []
     for l in range(arch.n_layers):
         if variant == "paper":
@@ -121,14 +125,18 @@ def component_states(
             before_attn = store[arch.attn_input_hook(l)]
             before_ffn = store[arch.ffn_input_hook(l)]
         per_layer.append(torch.stack(
-            [before_attn, store[arch.attn_out_hook(l)], before_ffn, store[arch.mlp_out_hook(l)]], dim=1))
+            [before_attn, store[arch.attn_out_hook(l)], before_ffn, store[arch.mlp_out_hook(l)]], dim=1).to(device))
     return torch.stack(per_layer, dim=1)
 
 
 def vocab_projector(model: HookedTransformer, variant: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The vocabulary read-out of a variant: ``h @ W_E.T`` ("paper") or ``unembed(ln_final(h))``."""
+    """The vocabulary read-out of a variant: ``h @ W_E.T`` ("paper") or ``unembed(ln_final(h))``;
+    in float32 for a bfloat16 / float16 model (:func:`~pmet_lens.core.readout.float32_matmul`,
+    :func:`~pmet_lens.core.readout.final_logits`), so that top-k sets are not decided by rounding."""
     if variant == "paper":
         W_E = model.W_E
+        if W_E.dtype in HALF_DTYPES:
+            return lambda h: float32_matmul(h, W_E.T)
         return lambda h: h @ W_E.T
     if variant == "logit_lens":
         return lambda h: final_logits(model, h)
@@ -147,7 +155,8 @@ def _pair_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n, n_layers = states.shape[:2]
     before, after = states[:, :, 0::2], states[:, :, 1::2]  # [n, layer, 2(mhsa, ffn), d]
-    cosine = torch.nn.functional.cosine_similarity(before, after, dim=-1)
+    wide = torch.promote_types(states.dtype, torch.float32)  # cosines in float32 at least
+    cosine = torch.nn.functional.cosine_similarity(before.to(wide), after.to(wide), dim=-1)
     flat = states.reshape(-1, states.shape[-1])
     ids = torch.cat([project(flat[i:i + chunk]).topk(k, dim=-1).indices for i in range(0, flat.shape[0], chunk)])
     ids = ids.reshape(n, n_layers, 2, 2, k)  # [n, layer, component, before/after, k]

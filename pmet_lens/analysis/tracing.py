@@ -39,6 +39,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from transformer_lens.hook_points import HookPoint
 
 from pmet_lens.core.arch import Architecture, architecture
+from pmet_lens.core.devices import block_device
 from pmet_lens.core.models import require_model
 from pmet_lens.core.readout import final_logits
 from pmet_lens.core.tokens import decode_text, encode, subject_range, target_ids
@@ -254,12 +255,12 @@ def trace(
         comp_hook = {"mlp": arch.mlp_out_hook, "attn": arch.attn_out_hook}
         if kind != "hidden":
             names |= {comp_hook[kind](l) for l in range(n_layers)}
-        out, clean = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-        logits = cast(torch.Tensor, out)
+        out, clean = model.run_with_cache(tokens, names_filter=lambda n: n in names, stop_at_layer=n_layers)
+        resid = cast(torch.Tensor, out)  # [1, pos, d_model]; read out only where scored
         if tgt is None:
-            tgt = [int(logits[0, n_prompt - 1].argmax())]
+            tgt = [int(final_logits(model, resid[0, n_prompt - 1]).argmax())]
         score_pos = list(range(n_prompt - 1, n_prompt - 1 + len(tgt)))
-        high = float(target_probability(logits[:, score_pos], tgt)[0])
+        high = float(target_probability(final_logits(model, resid[:, score_pos]), tgt)[0])
 
         # ---- corrupted run: noise on the subject embeddings, one row per sample -----------
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -330,35 +331,38 @@ def _trace_position(
     starts = [l + 1 for l in layers] if kind == "hidden" else [sp.start for sp in spans]
     comp_hook = {"mlp": arch.mlp_out_hook, "attn": arch.attn_out_hook}
 
-    def entering(l: int) -> torch.Tensor:
+    def entering(l: int, dev: torch.device) -> torch.Tensor:
         start = starts[l]
         base = corrupt[arch.resid_pre_hook(start)] if start < n_layers else corrupt["final"]
-        rows = base[:, t:].clone()
+        rows = base[:, t:].to(dev, copy=True)
         if kind == "hidden":
-            rows[:, 0] = clean[arch.resid_post_hook(l)][0, t]
+            rows[:, 0] = clean[arch.resid_post_hook(l)][0, t].to(dev)
         return rows
 
     x = corrupt["final"].new_zeros((0, corrupt["final"].shape[1] - t, model.cfg.d_model))
     active: list[int] = []
     for j in range(n_layers + 1):
+        # a model split over devices: the rows move to block j's device (the read-out's after the last)
+        dev = block_device(model, j) if j < n_layers else device
+        x = x.to(dev)
         new = [l for l in layers if starts[l] == j]
         if new:
-            x = torch.cat([x] + [entering(l) for l in new])
+            x = torch.cat([x] + [entering(l, dev) for l in new])
             active += new
         if j == n_layers or not active:
             continue
-        sample_idx = torch.arange(samples, device=device).repeat(len(active))
+        sample_idx = torch.arange(samples, device=dev).repeat(len(active))
         hooks: list[tuple[str | Callable, Callable]] = []
         if kind != "hidden":
             mine = [i for i, l in enumerate(active) if j in spans[l]]
             if mine:
-                rows = (torch.as_tensor(mine, device=device)[:, None] * samples
-                        + torch.arange(samples, device=device)).flatten()
+                rows = (torch.as_tensor(mine, device=dev)[:, None] * samples
+                        + torch.arange(samples, device=dev)).flatten()
                 name = comp_hook[kind](j)
                 hooks.append((name, _restore_hook(clean[name][0, t], rows, torch.zeros_like(rows))))
         elif sever is not None:
             name = comp_hook[sever](j)  # every active row restored h at a layer l < j
-            rows = torch.arange(x.shape[0], device=device)
+            rows = torch.arange(x.shape[0], device=dev)
             hooks.append((name, _restore_hook(corrupt[name][sample_idx, t], rows, torch.zeros_like(rows))))
         entry = TransformerLensKeyValueCacheEntry(
             past_keys=corrupt[arch.attn_k_hook(j)][sample_idx, :t],
@@ -368,6 +372,7 @@ def _trace_position(
         with model.hooks(fwd_hooks=hooks):
             x = model.blocks[j](x, past_kv_cache_entry=entry)
     probs = target_probability(final_logits(model, x[:, [p - t for p in score_pos]]), tgt)
+    device = probs.device
     out = torch.empty(n_layers, device=device)
     out[torch.as_tensor(active, device=device)] = probs.view(len(active), samples).mean(dim=1)
     return out

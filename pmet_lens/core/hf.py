@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "HFLayout",
+    "Placement",
     "attach_gguf_source",
     "attach_hf_config",
     "gguf_source_of",
@@ -281,122 +282,277 @@ def load_checkpoint(
 
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Placement:
+    """Where a TransformerLens parameter's entries lie in one transformers parameter: entry
+    ``[i_0, i_1, ...]`` of the TransformerLens parameter is flat entry ``offset + Σ_k i_k·stride[k]``
+    of the (row-major) transformers parameter ``hf_name``, i.e. a strided view of it."""
+
+    hf_name: str
+    offset: int
+    stride: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class HFLayout:
-    """Where each TransformerLens parameter's entries live among a transformers model's parameters.
+    """Where each TransformerLens parameter's entries live among a transformers model's parameters,
+    as strided views (:class:`Placement`): a few integers per parameter, nothing of the model's size.
 
     Attributes:
         hf_config: the transformers config.
-        hf_params: transformers parameter name -> ``(offset, shape)``: its entries are the flat
-            positions ``offset .. offset + numel - 1`` of the concatenated parameters (each tied
+        hf_params: transformers parameter name -> shape, in the transformers model's order (a tied
             parameter once).
-        index: TransformerLens parameter name -> int64 tensor of its shape: the flat position + 1
-            of the transformers entry it is a copy of; 0 where the converter made a constant.
+        tl_params: TransformerLens parameter name -> shape, for every parameter the converter produces.
+        model_params: every parameter of the ``HookedTransformer`` of this config -> shape, in its
+            parameter order (those the converter does not produce get TransformerLens's defaults).
+        places: TransformerLens parameter -> its :class:`Placement` (copied entries).
+        zeros: TransformerLens parameters the converter fills with zeros (e.g. the zero biases of an
+            architecture without them).
         computed: TransformerLens parameters the converter computes rather than copies (export of
             them is refused).
     """
 
     hf_config: Any
-    hf_params: dict[str, tuple[int, tuple[int, ...]]]
-    index: dict[str, torch.Tensor]
+    hf_params: dict[str, tuple[int, ...]]
+    tl_params: dict[str, tuple[int, ...]]
+    model_params: dict[str, tuple[int, ...]]
+    places: dict[str, Placement]
+    zeros: tuple[str, ...]
     computed: tuple[str, ...]
 
-    @property
-    def size(self) -> int:
-        """Number of transformers entries."""
-        return sum(int(torch.Size(shape).numel()) for _, shape in self.hf_params.values())
+    def view(self, tl_name: str, hf_tensor: torch.Tensor) -> torch.Tensor:
+        """The entries of TransformerLens parameter ``tl_name`` as a strided view of the contiguous
+        transformers tensor ``hf_tensor`` (the parameter it is placed in): reading it gives the
+        TransformerLens values, writing it writes the transformers parameter."""
+        place = self.places[tl_name]
+        if not hf_tensor.is_contiguous():
+            raise ValueError(f"the transformers parameter {place.hf_name} is not contiguous in memory")
+        return hf_tensor.as_strided(self.tl_params[tl_name], place.stride, hf_tensor.storage_offset() + place.offset)
 
-    def locate(self, tl_name: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """For a TransformerLens parameter: ``(hf_name, tl_flat, hf_flat)`` per transformers
-        parameter its entries are copies of: the TL flat positions and the HF flat positions."""
-        if tl_name not in self.index:
-            raise KeyError(f"{tl_name!r} is not a parameter of this architecture's TransformerLens model")
-        ids = self.index[tl_name].reshape(-1)  # [numel]
-        out = []
-        for hf_name, (offset, shape) in self.hf_params.items():
-            n = int(torch.Size(shape).numel())
-            mask = (ids > offset) & (ids <= offset + n)
-            if mask.any():
-                tl_flat = mask.nonzero().squeeze(1)
-                out.append((hf_name, tl_flat, ids[tl_flat] - 1 - offset))
-        return out
+    def sources(self, hf_name: str) -> list[str]:
+        """The TransformerLens parameters placed in ``hf_name`` (tied copies included), in order."""
+        return [tl for tl, place in self.places.items() if place.hf_name == hf_name]
 
-    def to_hf(self, tl_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """transformers parameters from TransformerLens ones (every entry checked to have a place).
+    def hf_tensor(self, hf_name: str, tl_state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """One transformers parameter (a new CPU tensor of ``dtype``) from TransformerLens
+        parameters ``tl_state`` (only those placed in it are read).
 
         Raises:
-            ValueError: a parameter the converter computes; an entry where the transformers layout
-                has a constant but the model is not that constant (e.g. a bias an edit gave a
-                model whose architecture has none); tied copies that disagree; a transformers
-                entry no TransformerLens parameter fills.
+            ValueError: a parameter the converter computes; tied copies that disagree (e.g. W_U
+                and W_E of tied embeddings after an edit of one of them).
         """
         if self.computed:
             raise ValueError(f"{_architecture_name(self.hf_config)}: TransformerLens computes {list(self.computed)[:4]} "
                              "from the checkpoint instead of copying it, so it cannot be written back exactly")
-        flat = torch.zeros(self.size + 1, dtype=torch.float32)
-        filled = torch.zeros(self.size + 1, dtype=torch.bool)
-        for name, value in tl_state.items():  # parameters the converter does not produce
-            if name not in self.index and not buffer_state_key(name) and bool((value != 0).any()):
-                raise ValueError(f"{name} is non-zero but has no place in the transformers "
-                                 f"{_architecture_name(self.hf_config)}; it cannot be exported")
-        for name, ids in self.index.items():
-            if name not in tl_state:
-                raise ValueError(f"the model has no parameter {name!r} that its architecture needs")
-            values = tl_state[name].detach().to("cpu", torch.float32).reshape(-1)  # [numel]
-            ids = ids.reshape(-1)  # [numel]
-            if values.shape != ids.shape:
-                raise ValueError(f"{name} has {values.numel()} entries, its transformers layout {ids.numel()}")
-            const = ids == 0
-            if const.any() and bool((values[const] != 0).any()):
-                raise ValueError(f"{name} has non-zero entries that the transformers {_architecture_name(self.hf_config)} "
-                                 "has no parameter for (a bias this architecture lacks?); they cannot be exported")
-            pos, vals = ids[~const], values[~const]
-            again = filled[pos]
-            if again.any() and not torch.equal(flat[pos[again]], vals[again]):
-                raise ValueError(f"{name} disagrees with a parameter it is tied to in transformers (e.g. W_U and W_E "
-                                 "of tied embeddings); export needs them equal")
-            flat[pos] = vals
-            filled[pos] = True
-        out = {}
-        for hf_name, (offset, shape) in self.hf_params.items():
-            n = int(torch.Size(shape).numel())
-            if not bool(filled[offset + 1: offset + 1 + n].all()):
-                raise ValueError(f"no TransformerLens parameter fills the transformers parameter {hf_name!r}")
-            out[hf_name] = flat[offset + 1: offset + 1 + n].view(shape).clone()  # [*shape]
+        out = torch.empty(self.hf_params[hf_name], dtype=dtype)
+        seen: list[tuple[Placement, tuple[int, ...]]] = []
+        for tl_name in self.sources(hf_name):
+            if tl_name not in tl_state:
+                raise ValueError(f"the model has no parameter {tl_name!r} that its architecture needs")
+            value = tl_state[tl_name].detach()
+            if tuple(value.shape) != self.tl_params[tl_name]:
+                raise ValueError(f"{tl_name} has shape {tuple(value.shape)}, its transformers layout "
+                                 f"{self.tl_params[tl_name]}")
+            view = self.view(tl_name, out)
+            key = (self.places[tl_name], self.tl_params[tl_name])
+            value = value.to("cpu", dtype)
+            if any(k == key for k in seen) or _same_entries(key, seen):
+                if not torch.equal(view, value):
+                    raise ValueError(f"{tl_name} disagrees with a parameter it is tied to in transformers (e.g. W_U "
+                                     "and W_E of tied embeddings); export needs them equal")
+            else:
+                view.copy_(value)
+            seen.append(key)
         return out
 
 
-def hf_layout(hf_config: Any, cfg: HookedTransformerConfig) -> HFLayout:
-    """The :class:`HFLayout` of ``hf_config`` (the probe conversion described in the module docstring).
+def _same_entries(key: tuple[Placement, tuple[int, ...]], seen: list[tuple[Placement, tuple[int, ...]]]) -> bool:
+    """Whether the entries of ``key`` (a placement and shape) were already written by one in ``seen``
+    (a tied copy: the same entries in another order, e.g. W_U = W_Eᵀ)."""
+    return any(_entry_set(key) == _entry_set(other) for other in seen)
 
-    Costs one transformers model of the config in float64 (8 bytes per parameter).
+
+def _entry_set(key: tuple[Placement, tuple[int, ...]]) -> tuple[int, int, int]:
+    """(first, last, count) of the flat entries a placement covers: equal for tied copies of one parameter."""
+    place, shape = key
+    n = int(torch.Size(shape).numel())
+    last = place.offset + sum((d - 1) * st for d, st in zip(shape, place.stride))
+    return place.offset, last, n
+
+
+_PROBE_VOCAB = 1009
+"""Vocabulary size of the layout probe (a prime no other dimension is expected to equal)."""
+
+
+def _layer_template(name: str) -> tuple[list[str], int]:
+    """A transformers parameter name of block 0 split into parts, and the index of its layer part
+    (the one part that is the number 0)."""
+    parts = name.split(".")
+    zeros = [i for i, part in enumerate(parts) if part == "0"]
+    if len(zeros) != 1:
+        raise ValueError(f"cannot tell the layer index in the transformers parameter name {name!r}")
+    return parts, zeros[0]
+
+
+def _probe_config(hf_config: Any, n_layers: int) -> Any:
+    """``hf_config`` with one block and a 1009-token vocabulary (and no token ids
+    beyond it)."""
+    probe = copy.deepcopy(hf_config)
+    probe.num_hidden_layers = 1
+    probe.vocab_size = _PROBE_VOCAB
+    for key, value in probe.to_dict().items():
+        if key.endswith("token_id") and isinstance(value, int) and value >= _PROBE_VOCAB:
+            setattr(probe, key, None)
+        elif "layer" in key and isinstance(value, (list, tuple)) and len(value) == n_layers:
+            setattr(probe, key, type(value)(value[:1]))  # per-layer settings (e.g. layer_types)
+    return probe
+
+
+def hf_layout(hf_config: Any, cfg: HookedTransformerConfig) -> HFLayout:
+    """The :class:`HFLayout` of ``hf_config``, from a probe conversion: a transformers model of the
+    config with one block and a 1009-token vocabulary, each entry set to a distinct
+    integer (its flat index + 1, float64), is converted by TransformerLens's converter; each
+    converted entry names the transformers entry it is a copy of (0: a constant the converter
+    made). Each TransformerLens parameter must be a strided view of one transformers parameter
+    (transposes, head splits, fused QKV and grouped K/V layouts are); the placements of block 0
+    hold for every block (same names with the layer number changed, checked against the full
+    model's shapes), and those of the vocabulary-sized parameters for the full vocabulary (the
+    vocabulary is their transformers parameter's first dimension, checked).
+
+    Costs one block of the model in float64, twice (probe and converted copy); the full-size
+    shapes come from models on the ``meta`` device.
+
+    Raises:
+        ValueError: an architecture whose converter does something else than copy entries as
+            strided views of single parameters (named), or a layout that does not generalise.
     """
     from transformers import AutoModelForCausalLM
 
     _check_supported(hf_config)
-    probe = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float64)
-    params: dict[str, tuple[int, tuple[int, ...]]] = {}
+    n_layers = int(cfg.n_layers)
+    if cfg.d_vocab_out not in (-1, cfg.d_vocab):
+        raise ValueError(f"vocabulary sizes in and out differ ({cfg.d_vocab}, {cfg.d_vocab_out}): no layout probe for this")
+    skeleton_cfg = copy.deepcopy(cfg)
+    skeleton_cfg.device = "cpu"
+    skeleton_cfg.tokenizer_name = None  # shapes only: no tokenizer is looked up
+    with torch.device("meta"):  # shapes only, no memory
+        full_hf = {name: tuple(p.shape) for name, p in AutoModelForCausalLM.from_config(hf_config).named_parameters()}
+        full_tl = {name: tuple(p.shape) for name, p in
+                   HookedTransformer(skeleton_cfg, move_to_device=False).named_parameters()}
+    probe = AutoModelForCausalLM.from_config(_probe_config(hf_config, n_layers), dtype=torch.float64)
+    starts: dict[str, tuple[int, tuple[int, ...]]] = {}
     offset = 0
     with torch.no_grad():
         for name, p in probe.named_parameters():  # a tied parameter is listed once
-            params[name] = (offset, tuple(p.shape))
+            starts[name] = (offset, tuple(p.shape))
             p.copy_(torch.arange(offset + 1, offset + 1 + p.numel(), dtype=torch.float64).view_as(p))
             offset += p.numel()
-    if offset >= 2 ** 53:
-        raise ValueError("model too large for an exact float64 layout probe")
     probe_cfg = copy.deepcopy(cfg)
+    probe_cfg.n_layers, probe_cfg.d_vocab, probe_cfg.d_vocab_out = 1, _PROBE_VOCAB, _PROBE_VOCAB
     probe_cfg.dtype = torch.float64
     converted = tl_state_dict(probe, probe_cfg)
-    index, computed = {}, []
+    del probe
+    probe_places: dict[str, Placement] = {}
+    zeros, computed = [], []
+    covered: dict[str, torch.Tensor] = {name: torch.zeros(int(torch.Size(shape).numel()), dtype=torch.bool)
+                                        for name, (_, shape) in starts.items()}
     for name, value in converted.items():
         if buffer_state_key(name):
             continue
-        v = value.detach().to(torch.float64)
-        ok = (v == v.round()) & (v >= 0) & (v <= offset)
-        if not bool(ok.all()):
+        v = value.detach().to(torch.float64).reshape(-1)  # [numel]
+        if not bool(((v == v.round()) & (v >= 0) & (v <= offset)).all()):
             computed.append(name)
-        index[name] = v.round().clamp(0, offset).to(torch.int64)
-    del probe, converted
-    return HFLayout(hf_config=hf_config, hf_params=params, index=index, computed=tuple(computed))
+            continue
+        ids = v.round().to(torch.int64)
+        if not bool(ids.any()):
+            zeros.append(name)
+            continue
+        place = _fit_placement(name, ids.view(value.shape), starts)
+        if place is None:
+            computed.append(name)
+            continue
+        probe_places[name] = place
+        hf_off = starts[place.hf_name][0]
+        covered[place.hf_name][ids - 1 - hf_off] = True
+    del converted
+    unfilled = [name for name, mask in covered.items() if not bool(mask.all())]
+    if unfilled and not computed:
+        raise ValueError(f"no TransformerLens parameter fills the transformers parameter(s) {unfilled}")
+    places: dict[str, Placement] = {}
+    tl_params: dict[str, tuple[int, ...]] = {}
+    probe_shapes = {name: (starts[p.hf_name][1]) for name, p in probe_places.items()}
+    for name, place in probe_places.items():
+        if name.startswith("blocks.0."):
+            parts, at = _layer_template(place.hf_name)
+            for layer in range(n_layers):
+                tl_name = f"blocks.{layer}.{name[len('blocks.0.'):]}"
+                hf_name = ".".join(parts[:at] + [str(layer)] + parts[at + 1:])
+                if full_hf.get(hf_name) != probe_shapes[name] or tl_name not in full_tl:
+                    raise ValueError(f"the layout of {name} does not carry over to block {layer} ({hf_name})")
+                places[tl_name] = Placement(hf_name, place.offset, place.stride)
+                tl_params[tl_name] = full_tl[tl_name]
+        else:
+            _check_vocab_rows(name, place, probe_shapes[name], full_hf.get(place.hf_name), full_tl.get(name))
+            places[name] = place
+            tl_params[name] = full_tl[name]
+    for name in zeros + computed:
+        names = [f"blocks.{l}.{name[len('blocks.0.'):]}" for l in range(n_layers)] if name.startswith("blocks.0.") else [name]
+        for n in names:
+            tl_params[n] = full_tl[n]
+    expand = lambda names: tuple(  # noqa: E731
+        n for name in names for n in ([f"blocks.{l}.{name[len('blocks.0.'):]}" for l in range(n_layers)]
+                                      if name.startswith("blocks.0.") else [name]))
+    return HFLayout(hf_config=hf_config, hf_params=full_hf, tl_params=tl_params, model_params=full_tl, places=places,
+                    zeros=expand(zeros), computed=expand(computed))
+
+
+def _fit_placement(name: str, ids: torch.Tensor, starts: dict[str, tuple[int, tuple[int, ...]]]) -> Placement | None:
+    """The :class:`Placement` whose strided view gives the probe ids ``ids`` (flat index + 1 of
+    the transformers entry of each entry), or None when they are not one."""
+    first = int(ids.reshape(-1)[0])
+    hf_name = next((n for n, (off, shape) in starts.items() if off < first <= off + int(torch.Size(shape).numel())), None)
+    if hf_name is None:
+        return None
+    local = ids - 1 - starts[hf_name][0]  # flat positions in the transformers parameter
+    if int(local.min()) < 0 or int(local.max()) >= int(torch.Size(starts[hf_name][1]).numel()):
+        return None  # entries of several transformers parameters
+    origin = int(local.reshape(-1)[0])
+    stride = []
+    for k, size in enumerate(local.shape):
+        if size > 1:
+            unit = [0] * local.ndim
+            unit[k] = 1
+            stride.append(int(local[tuple(unit)]) - origin)
+        else:
+            stride.append(0)
+    grid = torch.tensor(origin)
+    for k, size in enumerate(local.shape):
+        shape = [1] * local.ndim
+        shape[k] = size
+        grid = grid + torch.arange(size).view(shape) * stride[k]  # broadcast to local's shape
+    if not torch.equal(grid.expand_as(local), local):
+        return None
+    return Placement(hf_name, origin, tuple(stride))
+
+
+def _check_vocab_rows(name: str, place: Placement, probe_hf: tuple[int, ...], full_hf: tuple[int, ...] | None,
+                      full_tl: tuple[int, ...] | None) -> None:
+    """A placement found at the probe's vocabulary holds at the full one: where the transformers
+    parameter differs from the probe's, it differs only in its first dimension (the vocabulary's
+    rows) and the TransformerLens parameter is a transposition of all of it (a bijection at full size)."""
+    if full_hf is None or full_tl is None:
+        raise ValueError(f"the layout of {name} ({place.hf_name}) has no counterpart in the full model")
+    if tuple(full_hf) == tuple(probe_hf):
+        return
+    ok = len(full_hf) == len(probe_hf) and tuple(full_hf[1:]) == tuple(probe_hf[1:]) and place.offset == 0
+    if ok:  # the TL dims sorted by stride must nest: stride_(i+1) = stride_i · size_i, covering every entry
+        pairs = sorted((st, d) for st, d in zip(place.stride, full_tl) if d > 1)
+        expected = 1
+        for st, d in pairs:
+            ok = ok and st == expected
+            expected *= d
+        ok = ok and expected == int(torch.Size(full_hf).numel())
+    if not ok:
+        raise ValueError(f"the layout of {name} ({place.hf_name}) does not carry over to the full vocabulary")
 
 
 def replace_dir(tmp: Path, path: Path, overwrite: bool) -> None:

@@ -121,11 +121,11 @@ def run_batch(model: HookedTransformer, facts: Sequence[Fact], hparams: EditHype
         deltas = compute_and_apply_updates(
             model, requests, {s: values[s] for s in settings.kept_sites}, hparams.layers, settings.spread, covs,
             solve=solve if solve is not None else partial(least_squares_solve, lam=hparams.lam), on_write=keep_original)
+        return EditResult(model=model, method=hparams.method, deltas=deltas, targets=values, facts=list(requests.facts),
+                          hparams=hparams.to_dict(), model_hash=model_hash, prefixes=prefixes_, stats=stats,
+                          _originals=originals)
     except BaseException:
         with torch.no_grad():
             for name, orig in originals.items():
                 written[name].param(model).copy_(orig)
         raise
-    return EditResult(model=model, method=hparams.method, deltas=deltas, targets=values, facts=list(requests.facts),
-                      hparams=hparams.to_dict(), model_hash=model_hash, prefixes=prefixes_, stats=stats,
-                      _originals=originals)

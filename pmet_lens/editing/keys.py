@@ -64,7 +64,7 @@ def prefix_mean(per_row: torch.Tensor, requests: PreparedRequests) -> torch.Tens
     per fact, the mean over the groups (:attr:`PreparedRequests.template_groups`) of the mean within
     each group. With prefixes the bare prompt's weight is 1/2 and each prefixed prompt's 1/(2·#prefixes)."""
     n, p = len(requests), len(requests.templates)
-    x = per_row.reshape(n, p, -1)                                         # [facts, templates, d]
+    x = per_row.reshape(n, p, -1).to(torch.promote_types(per_row.dtype, torch.float32))  # [facts, templates, d], float32+
     groups = [x[:, list(g)].mean(1) for g in requests.template_groups]    # each [facts, d]
     return torch.stack(groups).mean(0)                                    # [groups, facts, d] -> [facts, d]
 

@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from transformer_lens import HookedTransformer
@@ -20,7 +20,8 @@ from pmet_lens.core.arch import architecture
 from pmet_lens.core.models import require_model
 from pmet_lens.core.paths import atomic_path
 from pmet_lens.data import Fact, as_facts
-from pmet_lens.editing.identity import weights_hash
+from pmet_lens.editing.delta import add_delta
+from pmet_lens.editing.identity import HASH_SCHEME, legacy_weights_hash, sample_indices, weights_hash
 from pmet_lens.editing.site import EditSite, site_of_param
 from pmet_lens.editing.validate import EditError
 
@@ -31,22 +32,59 @@ __all__ = ["EditResult"]
 
 def _fingerprint(param: torch.Tensor, n: int = 4096) -> torch.Tensor:
     """A fixed, evenly spaced sample of ``n`` entries of ``param`` (a copy): any later edit of a
-    weight (a dense ΔW) changes it."""
-    flat = param.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, min(n, flat.numel()), device=flat.device).long()
-    return flat[idx].clone()
+    weight (a dense ΔW) changes it. Indices in integer arithmetic (:func:`sample_indices`), exact
+    for any number of entries."""
+    idx = sample_indices(param.numel(), n, param.device)  # row-major flat positions
+    return param.detach()[torch.unravel_index(idx, param.shape)]  # gathered (a copy), no copy of the weight
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the form edit and session files record)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def check_dtype(path: str | Path, recorded: str | None, params: Mapping[str, torch.Tensor], fix: str) -> None:
+    """Raise ``ValueError`` when a file's recorded weights dtype is not the dtype of the model's
+    ``params`` it edits (files that record none are not checked); ``fix`` ends the message."""
+    if recorded is None:
+        return
+    for name, p in params.items():
+        if dtype_name(p.dtype) != recorded:
+            raise ValueError(f"{path} was made on a model in {recorded}, but this model's {name} is "
+                             f"{dtype_name(p.dtype)}: {fix} (e.g. load_model(..., dtype=torch.{recorded}))")
+
+
+def file_weights_hash(meta: dict[str, str], model: HookedTransformer) -> str:
+    """The model's weights hash in the scheme an edit or session file records (``meta``)."""
+    if meta.get("hash_scheme") == HASH_SCHEME:
+        return weights_hash(model)
+    return legacy_weights_hash(model)  # written before files recorded their hash scheme
+
+
+def check_identity(path: str | Path, meta: dict[str, str], model: HookedTransformer, hint: str,
+                   mismatch: str = "was made for a different model") -> str:
+    """The model's weights hash (in the scheme the file records) if it equals the file's
+    ``model_hash``; else ``ValueError`` saying ``{path} {mismatch}``, then ``hint`` (what to
+    load instead)."""
+    current = file_weights_hash(meta, model)
+    if current != meta.get("model_hash"):
+        raise ValueError(f"{path} {mismatch} (weights hash {meta.get('model_hash')} of "
+                         f"{meta.get('model_name')!r}; this model's is {current}). {hint}")
+    return current
 
 
 @dataclass(eq=False)
 class EditResult:
     """An edit: ``deltas`` maps the parameter name of each edited weight (``EditSite.param_name``:
-    the FFN's W_out of every layer in R and, for the W_O ablation, the MHSA's W_O) to ΔW in the
-    parameter's shape and dtype.
+    the FFN's W_out of every layer in R and, for the W_O ablation, the MHSA's W_O) to the change
+    applied, W_new − W_old, in the parameter's shape and in float32 (float64 for float64 weights;
+    :mod:`pmet_lens.editing.delta`): adding it with :func:`~pmet_lens.editing.delta.add_delta`
+    gives the edited weights exactly, in any dtype.
 
     Attributes:
         model: the model the edit belongs to.
         method: "pmet" or "memit".
-        deltas: parameter name -> ΔW.
+        deltas: parameter name -> ΔW (the change applied).
         targets: δ site ("mlp_out" and "attn_out" for PMET, "resid_post" for MEMIT) -> [facts, d_model]
             target vectors v = initial output + δ at L (reusable with ``edit(..., targets=...)``).
         facts: the edited facts, in order.
@@ -95,9 +133,8 @@ class EditResult:
                 raise ValueError(f"delta {name} has shape {tuple(delta.shape)}, the model's is {tuple(params[name].shape)}")
         originals = {name: p.detach().clone() for name, p in params.items()}
         try:
-            with torch.no_grad():
-                for name, delta in self.deltas.items():
-                    params[name].add_(delta.to(params[name].device, params[name].dtype))
+            for name, delta in self.deltas.items():
+                add_delta(params[name], delta)
         except BaseException:
             with torch.no_grad():
                 for name, orig in originals.items():
@@ -170,7 +207,7 @@ class EditResult:
             def add(act, hook, _store=store, _d=flat):
                 k = _store.pop("k")
                 k = k.reshape(*k.shape[:2], -1)  # [batch, pos, ...] -> [batch, pos, d_k]
-                return act + (k @ _d.to(k.dtype)).to(act.dtype)
+                return act + (k.to(_d.dtype) @ _d.to(k.device)).to(act.dtype)  # the product in the delta's float dtype
 
             hooks += [(site.key_hook, keep), (site.out_hook, add)]
         return hooks
@@ -181,12 +218,17 @@ class EditResult:
         from safetensors.torch import save_file
 
         path = Path(path)
+        dtypes = {dtype_name(self._param(name).dtype) for name in self.deltas}
+        if len(dtypes) > 1:
+            raise ValueError(f"the edited weights have several dtypes ({sorted(dtypes)}); an edit file records one")
         tensors = {f"delta/{k}": v.detach().cpu().contiguous() for k, v in self.deltas.items()}
         tensors.update({f"target/{k}": v.detach().cpu().contiguous() for k, v in self.targets.items()})
         meta = {
             "format": "pmet-lens-edit/1",
             "method": self.method,
             "model_hash": self.model_hash,
+            "hash_scheme": HASH_SCHEME,
+            "dtype": dtypes.pop() if dtypes else dtype_name(self.model.cfg.dtype),
             "model_name": str(getattr(self.model.cfg, "model_name", "")),
             "hparams": json.dumps(self.hparams),
             "facts": json.dumps([f.to_counterfact() for f in self.facts]),
@@ -199,13 +241,15 @@ class EditResult:
 
     @classmethod
     def load(cls, path: str | Path, model: HookedTransformer, apply: bool = False) -> "EditResult":
-        """Load a saved edit for ``model`` (unedited), checking it is the model it was made for.
+        """Load a saved edit for ``model`` (unedited), checking it is the model it was made for: the
+        dtype of the weights the file records, then the weights hash.
 
         Raises:
             TypeError: ``model`` is not a loaded model.
             FileNotFoundError: there is no file at ``path``.
             EditError: the file is truncated or corrupt (not readable as safetensors).
-            ValueError: the file is not an edit file or the model's weights hash differs.
+            ValueError: the file is not an edit file, the model's weights are in another dtype than
+                the file's (the message names both), or the model's weights hash differs.
         """
         from safetensors import safe_open
 
@@ -221,16 +265,20 @@ class EditResult:
                             "save the edit again (EditResult.save) or use an intact copy") from None
         if meta.get("format") != "pmet-lens-edit/1":
             raise ValueError(f"{path} is not a pmet-lens edit file")
-        current = weights_hash(model)
-        if current != meta["model_hash"]:
-            raise ValueError(
-                f"{path} was made for a different model (weights hash {meta['model_hash']}, this model "
-                f"{current}; was it saved from {meta.get('model_name')!r}, or is an edit already applied?)")
-        device = model.cfg.device
+        arch = architecture(model)
+        names = [k[6:] for k in tensors if k.startswith("delta/")]
+        try:
+            params = {name: site_of_param(arch, name).param(model) for name in names}
+        except ValueError as exc:
+            raise ValueError(f"{path} edits a weight this model does not have ({exc})") from None
+        check_dtype(path, meta.get("dtype"), params, "load the model in the dtype the edit was made in")
+        check_identity(path, meta, model, "Load the model it was made for, with no edit applied")
+        last = max(names, key=lambda name: site_of_param(arch, name).layer, default=None)
+        target_device = params[last].device if last is not None else torch.device("cpu")
         result = cls(
             model=model, method=meta["method"],
-            deltas={k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("delta/")},
-            targets={k[7:]: v.to(device) for k, v in tensors.items() if k.startswith("target/")},
+            deltas={k[6:]: v.to(params[k[6:]].device) for k, v in tensors.items() if k.startswith("delta/")},
+            targets={k[7:]: v.to(target_device) for k, v in tensors.items() if k.startswith("target/")},
             facts=as_facts(json.loads(meta["facts"])), hparams=json.loads(meta["hparams"]),
             model_hash=meta["model_hash"], prefixes=tuple(json.loads(meta.get("prefixes", "[]"))),
             stats=json.loads(meta.get("stats", "{}")),

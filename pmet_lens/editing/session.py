@@ -43,10 +43,11 @@ from pmet_lens.core.paths import atomic_path
 from pmet_lens.data import DataError, Fact, as_facts
 from pmet_lens.editing.context import context_prefixes
 from pmet_lens.editing.covariance import CovarianceStore
+from pmet_lens.editing.delta import add_delta
 from pmet_lens.editing.hparams import EditHyperParams, hparams_from_dict, preset
-from pmet_lens.editing.identity import weights_hash
+from pmet_lens.editing.identity import HASH_SCHEME, weights_hash
 from pmet_lens.editing.nullspace import NullspaceStore, Projection, project_keys_gram
-from pmet_lens.editing.result import EditResult
+from pmet_lens.editing.result import EditResult, check_dtype, dtype_name, file_weights_hash
 from pmet_lens.editing.validate import validate_requests
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ class BatchRecord:
 
     Attributes:
         facts: the batch's requests.
-        deltas: parameter name -> ΔW written by this batch (parameter dtype).
+        deltas: parameter name -> the change this batch applied (float32, float64 for float64 weights;
+            :mod:`pmet_lens.editing.delta`).
         keys: key hook -> ``[u, d_k]`` float64 keys of this batch recomputed on the model after it
             (the batch's contribution ``Kᵀ K`` to KpKp); empty for unprojected methods.
         stats: the batch's target optimisation figures (``EditResult.stats``).
@@ -260,7 +262,7 @@ class EditSession:
                 p.copy_(self.originals[name])
             for record in self.history[:k]:
                 for name, delta in record.deltas.items():
-                    params[name].add_(delta.to(params[name].device, params[name].dtype))
+                    add_delta(params[name], delta)  # the write each batch made (pmet_lens.editing.delta)
 
     def undo(self, to: int | None = None) -> None:
         """Undo the last batch, or every batch after batch ``to`` (``to=0``: all), bit for bit.
@@ -296,9 +298,14 @@ class EditSession:
                 tensors[f"batch{b}/keys/{hook}"] = K.detach().cpu().contiguous()
             batches.append({"facts": [f.to_counterfact() for f in record.facts], "stats": record.stats,
                             "metrics": record.metrics})
+        from pmet_lens.editing import engine
+
+        dtypes = {dtype_name(p.dtype) for p in engine.edited_params(self.model, self.hparams).values()}
         meta = {
             "format": _FORMAT,
             "model_hash": self.base_hash,
+            "hash_scheme": HASH_SCHEME,
+            "dtype": ",".join(sorted(dtypes)),
             "model_name": str(getattr(self.model.cfg, "model_name", "")),
             "hparams": json.dumps(self.hparams.to_dict()),
             "prefixes": json.dumps(list(self.prefixes)),
@@ -347,12 +354,18 @@ class EditSession:
 
         Raises:
             TypeError: ``model`` is not a loaded model.
-            ValueError: not a session file; a model already edited (same name as the session's model,
-                other weights: the message says how to load it fresh); another model.
+            ValueError: not a session file; a model in another dtype than the session's (the message
+                names both); a model already edited (same name as the session's model, other weights:
+                the message says how to load it fresh); another model.
         """
+        from pmet_lens.editing import engine
+
         require_model(model, "EditSession.load")
         meta, tensors = cls.read(path)
-        current = weights_hash(model)
+        hparams = hparams_from_dict(json.loads(meta["hparams"]))
+        check_dtype(path, meta.get("dtype"), engine.edited_params(model, hparams),
+                    "resume the session on the model loaded in the dtype it was started in")
+        current = file_weights_hash(meta, model)
         if current != meta["model_hash"]:
             saved_name = meta.get("model_name")
             if saved_name is not None and str(saved_name) == str(getattr(model.cfg, "model_name", "")):
@@ -371,7 +384,7 @@ class EditSession:
         self._bind(model, cov_store, nullspace_store, perplexity_sample, perplexity_fn, progress)
         self.base_hash = current
         self.baseline = json.loads(meta.get("baseline", "{}"))
-        self._start(hparams_from_dict(json.loads(meta["hparams"])), tuple(json.loads(meta["prefixes"])))
+        self._start(hparams, tuple(json.loads(meta["prefixes"])))
         device = model.cfg.device
         for b, info in enumerate(json.loads(meta["batches"])):
             deltas = {k.split("/", 2)[2]: v.to(device) for k, v in tensors.items() if k.startswith(f"batch{b}/delta/")}

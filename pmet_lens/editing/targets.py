@@ -13,7 +13,14 @@ Savings over a full forward per step, exact by construction:
   key/value cache, so every step recomputes only the positions from the lookup on (the subject's
   last token, the rest of the prompt and the target), see ``_Suffix``;
 * ``ln_final`` and the unembedding run only at the target and KL positions;
-* the model's parameters do not require grad during the loop (only δ does).
+* the model's parameters do not require grad during the loop (only δ does);
+* the per-fact bookkeeping stays on the device: the host reads it (one transfer) only every few
+  steps on an accelerator (:func:`default_check_every`), stopped facts being masked in between.
+
+δ, its Adam state, the initial outputs' norms and the loss terms are float32 (float64 for a float64
+model) whatever the model's dtype; δ is cast to the activation's dtype where the hooks add it. With a
+float16 model each fact's loss is scaled for the backward pass (``_LossScale``), whose gradients
+would otherwise underflow in float16.
 
 Loss per fact (PMET eq. 9, MEMIT eq. 16, with the official code's weights):
     φ_i · mean_j [Σ_t −log P(o*_t | pref_j ⊕ p(s_i) ⊕ o*_<t)] / |o*|
@@ -45,6 +52,7 @@ from transformer_lens.cache.key_value_cache_entry import (
 )
 
 from pmet_lens.core.arch import Architecture, architecture
+from pmet_lens.core.devices import block_device
 from pmet_lens.core.readout import final_logits
 from pmet_lens.editing.hparams import EditHyperParams, Settings, settings_for
 from pmet_lens.editing.prepared import PreparedRequests
@@ -52,7 +60,7 @@ from pmet_lens.editing.validate import EditError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PerFactAdam", "Targets", "compiled_blocks", "optimise_targets", "require_compiler"]
+__all__ = ["PerFactAdam", "Targets", "compiled_blocks", "default_check_every", "optimise_targets", "require_compiler"]
 
 
 @dataclass
@@ -186,8 +194,8 @@ class _Suffix:
     @classmethod
     def build(cls, arch: Architecture, resid_L: torch.Tensor, kv: dict[str, torch.Tensor], rows: "_Rows", L: int,
               n_layers: int) -> "_Suffix":
-        look, lengths = rows.lookup, rows.lengths
         dev = resid_L.device
+        look, lengths = rows.lookup.to(dev), rows.lengths.to(dev)
         P = int(look.max())
         S = int((lengths - look).max())
         src = look[:, None] + torch.arange(S, device=dev)[None]                   # [rows, S]
@@ -197,9 +205,9 @@ class _Suffix:
         psrc = torch.arange(P, device=dev)[None] - (P - look)[:, None]              # [rows, P]
         pkeep = psrc >= 0
 
-        def past(t: torch.Tensor) -> torch.Tensor:
-            idx = psrc.clamp(min=0)[:, :, None, None].expand(-1, -1, *t.shape[2:])  # [rows, P] -> [rows, P, heads, d_head]
-            return t.gather(1, idx) * pkeep[:, :, None, None].to(t.dtype)
+        def past(t: torch.Tensor) -> torch.Tensor:  # on t's own device (its block's)
+            idx = psrc.clamp(min=0).to(t.device)[:, :, None, None].expand(-1, -1, *t.shape[2:])  # [rows, P] -> [rows, P, heads, d_head]
+            return t.gather(1, idx) * pkeep.to(t.device)[:, :, None, None].to(t.dtype)
 
         keys = {j: past(kv[arch.attn_k_hook(j)]) for j in range(L, n_layers)}
         values = {j: past(kv[arch.attn_v_hook(j)]) for j in range(L, n_layers)}
@@ -208,13 +216,19 @@ class _Suffix:
     def run(self, model: HookedTransformer, rows: torch.Tensor,
             blocks: dict[int, torch.nn.Module] | None = None) -> Float[torch.Tensor, "rows S d_model"]:
         """Blocks L.. on the suffix of ``rows`` (hooks of ``model.hooks`` fire as usual); ``blocks``
-        replaces some of ``model.blocks`` by callables computing the same (compiled ones)."""
-        x, mask = self.x[rows], self.mask[rows]
+        replaces some of ``model.blocks`` by callables computing the same (compiled ones).
+
+        With a model split over devices (``n_devices > 1``) the residual stream, the mask and the
+        row index move to each block's device before it runs, as ``HookedTransformer.forward`` does;
+        each block's cached keys and values already live there.
+        """
+        x, mask = self.x[rows.to(self.x.device)], self.mask[rows.to(self.mask.device)]
         for j in sorted(self.keys):
-            entry = TransformerLensKeyValueCacheEntry(
-                past_keys=self.keys[j][rows], past_values=self.values[j][rows], frozen=True)
+            dev = self.keys[j].device
+            r = rows.to(dev)
+            entry = TransformerLensKeyValueCacheEntry(past_keys=self.keys[j][r], past_values=self.values[j][r], frozen=True)
             block = blocks[j] if blocks is not None and j in blocks else model.blocks[j]
-            x = block(x, past_kv_cache_entry=entry, attention_mask=mask)
+            x = block(x.to(dev), past_kv_cache_entry=entry, attention_mask=mask.to(dev))
         return x
 
 
@@ -252,11 +266,16 @@ def optimise_targets(
     hparams: EditHyperParams,
     progress: bool = False,
     compile: bool = False,
+    check_every: int | None = None,
 ) -> Targets:
     """Optimise every fact's δ's at layer L = max(R), ``hparams.batch_size`` facts per forward.
 
     ``compile``: run the blocks after L through :func:`compiled_blocks` (``torch.compile``; needs a C++
     compiler on CPU; the first chunk pays the compilation).
+
+    ``check_every``: steps between two reads of the loop's state on the host (stopping, NaN/inf);
+    default :func:`default_check_every` of the read-out's device. Every fact's updates and stopping
+    step are those of a check at every step (see ``_optimise_chunk``).
 
     Raises:
         EditError: when a loss becomes NaN/inf.
@@ -268,7 +287,7 @@ def optimise_targets(
     order = sorted(range(len(requests)), key=requests.suffix_length)
     chunks = [order[s:s + hparams.batch_size] for s in range(0, len(requests), hparams.batch_size)]
     blocks = compiled_blocks(model, max(hparams.layers)) if compile else None
-    parts = [_optimise_chunk(model, requests.subset(idx), hparams, settings, blocks)
+    parts = [_optimise_chunk(model, requests.subset(idx), hparams, settings, blocks, check_every)
              for idx in tqdm(chunks, desc="targets", disable=not progress or len(chunks) < 2)]
     back = torch.argsort(torch.tensor(order))  # row i of the result = fact i
 
@@ -283,14 +302,73 @@ def optimise_targets(
     )
 
 
+@dataclass
+class _Plan:
+    """Which rows a run of steps computes (the facts active when it was made) and where their
+    target tokens and KL positions are read; fixed between two checks of the host."""
+
+    row_ix: torch.Tensor     # [run rows] rows of the batch that run (on the rows' device)
+    r_fact: torch.Tensor     # [run rows] their fact (on δ's device)
+    ar: torch.Tensor         # [run rows] 0..run rows − 1 (on δ's device)
+    nll_rows: torch.Tensor   # [n_targets] run row of each target token (on the output's device)
+    nll_pos: torch.Tensor    # [n_targets] its suffix position
+    nll_tok: torch.Tensor    # [n_targets] token id (loss device)
+    nll_fact: torch.Tensor   # [n_targets] fact (loss device)
+    nll_weight: torch.Tensor  # [n_targets] 1 / (|o*| · P) (loss device)
+    kl_rows: torch.Tensor    # [run facts] run row of each fact's KL prompt (on the output's device)
+    kl_facts: torch.Tensor   # [run facts] fact index (loss device)
+
+    @classmethod
+    def make(cls, rows: _Rows, active: torch.Tensor, delta_dev: torch.device, out_dev: torch.device,
+             loss_dev: torch.device) -> "_Plan":
+        """The plan of the facts ``active`` ([facts] bool, loss device) now (reads ``active`` on the host)."""
+        act = active.to(rows.fact.device)
+        act_facts = act.nonzero().flatten()
+        row_mask = act[rows.fact]
+        row_ix = row_mask.nonzero().flatten()
+        new_index = torch.full((rows.tokens.shape[0],), -1, dtype=torch.long, device=row_ix.device)
+        new_index[row_ix] = torch.arange(len(row_ix), device=row_ix.device)
+        sel = row_mask[rows.nll_row].nonzero().flatten()
+        nll_row = rows.nll_row[sel]
+        return cls(
+            row_ix=row_ix, r_fact=rows.fact[row_ix].to(delta_dev), ar=torch.arange(len(row_ix), device=delta_dev),
+            nll_rows=new_index[nll_row].to(out_dev), nll_pos=(rows.nll_pos[sel] - rows.lookup[nll_row]).to(out_dev),
+            nll_tok=rows.nll_tok[sel].to(loss_dev), nll_fact=rows.nll_fact[sel].to(loss_dev),
+            nll_weight=rows.nll_weight[sel].to(loss_dev), kl_rows=new_index[rows.kl[act_facts]].to(out_dev),
+            kl_facts=act_facts.to(loss_dev))
+
+
+def default_check_every(device: torch.device | str) -> int:
+    """Steps between two reads of the optimisation's state on the host (stopping, NaN/inf): 1 on a
+    CPU, where reading costs nothing and finished facts leave the batch at once; 5 on an
+    accelerator, where each read waits for the device."""
+    return 1 if torch.device(device).type == "cpu" else 5
+
+
 def _optimise_chunk(model: HookedTransformer, requests: PreparedRequests, hparams: EditHyperParams,
-                    settings: Settings, blocks: dict[int, torch.nn.Module] | None = None) -> Targets:
+                    settings: Settings, blocks: dict[int, torch.nn.Module] | None = None,
+                    check_every: int | None = None) -> Targets:
+    """One chunk of facts (see :func:`optimise_targets`).
+
+    All per-fact bookkeeping (active set, φ, steps, last loss and probability, the step of a first
+    NaN/inf) stays on the device and is updated every step with stopped facts masked out; the host
+    reads it only after every ``check_every``-th step (one transfer), to end the loop when every
+    fact has stopped, to raise on NaN/inf, and to drop the stopped facts' rows from the batch. A
+    fact's updates are those of a check at every step: a fact that stops between two checks is
+    masked from then on (no Adam step, no recorded loss, no gradient), it only keeps being computed
+    until the next check. With ``check_every=1`` this is the loop that reads the host every step.
+    """
     arch = architecture(model)
     L = max(hparams.layers)
     rows = _rows(model, requests)
     n = len(requests)
     n_layers = model.cfg.n_layers
     hooks = {site: arch.delta_hook(site, L) for site in settings.delta_sites}
+    loss_dev = model.unembed.W_U.device      # the read-out's device: per-fact losses and bookkeeping
+    out_dev = block_device(model, n_layers - 1)  # where the suffix run ends
+    every = check_every if check_every is not None else default_check_every(loss_dev)
+    if every < 1:
+        raise ValueError(f"check_every must be >= 1, got {every}")
     grad_state = [(p, p.requires_grad) for p in model.parameters()]
     try:
         for p, _ in grad_state:
@@ -302,7 +380,8 @@ def _optimise_chunk(model: HookedTransformer, requests: PreparedRequests, hparam
             kv: dict[str, torch.Tensor] = {}
 
             def capture(act, hook):
-                captured[hook.name] = act[rows.bare, rows.lookup[rows.bare]].detach().clone()
+                bare = rows.bare.to(act.device)
+                captured[hook.name] = act[bare, rows.lookup.to(act.device)[bare]].detach().clone()
 
             def keep_kv(act, hook):
                 kv[hook.name] = act.detach()
@@ -312,88 +391,126 @@ def _optimise_chunk(model: HookedTransformer, requests: PreparedRequests, hparam
             fwd: list[tuple[str | Callable, Callable]] = [(h, capture) for h in hooks.values()]
             with model.hooks(fwd_hooks=fwd + kv_hooks):
                 final = model(resid_L, start_at_layer=L, stop_at_layer=n_layers)
-            kl_init = _final_logprobs(model, final[rows.kl, rows.lookup[rows.kl]])
+            kl_at = rows.kl.to(final.device)
+            kl_init = _final_logprobs(model, final[kl_at, rows.lookup.to(final.device)[kl_at]]).to(loss_dev)
             suffix = _Suffix.build(arch, resid_L, kv, rows, L, n_layers)
             kv.clear()  # the suffix keeps only the cached prefix of each tensor
             del final
-        init = {site: captured[h] for site, h in hooks.items()}
+        # δ, its Adam state and the initial outputs' norms in float32 (float64 for a float64 model)
+        init = {site: captured[h].to(torch.promote_types(captured[h].dtype, torch.float32)) for site, h in hooks.items()}
         delta = {site: torch.zeros_like(v, requires_grad=True) for site, v in init.items()}
         init_norm = {site: v.norm(dim=-1) for site, v in init.items()}
+        delta_dev = next(iter(init.values())).device  # block L's
         adam = PerFactAdam(delta, hparams.lr)
-        phi = torch.full((n,), float(hparams.nll_factor), device=resid_L.device)
-        active = torch.ones(n, dtype=torch.bool, device=resid_L.device)
-        steps = torch.zeros(n, dtype=torch.long)
-        last_loss = torch.zeros(n)
-        last_prob = torch.zeros(n)
-        last_phi = torch.zeros(n)
+        # float16 activations: the backward through the model underflows without loss scaling
+        scale = _LossScale(n, delta_dev) if next(iter(captured.values())).dtype == torch.float16 else None
+        nll_factor = float(hparams.nll_factor)
+        phi = torch.full((n,), nll_factor, device=loss_dev)
+        active = torch.ones(n, dtype=torch.bool, device=loss_dev)
+        steps = torch.zeros(n, dtype=torch.long, device=loss_dev)
+        last_loss = torch.zeros(n, device=loss_dev)
+        last_prob = torch.zeros(n, device=loss_dev)
+        last_phi = torch.zeros(n, device=loss_dev)
+        bad_step = torch.full((n,), -1, dtype=torch.long, device=loss_dev)  # first step with NaN/inf, per fact
+        plan = _Plan.make(rows, active, delta_dev, out_dev, loss_dev)
         for it in range(hparams.steps):
-            act_facts = active.nonzero().flatten()
-            row_mask = active[rows.fact]
-            row_ix = row_mask.nonzero().flatten()
-            new_index = torch.full((rows.tokens.shape[0],), -1, dtype=torch.long, device=row_ix.device)
-            new_index[row_ix] = torch.arange(len(row_ix), device=row_ix.device)
-            r_fact = rows.fact[row_ix]
-            ar = torch.arange(len(row_ix), device=row_ix.device)
-            zero = torch.zeros_like(ar)
+            pl = plan
 
             def add_delta(act, hook, _site_of={h: s for s, h in hooks.items()}):
-                d = delta[_site_of[hook.name]][r_fact].to(act.dtype)
-                return act.index_put((ar, zero), d, accumulate=True)  # suffix position 0 = lookup
+                d = delta[_site_of[hook.name]][pl.r_fact].to(act.dtype)
+                return act.index_put((pl.ar, torch.zeros_like(pl.ar)), d, accumulate=True)  # suffix position 0 = lookup
 
             with torch.enable_grad(), model.hooks(fwd_hooks=[(h, add_delta) for h in hooks.values()]):
-                out = suffix.run(model, row_ix, blocks)
-                sel = row_mask[rows.nll_row]
-                nll_rows = new_index[rows.nll_row[sel]]
-                lp = _final_logprobs(model, out[nll_rows, rows.nll_pos[sel] - rows.lookup[rows.nll_row[sel]]])
-                tok = rows.nll_tok[sel]
-                tok_lp = lp.gather(1, tok[:, None])[:, 0]  # [n_targets, vocab] -> [n_targets]
-                is_top = lp.argmax(-1) == tok
-                nll = torch.zeros(n, device=lp.device).index_add(0, rows.nll_fact[sel], -tok_lp * rows.nll_weight[sel])
-                all_top = torch.zeros(n, device=lp.device).index_add(0, rows.nll_fact[sel], (~is_top).float()) == 0
-                kl_lp = _final_logprobs(model, out[new_index[rows.kl[act_facts]], 0])
-                kl = torch.zeros(n, device=lp.device)
-                kl = kl.index_put((act_facts,), _kl_term(kl_lp, kl_init[act_facts]))
-                wd = torch.zeros(n, device=lp.device)
+                out = suffix.run(model, pl.row_ix, blocks)
+                lp = _final_logprobs(model, out[pl.nll_rows, pl.nll_pos]).to(loss_dev)
+                tok_lp = lp.gather(1, pl.nll_tok[:, None])[:, 0]  # [n_targets, vocab] -> [n_targets]
+                is_top = lp.argmax(-1) == pl.nll_tok
+                nll = torch.zeros(n, device=loss_dev).index_add(0, pl.nll_fact, -tok_lp * pl.nll_weight)
+                all_top = torch.zeros(n, device=loss_dev).index_add(0, pl.nll_fact, (~is_top).float()) == 0
+                kl_lp = _final_logprobs(model, out[pl.kl_rows, 0]).to(loss_dev)
+                kl = torch.zeros(n, device=loss_dev)
+                kl = kl.index_put((pl.kl_facts,), _kl_term(kl_lp, kl_init[pl.kl_facts]))
+                wd = torch.zeros(n, device=loss_dev)
                 for site in delta:
-                    wd = wd + hparams.weight_decay * delta[site].norm(dim=-1).float() / init_norm[site].float().clamp_min(1e-12) ** 2
+                    wd = wd + (hparams.weight_decay * delta[site].norm(dim=-1) / init_norm[site].clamp_min(1e-12) ** 2
+                               ).to(loss_dev, torch.float32)
                 loss = phi * nll + hparams.kl_factor * kl + wd
-            if not torch.isfinite(loss[active]).all():
-                bad = [requests.facts[int(i)].where for i in act_facts if not torch.isfinite(loss[i])]
-                raise EditError(f"the target optimisation produced NaN/inf for {bad} at step {it}")
             with torch.no_grad():
-                la = loss.detach().cpu()
-                last_loss[active.cpu()] = la[active.cpu()]
-                prob = torch.zeros(n, device=lp.device).index_add(0, rows.nll_fact[sel], tok_lp.detach() * rows.nll_weight[sel]).exp()
-                last_prob[active.cpu()] = prob.cpu()[active.cpu()]
-                last_phi[active.cpu()] = phi.cpu()[active.cpu()]  # the φ of this loss, before the update below
-                steps[active.cpu()] = it
-                stop = (loss.detach() < hparams.loss_stop) & active
+                finite = torch.isfinite(loss)
+                bad_step = torch.where(active & ~finite & (bad_step < 0), it, bad_step)
+                ok = active & finite  # a fact with NaN/inf stops here; the next check raises
+                last_loss = torch.where(ok, loss.detach(), last_loss)
+                prob = torch.zeros(n, device=loss_dev).index_add(0, pl.nll_fact, tok_lp.detach() * pl.nll_weight).exp()
+                last_prob = torch.where(ok, prob, last_prob)
+                last_phi = torch.where(ok, phi, last_phi)  # the φ of this loss, before the update below
+                steps = torch.where(ok, it, steps)
+                stop = (loss.detach() < hparams.loss_stop) & ok
                 if settings.kl_stop is not None:
-                    top = all_top & active
+                    top = all_top & ok
                     # φ is 0.1·nll_factor on a step where o* is top and back to nll_factor on a step
                     # where it is not (the official compute_zs's if/else), not 0.1 for good
-                    phi = torch.where(top, 0.1 * float(hparams.nll_factor), float(hparams.nll_factor))
+                    phi = torch.where(top, 0.1 * nll_factor, nll_factor)
                     stop |= top & (kl.detach() <= settings.kl_stop)
             if it == hparams.steps - 1:
                 break
-            still = active & ~stop
-            if not still.any():
-                active = still
-                break
+            still = ok & ~stop
+            check = (it + 1) % every == 0
+            if check:  # the host reads the state: one transfer
+                any_still, any_bad = torch.stack([still.any(), (bad_step >= 0).any()]).tolist()
+                if any_bad:
+                    _raise_nonfinite(requests, bad_step)
+                if not any_still:
+                    break
             with torch.enable_grad():  # callers often run under torch.no_grad() / set_grad_enabled(False)
-                loss[still].sum().backward()
-            adam.step(still)
+                scaled = loss if scale is None else loss * scale.value.to(loss_dev)
+                torch.where(still, scaled, torch.zeros_like(scaled)).sum().backward()  # no gradient from stopped facts
+            update = still.to(delta_dev)
+            if scale is not None:
+                update = update & scale.unscale(delta, update)
+            adam.step(update)
             with torch.no_grad():
                 for site, d in delta.items():
                     _clamp_rows(d, hparams.clamp_norm_factor * init_norm[site])
                     d.grad = None
             active = still
-        steps += 1
-        return Targets(init=init, delta={s: d.detach() for s, d in delta.items()}, steps=steps, loss=last_loss,
-                       prob=last_prob, phi=last_phi)
+            if check:  # the stopped facts' rows leave the batch
+                plan = _Plan.make(rows, active, delta_dev, out_dev, loss_dev)
+        if bool((bad_step >= 0).any()):
+            _raise_nonfinite(requests, bad_step)
+        return Targets(init=init, delta={s: d.detach() for s, d in delta.items()}, steps=(steps + 1).cpu(),
+                       loss=last_loss.cpu(), prob=last_prob.cpu(), phi=last_phi.cpu())
     finally:
         for p, state in grad_state:
             p.requires_grad_(state)
+
+
+class _LossScale:
+    """Per-fact dynamic loss scaling of the target loss for a float16 model (as mixed-precision
+    training does): fact i's loss is multiplied by s_i (a power of 2, so exactly) before the backward
+    pass and its δ's gradient divided by s_i after it, in float32. A fact whose gradient overflowed
+    skips that step's update and halves s_i; everything stays on the device."""
+
+    def __init__(self, n: int, device: torch.device, init: float = 2.0 ** 16) -> None:
+        self.value = torch.full((n,), init, device=device)  # [facts]
+
+    @torch.no_grad()
+    def unscale(self, delta: dict[str, torch.Tensor], update: torch.Tensor) -> torch.Tensor:
+        """Divide each δ's gradient by the scale; [facts] bool: the rows whose gradient is finite
+        (the others' scales are halved where ``update``)."""
+        finite = torch.ones_like(update)
+        for d in delta.values():
+            if d.grad is not None:
+                d.grad = d.grad / self.value[:, None]  # [facts] -> [facts, 1]
+                finite &= torch.isfinite(d.grad).all(dim=-1)
+        self.value = torch.where(update & ~finite, self.value / 2, self.value)
+        return finite
+
+
+def _raise_nonfinite(requests: PreparedRequests, bad_step: torch.Tensor) -> None:
+    """Raise :class:`EditError` naming the facts whose loss became NaN/inf and the first such step."""
+    bad = bad_step.cpu()
+    facts = [requests.facts[i].where for i in (bad >= 0).nonzero().flatten().tolist()]
+    raise EditError(f"the target optimisation produced NaN/inf for {facts} at step {int(bad[bad >= 0].min())}")
 
 
 def _kl_term(edited: torch.Tensor, init: torch.Tensor) -> torch.Tensor:

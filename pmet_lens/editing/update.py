@@ -26,6 +26,7 @@ from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
 from pmet_lens.core.arch import architecture
+from pmet_lens.editing.delta import write_update
 from pmet_lens.editing.keys import PromptRun, request_keys
 from pmet_lens.editing.prepared import PreparedRequests
 from pmet_lens.editing.site import TARGET_WEIGHT, EditSite, edit_site
@@ -99,8 +100,12 @@ def compute_and_apply_updates(
         solve: the per-site update rule (:data:`Solve`), e.g. ``partial(least_squares_solve, lam=λ)``.
         on_write: called with ``(site, Δ)`` just before Δ is added, so the caller can keep the original.
 
+    The residuals are formed in float32 whatever the model's dtype, and each Δ is added once with
+    :func:`~pmet_lens.editing.delta.write_update` (W ← round(W + Δ)).
+
     Returns:
-        ``{site.param_name: Δ}`` in the parameter's shape and dtype.
+        ``{site.param_name: d}``: the change applied, W_new − W_old, in the parameter's shape and in
+        float32 (float64 for a float64 weight), see :mod:`pmet_lens.editing.delta`.
     """
     arch = architecture(model)
     L = max(layers)
@@ -113,12 +118,14 @@ def compute_and_apply_updates(
             reading = request_keys(model, requests, list(sites.values()), outputs=list(out_hooks.values()),
                                    stop_layer=L + 1, run=run)
             for target, site in sites.items():
-                current = reading.outputs[out_hooks[target]]
-                resid = (targets[target].to(current.dtype) - current) * spread(L, layer, spread_kind)
-                delta64 = solve(site, reading.keys[site], resid, covs[site.key_hook])
+                current = reading.outputs[out_hooks[target]]  # [facts, d_model]
+                current = current.to(torch.promote_types(current.dtype, torch.float32))  # float32 at least
+                keys = reading.keys[site]
+                resid = (targets[target].to(current.device, current.dtype) - current) * spread(L, layer, spread_kind)
+                resid = resid.to(keys.device)  # layer l's keys live on l's device, the output at L on L's
+                delta64 = solve(site, keys, resid, covs[site.key_hook])
                 param = site.param(model)
-                delta = delta64.to(param.dtype).reshape(param.shape)
-                on_write(site, delta)
-                param.add_(delta)
-                deltas[site.param_name] = delta
+                update = delta64.reshape(param.shape)  # [d_k, d_model] -> the parameter's shape (W_O: [heads, d_head, d_model])
+                on_write(site, update)
+                deltas[site.param_name] = write_update(param, update)  # written once, on the parameter's device
     return deltas
