@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from pmet_lens.analysis.tracing import Kind, trace
+from pmet_lens.analysis.tracing import EmbeddingStats, Kind, trace
 from pmet_lens.core.models import require_model
 from pmet_lens.core.readout import final_logits
 from pmet_lens.core.stats import mean_ci95
@@ -182,6 +182,7 @@ def average_traces(
     used: list[int] = []
     lows, highs = [], []
     seen = 0
+    stats = EmbeddingStats()  # sigma of W_E once for every trace below
     bar = tqdm(total=limit if limit is not None else len(facts), disable=not progress, desc="causal traces")
     for i, fact in enumerate(facts):
         if limit is not None and len(used) >= limit:
@@ -199,7 +200,7 @@ def average_traces(
         low = high = float("nan")
         for kind in need:
             r = trace(model, fact.prompt, fact.subject, kind=cast(Kind, kind), window=window, samples=samples,
-                      noise=noise, seed=seed + i, positions=positions)
+                      noise=noise, seed=seed + i, positions=positions, stats=stats)
             effect = r.effect
             low, high = r.low_score, r.high_score
             for c, rows in classes.items():
@@ -210,7 +211,7 @@ def average_traces(
         if severed:
             for what in ("mlp", "attn"):
                 r = trace(model, fact.prompt, fact.subject, kind="hidden", samples=samples, noise=noise,
-                          seed=seed + i, sever=what, positions=[subj[1] - 1])
+                          seed=seed + i, sever=what, positions=[subj[1] - 1], stats=stats)
                 sev[what].append(r.effect[subj[1] - 1])
         used.append(fact.known_id)
         lows.append(low)

@@ -27,7 +27,7 @@ from transformer_lens import HookedTransformer
 
 from pmet_lens.analysis.averaged import knows_fact
 from pmet_lens.analysis.layers import critical_layers
-from pmet_lens.analysis.tracing import trace
+from pmet_lens.analysis.tracing import EmbeddingStats, trace
 from pmet_lens.core.models import require_model
 from pmet_lens.core.stats import mean_ci95
 from pmet_lens.core.tokens import subject_range
@@ -46,18 +46,21 @@ def last_subject_curves(
     samples: int = 10,
     noise: float = 3.0,
     seed: int = 0,
+    stats: EmbeddingStats | None = None,
 ) -> tuple[Float[torch.Tensor, " n_layers"], Float[torch.Tensor, " n_layers"]]:
     """Indirect effects (score - corrupted score) of restoring the last subject token's hidden state
     at each layer: plain, and with that token's later MLP outputs severed (MEMIT Fig. 3).
 
     The answer scored is the model's greedy next token (as in :func:`~pmet_lens.analysis.averaged.average_traces` for known
-    facts, whose greedy token is the answer's first token).
+    facts, whose greedy token is the answer's first token). ``stats``: a cache of the noise scale
+    shared by many calls (:class:`~pmet_lens.analysis.tracing.EmbeddingStats`).
     """
     require_model(model, "pmet_lens.analysis.layer_scan.last_subject_curves")
     last = subject_range(model, prompt, subject)[1] - 1
-    plain = trace(model, prompt, subject, kind="hidden", samples=samples, noise=noise, seed=seed, positions=[last])
+    plain = trace(model, prompt, subject, kind="hidden", samples=samples, noise=noise, seed=seed, positions=[last],
+                  stats=stats)
     severed = trace(model, prompt, subject, kind="hidden", samples=samples, noise=noise, seed=seed,
-                    sever="mlp", positions=[last])
+                    sever="mlp", positions=[last], stats=stats)
     return plain.effect[last], severed.effect[last]
 
 
@@ -177,6 +180,7 @@ def scan_layers(
     severed: list[torch.Tensor] = []
     ids: list[int] = []
     seen = 0
+    stats = EmbeddingStats()  # sigma of W_E once for every trace below
     bar = tqdm(total=n_facts, disable=not progress, desc="last-subject traces")
     for i, fact in enumerate(facts):
         if len(ids) >= n_facts:
@@ -184,7 +188,8 @@ def scan_layers(
         seen += 1
         if known_only and not knows_fact(model, fact)[0]:
             continue
-        p, s = last_subject_curves(model, fact.prompt, fact.subject, samples=samples, noise=noise, seed=seed + i)
+        p, s = last_subject_curves(model, fact.prompt, fact.subject, samples=samples, noise=noise, seed=seed + i,
+                                   stats=stats)
         plain.append(p.cpu())
         severed.append(s.cpu())
         ids.append(fact.known_id)

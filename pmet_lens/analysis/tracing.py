@@ -39,6 +39,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from transformer_lens.hook_points import HookPoint
 
 from pmet_lens.core.arch import Architecture, architecture
+from pmet_lens.core.batching import run_halving
 from pmet_lens.core.devices import block_device
 from pmet_lens.core.models import require_model
 from pmet_lens.core.readout import final_logits
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "KINDS",
     "SEVER",
+    "EmbeddingStats",
+    "TRACE_TOKENS",
     "TraceResult",
     "trace",
     "embedding_std",
@@ -61,6 +64,8 @@ KINDS: tuple[str, ...] = ("hidden", "mlp", "attn")
 """Trace kinds: restore h^l_t, a window of m_t, or a window of a_t."""
 SEVER: tuple[str, ...] = ("mlp", "attn")
 """Components that can be severed (held at their corrupted value) in a hidden-state trace."""
+TRACE_TOKENS = 16384
+"""Default token budget of one restoration forward of :func:`trace`: (layer, sample) rows x positions."""
 
 @dataclass(frozen=True)
 class TraceResult:
@@ -113,14 +118,40 @@ class TraceResult:
         return int(self.scores.shape[1])
 
 
-def embedding_std(model: HookedTransformer) -> float:
-    """Empirical std sigma of the token embeddings (all entries of ``model.W_E``).
+def embedding_std(model: HookedTransformer, *, rows: int = 8192) -> float:
+    """Empirical std sigma of the token embeddings (all entries of ``model.W_E``, ``ddof = 1``).
 
     ROME measures sigma over the embeddings of the subjects of its data set; this is the std over
     the whole embedding matrix (MEMIT Appendix A: "the empirically observed variance of embedding
-    activations"), which needs no data set.
+    activations"), which needs no data set. Two passes in float64 over blocks of ``rows`` rows (no
+    float32 copy of the whole matrix); :class:`EmbeddingStats` keeps it per model.
     """
-    return float(model.W_E.detach().float().std())
+    W = model.W_E.detach()
+    n = W.numel()
+    total = sum(float(W[i:i + rows].double().sum()) for i in range(0, W.shape[0], rows))
+    mean = total / n
+    squares = sum(float((W[i:i + rows].double() - mean).pow(2).sum()) for i in range(0, W.shape[0], rows))
+    return math.sqrt(squares / max(1, n - 1))
+
+
+class EmbeddingStats:
+    """Cache of :func:`embedding_std` per model, for callers that trace many prompts
+    (:func:`~pmet_lens.analysis.averaged.average_traces`): sigma is computed once per embedding
+    matrix and again only when that matrix changes (its identity or its in-place version counter).
+    An object the caller passes in, no module-level state."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[torch.Tensor, int, float]] = {}
+
+    def std(self, model: HookedTransformer) -> float:
+        """sigma of ``model.W_E`` (:func:`embedding_std`), computed at most once per state of the matrix."""
+        W = model.W_E
+        hit = self._known.get(id(W))
+        if hit is not None and hit[0] is W and hit[1] == W._version:
+            return hit[2]
+        value = embedding_std(model)
+        self._known[id(W)] = (W, W._version, value)
+        return value
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:
@@ -202,6 +233,8 @@ def trace(
     target: str | None = None,
     sever: Literal["mlp", "attn"] | None = None,
     positions: Sequence[int] | None = None,
+    max_tokens: int = TRACE_TOKENS,
+    stats: EmbeddingStats | None = None,
 ) -> TraceResult:
     """Causal trace of ``prompt`` (ROME Fig. 1; MEMIT Fig. 8, and Fig. 3 with ``sever``).
 
@@ -223,6 +256,12 @@ def trace(
         sever: "mlp" / "attn": hold the MLP / attention outputs of the restored token at all
             later layers at their corrupted values (MEMIT Fig. 3). Only with ``kind="hidden"``.
         positions: prompt positions to trace (default all); rows not traced are NaN.
+        max_tokens: token budget of one restoration forward ((layer, sample) rows x positions from
+            ``t``); the layers of a position are split into groups that fit (each group one growing
+            batch), and a group that meets a CUDA out-of-memory error is halved and retried
+            (:func:`~pmet_lens.core.batching.run_halving`). Scores do not depend on the grouping
+            (up to float rounding).
+        stats: a cache of sigma (:class:`EmbeddingStats`) shared by many calls; default computed here.
 
     Returns:
         a :class:`TraceResult` (``scores`` [n_tokens, n_layers] over the prompt's tokens).
@@ -265,7 +304,8 @@ def trace(
         # ---- corrupted run: noise on the subject embeddings, one row per sample -----------
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         eps = torch.randn(samples, subj[1] - subj[0], model.cfg.d_model, generator=gen)
-        eps = (eps * (noise * embedding_std(model))).to(device=device, dtype=model.cfg.dtype)
+        sigma = stats.std(model) if stats is not None else embedding_std(model)
+        eps = (eps * (noise * sigma)).to(device=device, dtype=model.cfg.dtype)
         noise_hooks = [(arch.embed_hook(), _noise_hook(eps, *subj))]
         corrupt_names = set()
         for l in range(n_layers):
@@ -290,9 +330,15 @@ def trace(
                 # and corrupted states agree, so any restoration (windowed or severed) is a no-op
                 scores[t] = low
                 continue
-            scores[t] = _trace_position(
-                model, arch, t, kind, window, sever, clean, store, samples, score_pos, tgt
-            ).cpu()
+            per_group = max(1, max_tokens // (samples * (len(input_ids) - t)))  # layers per forward
+            groups = [list(range(s, min(s + per_group, n_layers))) for s in range(0, n_layers, per_group)]
+
+            def restore(layers: Sequence[int], t: int = t) -> None:
+                got = _trace_position(model, arch, t, kind, window, sever, clean, store, samples, score_pos, tgt,
+                                      layers=list(layers)).cpu()
+                scores[t, list(layers)] = got[list(layers)]
+
+            run_halving(groups, restore, what="causal tracing")
 
     decoded = [decode_text(model, [i]) for i in prompt_ids]
     return TraceResult(
@@ -315,8 +361,10 @@ def _trace_position(
     samples: int,
     score_pos: list[int],
     tgt: list[int],
+    layers: list[int] | None = None,
 ) -> Float[torch.Tensor, " n_layers"]:
-    """Mean P(target) over samples for position ``t`` restored at every layer.
+    """Mean P(target) over samples for position ``t`` restored at each of ``layers`` (default every
+    layer; the entries of other layers are NaN).
 
     Only positions ``t..`` are recomputed: earlier positions are unchanged by a restoration at
     ``t`` (causal attention), so their keys and values are those of the corrupted run and are
@@ -326,9 +374,10 @@ def _trace_position(
     """
     n_layers = arch.n_layers
     device = corrupt["final"].device
-    layers = list(range(n_layers))
-    spans = [window_layers(l, window, n_layers) for l in layers]
-    starts = [l + 1 for l in layers] if kind == "hidden" else [sp.start for sp in spans]
+    if layers is None:
+        layers = list(range(n_layers))
+    spans = [window_layers(l, window, n_layers) for l in range(n_layers)]
+    starts = [l + 1 for l in range(n_layers)] if kind == "hidden" else [sp.start for sp in spans]
     comp_hook = {"mlp": arch.mlp_out_hook, "attn": arch.attn_out_hook}
 
     def entering(l: int, dev: torch.device) -> torch.Tensor:
@@ -373,6 +422,6 @@ def _trace_position(
             x = model.blocks[j](x, past_kv_cache_entry=entry)
     probs = target_probability(final_logits(model, x[:, [p - t for p in score_pos]]), tgt)
     device = probs.device
-    out = torch.empty(n_layers, device=device)
+    out = torch.full((n_layers,), float("nan"), device=device)
     out[torch.as_tensor(active, device=device)] = probs.view(len(active), samples).mean(dim=1)
     return out

@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
+from pmet_lens.core.batching import run_halving
+from pmet_lens.core.readout import final_logits
 from pmet_lens.core.tokens import decode_text, encode, pad_id, tokenizer_of
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ def sample_texts(
     batch_size: int = 64,
     stop_at_eos: bool = True,
     progress: bool = False,
+    max_tokens: int = 16384,
 ) -> list[str]:
     """Generate one text per prompt and return ``prompt ⊕ continuation`` decoded (as ROME scores it).
 
@@ -68,6 +71,10 @@ def sample_texts(
         batch_size: prompts decoded together.
         stop_at_eos: end a row at the tokenizer's EOS token (the EOS is not decoded).
         progress: tqdm bar over batches.
+        max_tokens: token budget of a batch, ``rows x max_length`` (at least one row); a batch that
+            meets a CUDA out-of-memory error is halved and retried
+            (:func:`~pmet_lens.core.batching.run_halving`), with the same draws (each prompt's
+            generator is seeded again).
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -75,11 +82,15 @@ def sample_texts(
     out: list[str | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     eos = tokenizer_of(model).eos_token_id if stop_at_eos else None
-    chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    for rows in tqdm(chunks, desc="generating", disable=not progress, leave=False):
+    per_batch = max(1, min(batch_size, max_tokens // max(1, max_length)))
+    chunks = [order[s : s + per_batch] for s in range(0, len(order), per_batch)]
+
+    def generate(rows: Sequence[int]) -> None:
         new_tokens = _sample_batch(model, [ids[i] for i in rows], [seed + i for i in rows], max_length, top_k, eos)
         for i, new in zip(rows, new_tokens):
             out[i] = decode_text(model, ids[i] + new, skip_special_tokens=True)
+
+    run_halving(tqdm(chunks, desc="generating", disable=not progress, leave=False), generate, what="generation")
     return out  # type: ignore[return-value]
 
 
@@ -108,7 +119,9 @@ def decode(
     Rows are left-padded and decoded together with an attention mask; every step calls
     ``pick(last_logits)`` for the next token of each row (a CPU tensor ``[batch]``), also for rows
     that have finished, so a row's draws never depend on when the others stop. A row ends at its
-    budget or at ``eos`` (not appended). Returns the new tokens of each row.
+    budget or at ``eos`` (not appended). Returns the new tokens of each row. The blocks run to the
+    final residual stream and only each row's last position is read out (:func:`~pmet_lens.core.readout.final_logits`),
+    so the prompt's forward holds no ``[batch, pos, d_vocab]`` logits.
     """
     device = model.cfg.device
     b = len(seqs)
@@ -124,7 +137,9 @@ def decode(
         return new
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, b)
     with torch.no_grad():
-        logits = model(tokens.to(device), attention_mask=mask.to(device), past_kv_cache=cache)[:, -1]
+        resid = model(tokens.to(device), attention_mask=mask.to(device), past_kv_cache=cache,
+                      stop_at_layer=model.cfg.n_layers)  # [b, width, d_model]
+        logits = final_logits(model, resid[:, -1])  # [b, d_vocab]
         for _ in range(max(budget)):
             nxt = pick(logits)
             for r in range(b):
@@ -140,5 +155,7 @@ def decode(
             if all(done):
                 break
             step_mask = torch.ones((b, 1), dtype=torch.long, device=device)
-            logits = model(nxt[:, None].to(device), attention_mask=step_mask, past_kv_cache=cache)[:, -1]
+            resid = model(nxt[:, None].to(device), attention_mask=step_mask, past_kv_cache=cache,
+                          stop_at_layer=model.cfg.n_layers)  # [b, 1, d_model]
+            logits = final_logits(model, resid[:, -1])
     return new

@@ -217,11 +217,14 @@ def hooked_from_hf(
     cfg.default_prepend_bos = default_prepend_bos
     state_dict = tl_state_dict(hf_model, cfg)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
-    # TransformerLens's own loading path without any processing (it fills parameters the converter
-    # leaves out, e.g. GPT-2's zero unembedding bias, and refuses missing weight matrices)
-    model.load_and_process_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, fold_ln=False,
-                                      center_writing_weights=False, center_unembed=False,
-                                      fold_value_biases=False, refactor_factored_attn_matrices=False)
+    # TransformerLens's own loading path (load_and_process_state_dict) without its weight processing,
+    # which with every processing flag off changes no value but casts a bfloat16 / float16 state dict
+    # to float32 and back (three more copies of the model at once): fill the parameters the converter
+    # leaves out (e.g. GPT-2's zero unembedding bias) as it does, then load one tensor at a time
+    state = model.fill_missing_keys({k: v.to(dtype) for k, v in state_dict.items()})
+    del state_dict
+    for key in list(state):
+        model.load_state_dict({key: state.pop(key)}, strict=False)
     model.to(device)
     return attach_hf_config(model, hf_model.config)
 

@@ -33,6 +33,7 @@ from pmet_lens.editing.hparams import (
 )
 from pmet_lens.editing.identity import weights_hashes
 from pmet_lens.editing.keys import request_keys
+from pmet_lens.editing.linsolve import SolveOptions
 from pmet_lens.editing.prepared import PreparedRequests, prepare_requests
 from pmet_lens.editing.result import EditResult
 from pmet_lens.editing.site import TARGET_WEIGHT, EditSite, edit_site
@@ -44,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AlphaEditHyperParams", "CovarianceStore", "EditError", "EditHyperParams", "EditResult", "EditSite", "MEMITHyperParams",
-    "PMETHyperParams", "PreparedRequests", "context_prefixes", "edit", "prepare_requests", "preset", "request_keys",
+    "PMETHyperParams", "PreparedRequests", "SolveOptions", "context_prefixes", "edit", "prepare_requests", "preset",
+    "request_keys",
 ]
 
 
@@ -60,6 +62,7 @@ def edit(
     progress: bool = True,
     targets: dict[str, torch.Tensor] | None = None,
     compile: bool = False,
+    solve_options: SolveOptions | None = None,
 ) -> EditResult:
     """Edit ``facts`` into ``model`` with PMET (default) or MEMIT.
 
@@ -89,6 +92,9 @@ def edit(
             compiler on CPU). Compiling is paid once per process and then makes each step cheaper, so
             it pays for mass edits, not for a few facts (``benchmarks/bench_editing.py --compile``
             measures both). Targets equal the eager ones up to float rounding.
+        solve_options: how each layer's update is solved (:class:`~pmet_lens.editing.linsolve.SolveOptions`:
+            float32 Cholesky with float64 refinement by default; ``float64_device="cpu"`` keeps
+            float64 work off a GPU that is slow at it).
 
     Returns:
         The :class:`EditResult` (applied if ``apply``).
@@ -121,7 +127,7 @@ def edit(
                      hparams.cov_seq_len, layer_hashes=layer_hashes)
     given = None if targets is None else _check_targets(targets, settings.kept_sites, len(facts), model.cfg.d_model)
     result = run_batch(model, facts, hparams, covs,
-                       _solve_for(model, hparams, sites, covs, store, nullspace_store, layer_hashes),
+                       _solve_for(model, hparams, sites, covs, store, nullspace_store, layer_hashes, solve_options),
                        progress=progress, targets=given, prefixes=prefixes, compile=compile, model_hash=model_hash)
     if not apply:
         result.restore()
@@ -147,17 +153,17 @@ def _check_targets(targets: dict[str, torch.Tensor], sites: Sequence[str], n_fac
 
 def _solve_for(model: HookedTransformer, hparams: EditHyperParams, sites: Sequence[EditSite],
                covs: dict[str, torch.Tensor], store: CovarianceStore, nullspace_store: Any,
-               layer_hashes: dict[int, str]):
+               layer_hashes: dict[int, str], options: SolveOptions | None = None):
     """The per-site solve of ``hparams``: MEMIT's / PMET's least squares with λ, or with
     ``nullspace`` AlphaEdit's projected solve (AlphaEdit eq. 12) with P from C of the model as it is."""
     from pmet_lens.editing.nullspace import NullspaceStore
 
     if not hparams.nullspace:
-        return partial(least_squares_solve, lam=hparams.lam)
+        return partial(least_squares_solve, lam=hparams.lam, options=options)
     ns = nullspace_store if nullspace_store is not None else NullspaceStore()
     projections = {}
     for site in sites:
         key = store.cache_key(model, site.key_hook, hparams.cov_tokens, hparams.cov_dtype, hparams.cov_seq_len,
                               layer_hashes=layer_hashes)
         projections[site.key_hook] = ns.get(key, covs[site.key_hook], hparams.nullspace_threshold)
-    return partial(projected_site_solve, projections=projections, l2=hparams.l2)
+    return partial(projected_site_solve, projections=projections, l2=hparams.l2, options=options)

@@ -1,8 +1,10 @@
 """Second-moment statistics C^l = E[k kᵀ] of the edited weights' keys (MEMIT eq. 14's K0K0ᵀ/n).
 
 A :class:`CovarianceStore` is an object the caller passes in (no module-level cache). It
-streams a text corpus through the model once for all requested hooks (keys of several
-layers in one pass), with a progress bar, and caches each matrix on disk under a key naming
+streams a text corpus through the model with a progress bar, reading the keys of as many layers per
+pass as its working-set budget allows (``working_bytes``: each layer being accumulated holds one
+float64 ``[d_k, d_k]`` sum), and keeps every finished matrix on the CPU: a caller moves one matrix to
+the model's device for its own layer's solve only. It caches each matrix on disk under a key naming
 the model (hash of the weights the keys depend on), the tokenizer, the hook (hence the layer),
 the corpus (content hash), the token count, the sequence length and the dtype. Files are written
 atomically (temporary file + ``os.replace``); a truncated, corrupt or mismatching file is
@@ -22,7 +24,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from pmet_lens.core.arch import block_index
+from pmet_lens.core.arch import architecture, block_index
 from pmet_lens.core.cachefile import read_matrix, write_matrix
 from pmet_lens.core.models import default_cache_dir
 from pmet_lens.core.tokens import tokenizer_of
@@ -51,6 +53,12 @@ class CovarianceStore:
         text_field: the field of a record that holds its text (``datasets`` corpora).
         batch_size: corpus chunks per forward pass.
         progress: show a tqdm progress bar while streaming the corpus.
+        working_bytes: most bytes of float64 accumulators held at once while C is built: the
+            requested layers are grouped, in ascending order, into corpus passes whose ``8 d_k²``
+            sums fit (at least one layer per pass). ``None``: every layer in one pass. Each
+            grouping gives the same C bit for bit (each layer's sum sees the same float32 batch
+            products in the same order); more passes cost more forward blocks (a pass runs the
+            blocks up to its highest layer).
     """
 
     def __init__(
@@ -60,6 +68,7 @@ class CovarianceStore:
         batch_size: int = 4,
         progress: bool = True,
         text_field: str = "text",
+        working_bytes: int | None = 2 * 2**30,
     ) -> None:
         if cache_dir is False:
             self.cache_dir: Path | None = None
@@ -70,6 +79,10 @@ class CovarianceStore:
         self.corpus_hash = hashlib.sha256("\x00".join(self._texts).encode()).hexdigest()[:16]
         self.batch_size = batch_size
         self.progress = progress
+        if working_bytes is not None and (isinstance(working_bytes, bool) or not isinstance(working_bytes, int)
+                                          or working_bytes < 1):
+            raise ValueError(f"working_bytes must be a positive int or None, got {working_bytes!r}")
+        self.working_bytes = working_bytes
         self._memory: dict[str, torch.Tensor] = {}
         self._tokenizer_hashes: dict[int, tuple[Any, str]] = {}  # id -> (tokenizer, hash)
         self.last_build_seconds: float = 0.0
@@ -86,7 +99,10 @@ class CovarianceStore:
         layer_hashes: dict[int, str] | None = None,
     ) -> dict[str, Float[torch.Tensor, "d d"]]:
         """C for each key hook name (``EditSite.key_hook``: the input of W_out
-        or of W_O at a layer), on the model's device, in ``dtype``. Missing matrices are built in one corpus pass.
+        or of W_O at a layer), on the CPU, in ``dtype``. Missing matrices are built by streaming the
+        corpus (layers grouped into passes by ``working_bytes``); a caller moves one matrix to the
+        model's device for its own layer's solve only (``cov.to(keys.device)``), so the device never
+        holds every layer's C at once.
 
         ``layer_hashes`` (layer -> ``weights_hash(model, upto_layer=layer)``, e.g. from
         :func:`~pmet_lens.editing.identity.weights_hashes`) saves the pass over the weights that
@@ -117,8 +133,7 @@ class CovarianceStore:
                 self._memory[keys[hook]] = cov
                 self._write(keys[hook], cov)
                 out[hook] = cov
-        device = model.cfg.device
-        return {h: out[h].to(device) for h in hooks}
+        return {h: out[h] for h in hooks}
 
     def cache_key(self, model: HookedTransformer, hook: str, n_tokens: int, dtype: str = "float32",
                   seq_len: int = 256, *, layer_hashes: dict[int, str] | None = None) -> str:
@@ -191,23 +206,53 @@ class CovarianceStore:
 
     def _build(self, model: HookedTransformer, hooks: Sequence[str], n_tokens: int, dtype: torch.dtype,
                seq_len: int) -> dict[str, torch.Tensor]:
+        """C of each hook, built in passes over the corpus (:meth:`_passes`), each returned on the CPU."""
+        chunks = self._chunks(model, n_tokens, min(seq_len, model.cfg.n_ctx))
+        out: dict[str, torch.Tensor] = {}
+        passes = self._passes(model, hooks)
+        logger.info("Estimating E[k k^T] for %s over %d tokens in %d corpus pass(es)", list(hooks),
+                    sum(map(len, chunks)), len(passes))
+        for group in passes:
+            out.update(self._accumulate(model, group, chunks, dtype))
+        return out
+
+    def _passes(self, model: HookedTransformer, hooks: Sequence[str]) -> list[list[str]]:
+        """The hooks grouped into corpus passes, layers ascending: a pass's float64 sums (``8 d_k²``
+        bytes each, ``d_k`` the width of the hook's activation) stay within ``working_bytes``."""
+        ordered = sorted(hooks, key=lambda h: (block_index(h), h))
+        if self.working_bytes is None:
+            return [ordered]
+        groups: list[list[str]] = []
+        used = 0
+        for hook in ordered:
+            need = 8 * _key_width(model, hook) ** 2
+            if groups and used + need <= self.working_bytes:
+                groups[-1].append(hook)
+                used += need
+            else:
+                groups.append([hook])
+                used = need
+        return groups
+
+    def _accumulate(self, model: HookedTransformer, hooks: Sequence[str], chunks: list[list[int]],
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """One corpus pass: per hook, the float64 sum over batches of the ``dtype`` products
+        ``kᵀk`` (keys of the real tokens), divided by the token count; returned in ``dtype`` on the CPU."""
         from pmet_lens.core.tokens import pad
 
-        chunks = self._chunks(model, n_tokens, min(seq_len, model.cfg.n_ctx))
         sums: dict[str, torch.Tensor] = {}
         count = 0
         stop = max(block_index(h) for h in hooks) + 1
         mask_holder: dict[str, torch.Tensor] = {}
 
         def accumulate(act: torch.Tensor, hook) -> None:
-            flat = act.reshape(act.shape[0] * act.shape[1], -1)[mask_holder["mask"]].to(dtype)
-            prod = flat.T @ flat
+            flat = act.reshape(act.shape[0] * act.shape[1], -1)[mask_holder["mask"]].to(dtype)  # [b, pos, d] -> [tokens, d]
+            prod = flat.T @ flat  # [d, d] in dtype
             if hook.name in sums:
-                sums[hook.name] += prod.to(torch.float64)
+                sums[hook.name].add_(prod)  # float64 += dtype, converted element by element (no float64 copy)
             else:
                 sums[hook.name] = prod.to(torch.float64)
 
-        logger.info("Estimating E[k k^T] for %s over %d tokens", list(hooks), sum(map(len, chunks)))
         bar = tqdm(range(0, len(chunks), self.batch_size), desc="covariance", disable=not self.progress)
         with torch.no_grad(), model.hooks(fwd_hooks=[(h, accumulate) for h in hooks]):
             for start in bar:
@@ -217,7 +262,25 @@ class CovarianceStore:
                 mask_holder["mask"] = mask
                 count += int(mask.sum())
                 model(batch.tokens, stop_at_layer=stop)
-        return {h: (sums[h] / count).to(dtype) for h in hooks}
+        out = {}
+        for h in hooks:
+            total = sums.pop(h)
+            out[h] = total.div_(count).to(device="cpu", dtype=dtype)
+            del total
+        return out
+
+
+def _key_width(model: HookedTransformer, hook: str) -> int:
+    """Width d_k of a key hook's activation: the input width of the output weight it feeds
+    (:meth:`~pmet_lens.core.arch.Architecture.edit_key_hook`; W_O's flattened over the heads), or
+    ``max(d_mlp, d_model)`` for any other hook (a bound for the working-set budget)."""
+    arch = architecture(model)
+    layer = block_index(hook)
+    for weight in ("W_out", "W_O"):
+        if arch.edit_key_hook(weight, layer) == hook:
+            param = arch.edit_param(model, weight, layer)
+            return param.numel() // param.shape[-1]  # [d_k, d_model] or [heads, d_head, d_model]
+    return max(int(model.cfg.d_mlp or 0), int(model.cfg.d_model))
 
 
 def _corpus_texts(corpus: str | Path | Iterable[str | Path | Mapping[str, Any]] | None, text_field: str) -> list[str]:

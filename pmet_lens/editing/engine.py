@@ -22,6 +22,7 @@ from pmet_lens.editing.covariance import CovarianceStore
 from pmet_lens.editing.hparams import EditHyperParams, settings_for
 from pmet_lens.editing.identity import weights_hashes
 from pmet_lens.editing.keys import request_keys
+from pmet_lens.editing.linsolve import SolveOptions
 from pmet_lens.editing.nullspace import Projection, projected_solve
 from pmet_lens.editing.prepared import prepare_requests
 from pmet_lens.editing.result import EditResult
@@ -59,19 +60,22 @@ def edited_params(model: HookedTransformer, hparams: EditHyperParams) -> dict[st
 
 
 def projected_solver(projections: Mapping[str, Projection], l2: float,
-                     prev: Mapping[str, torch.Tensor] | None = None) -> Solve:
-    """The engine's :data:`~pmet_lens.editing.update.Solve` for AlphaEdit's update with these P and KpKp."""
-    return partial(projected_site_solve, projections=projections, l2=l2, prev=prev)
+                     prev: Mapping[str, torch.Tensor] | None = None, options: SolveOptions | None = None) -> Solve:
+    """The engine's :data:`~pmet_lens.editing.update.Solve` for AlphaEdit's update with these P and
+    ``prev`` (key hook -> P·KpKp·P)."""
+    return partial(projected_site_solve, projections=projections, l2=l2, prev=prev, options=options)
 
 
 def projected_site_solve(site: EditSite, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, *,
                          projections: Mapping[str, Projection], l2: float,
-                         prev: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+                         prev: Mapping[str, torch.Tensor] | None = None,
+                         options: SolveOptions | None = None) -> torch.Tensor:
     """AlphaEdit's update as the engine's :data:`~pmet_lens.editing.update.Solve`:
     :func:`~pmet_lens.editing.nullspace.projected_solve` with the site's P and ``prev[key hook]`` =
-    P·KpKp (C is unused: the projection replaces MEMIT's λC term)."""
+    P·KpKp·P (:func:`~pmet_lens.editing.nullspace.projected_gram` summed over earlier batches; C is
+    unused: the projection replaces MEMIT's λC term). P and ``prev`` may stay on the CPU."""
     return projected_solve(keys, resid, projections[site.key_hook].P, l2,
-                           projected_prev=None if prev is None else prev.get(site.key_hook))
+                           projected_gram=None if prev is None else prev.get(site.key_hook), options=options)
 
 
 def batch_keys(model: HookedTransformer, facts: Sequence[Fact], hparams: EditHyperParams,
@@ -87,12 +91,14 @@ def batch_keys(model: HookedTransformer, facts: Sequence[Fact], hparams: EditHyp
 def run_batch(model: HookedTransformer, facts: Sequence[Fact], hparams: EditHyperParams,
               covs: dict[str, torch.Tensor], solve: Solve | None, *, progress: bool = False,
               targets: dict[str, torch.Tensor] | None = None, prefixes: tuple[str, ...] | None = None,
-              compile: bool = False, model_hash: str | None = None) -> EditResult:
+              compile: bool = False, model_hash: str | None = None,
+              solve_options: SolveOptions | None = None) -> EditResult:
     """One mass edit of validated ``facts`` into ``model`` (applied): optimise the targets (PMET eq. 9,
     MEMIT eq. 16) unless ``targets`` (site -> [facts, d_model]) are given, then write the per-layer
     update with the given covariances and solve (default MEMIT's / PMET's least squares with λ,
     MEMIT eq. 14, PMET eq. 10). ``prefixes`` default to ``hparams.context_prefixes``; ``model_hash``
-    (of the weights before the edit) is computed when not given.
+    (of the weights before the edit) is computed when not given. ``solve_options`` configure the
+    default solve (:class:`~pmet_lens.editing.linsolve.SolveOptions`).
 
     On an exception the weights are written back to their values before the call.
     """
@@ -120,7 +126,8 @@ def run_batch(model: HookedTransformer, facts: Sequence[Fact], hparams: EditHype
     try:
         deltas = compute_and_apply_updates(
             model, requests, {s: values[s] for s in settings.kept_sites}, hparams.layers, settings.spread, covs,
-            solve=solve if solve is not None else partial(least_squares_solve, lam=hparams.lam), on_write=keep_original)
+            solve=solve if solve is not None else partial(least_squares_solve, lam=hparams.lam, options=solve_options),
+            on_write=keep_original)
         return EditResult(model=model, method=hparams.method, deltas=deltas, targets=values, facts=list(requests.facts),
                           hparams=hparams.to_dict(), model_hash=model_hash, prefixes=prefixes_, stats=stats,
                           _originals=originals)

@@ -19,30 +19,51 @@ from transformer_lens import HookedTransformer
 from pmet_lens.editing.prepared import PreparedRequests, PromptRows
 from pmet_lens.editing.site import EditSite
 
-__all__ = ["LayerReading", "PromptRun", "prefix_mean", "request_keys"]
+__all__ = ["KEY_TOKENS", "LayerReading", "PromptRun", "prefix_mean", "request_keys"]
+
+
+KEY_TOKENS = 8192
+"""Default token budget of one forward when keys are read (:class:`PromptRun`): rows x padded width."""
 
 
 @dataclass(frozen=True)
 class PromptRun:
     """The prompt rows of prepared requests with the residual stream entering block ``start``
-    computed once (blocks before the lowest edited layer never change during an update).
+    computed once (blocks before the lowest edited layer never change during an update), in
+    chunks of consecutive rows of at most ``max_tokens`` tokens (rows x the chunk's widest row),
+    so that no forward holds every fact x template at once.
 
     Attributes:
         rows: :meth:`PreparedRequests.rows` (no target tokens, no KL prompts).
         start: the block the cached residual stream enters.
-        resid: ``[rows, pos, d_model]`` residual stream entering block ``start``.
+        chunks: per chunk, its first row and its ``[chunk rows, chunk width, d_model]`` residual
+            stream entering block ``start`` (rows in order, each chunk padded to its own widest row).
     """
 
     rows: PromptRows
     start: int
-    resid: torch.Tensor
+    chunks: tuple[tuple[int, torch.Tensor], ...]
 
     @classmethod
-    def build(cls, model: HookedTransformer, requests: PreparedRequests, start: int) -> "PromptRun":
+    def build(cls, model: HookedTransformer, requests: PreparedRequests, start: int, *,
+              max_tokens: int = KEY_TOKENS) -> "PromptRun":
+        """Run the rows up to block ``start``, ``max_tokens`` tokens (at least one row) per forward."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
         rows = requests.rows(model)
+        lengths = rows.lengths.tolist()
+        chunks = []
         with torch.no_grad():
-            resid = model(rows.tokens, stop_at_layer=start)
-        return cls(rows=rows, start=start, resid=resid)
+            first = 0
+            while first < len(lengths):
+                end, width = first + 1, lengths[first]
+                while end < len(lengths) and (end - first + 1) * max(width, lengths[end]) <= max_tokens:
+                    width = max(width, lengths[end])
+                    end += 1
+                tokens = rows.tokens[first:end, :width]  # right-padded: columns past the widest row are padding
+                chunks.append((first, model(tokens, stop_at_layer=start)))
+                first = end
+        return cls(rows=rows, start=start, chunks=tuple(chunks))
 
 
 @dataclass(frozen=True)
@@ -78,7 +99,7 @@ def request_keys(
     stop_layer: int | None = None,
     run: PromptRun | None = None,
 ) -> LayerReading:
-    """Keys of ``requests`` at each of ``sites`` on the model as it is now, in one forward pass.
+    """Keys of ``requests`` at each of ``sites`` on the model as it is now, one forward per chunk of rows.
 
     Args:
         sites: edit sites whose keys to read (any layers).
@@ -87,23 +108,31 @@ def request_keys(
         stop_layer: run blocks up to (excluding) this one; default one past the highest site. It must
             include the blocks of ``outputs``.
         run: prompt rows with a cached residual stream (``PromptRun.build``); default built here,
-            starting at the lowest site's block.
+            starting at the lowest site's block, in chunks of :data:`KEY_TOKENS` tokens. Each chunk
+            of rows is one forward; the keys equal those of one forward over all rows up to float
+            rounding.
     """
     if run is None:
         run = PromptRun.build(model, requests, min(site.layer for site in sites))
     if stop_layer is None:
         stop_layer = max(site.layer for site in sites) + 1
-    rows = torch.arange(run.rows.tokens.shape[0], device=run.rows.lookup.device)
-    got: dict[str, torch.Tensor] = {}
+    got: dict[str, list[torch.Tensor]] = {}
+    window: dict[str, torch.Tensor] = {}
 
     def grab(act: torch.Tensor, hook) -> None:
-        got[hook.name] = act[rows, run.rows.lookup].reshape(len(rows), -1).clone()  # [rows, ...] -> [rows, d]
+        rows, lookup = window["rows"], window["lookup"]
+        got.setdefault(hook.name, []).append(act[rows, lookup].reshape(len(rows), -1).clone())  # [rows, ...] -> [rows, d]
 
     names = {*(site.key_hook for site in sites), *outputs}
     with torch.no_grad(), model.hooks(fwd_hooks=[(h, grab) for h in names]):
-        model(run.resid, start_at_layer=run.start, stop_at_layer=stop_layer)
+        for first, resid in run.chunks:
+            n = resid.shape[0]
+            window["rows"] = torch.arange(n, device=resid.device)
+            window["lookup"] = run.rows.lookup[first:first + n].to(resid.device)
+            model(resid, start_at_layer=run.start, stop_at_layer=stop_layer)
     missing = names - set(got)
     if missing:
         raise ValueError(f"hooks {sorted(missing)} did not run before block {stop_layer}: raise stop_layer")
-    return LayerReading(keys={site: prefix_mean(got[site.key_hook], requests) for site in sites},
-                        outputs={h: got[h][run.rows.bare] for h in outputs})
+    values = {h: torch.cat(parts) for h, parts in got.items()}  # chunks in row order -> [rows, d]
+    return LayerReading(keys={site: prefix_mean(values[site.key_hook], requests) for site in sites},
+                        outputs={h: values[h][run.rows.bare.to(values[h].device)] for h in outputs})

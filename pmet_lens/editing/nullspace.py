@@ -45,11 +45,12 @@ import torch
 from jaxtyping import Float
 
 from pmet_lens.core.cachefile import read_matrix, write_matrix
+from pmet_lens.editing.linsolve import SolveOptions, matmul64, spd_solve
 from pmet_lens.editing.validate import EditError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Projection", "NullspaceStore", "nullspace_projection", "project_keys_gram", "projected_solve"]
+__all__ = ["Projection", "NullspaceStore", "nullspace_projection", "project_keys_gram", "projected_gram", "projected_solve"]
 
 _FORMAT = 1
 
@@ -85,15 +86,20 @@ def nullspace_projection(cov: Float[torch.Tensor, "d_k d_k"], threshold: float) 
         raise ValueError(f"cov must be a square matrix, got shape {tuple(cov.shape)}")
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
         raise ValueError(f"the null-space threshold τ must be a finite number >= 0, got {threshold!r}")
-    C = cov.detach().to(torch.float64)
-    if not torch.isfinite(C).all():
+    C = cov.detach()
+    if not math.isfinite(float(C.sum(dtype=torch.float64))):  # a reduction: no [d, d] mask
         raise EditError("the covariance C contains NaN/inf; rebuild it (delete its cache file)")
     d = C.shape[0]
     if threshold == 0:
         return Projection(P=torch.zeros(d, d, dtype=torch.float64, device=C.device), dim=0, threshold=0.0)
-    evals, evecs = torch.linalg.eigh((C + C.T) / 2)
+    sym = C.to(torch.float64)
+    sym = sym + sym.T  # a new buffer (also when C was float64 already)
+    sym.mul_(0.5)  # (C + Cᵀ)/2, the symmetrised C
+    evals = torch.empty(d, dtype=torch.float64, device=sym.device)
+    evals, evecs = torch.linalg.eigh(sym, out=(evals, sym))  # eigenvectors overwrite the symmetrised C
     keep = evals < threshold
     U_hat = evecs[:, keep]  # [d_k, dim]
+    del evecs, sym
     return Projection(P=U_hat @ U_hat.T, dim=int(keep.sum()), threshold=float(threshold))
 
 
@@ -105,53 +111,96 @@ def projected_solve(
     prev: Float[torch.Tensor, "d_k d_k"] | None = None,
     *,
     projected_prev: Float[torch.Tensor, "d_k d_k"] | None = None,
+    projected_gram: Float[torch.Tensor, "d_k d_k"] | None = None,
+    options: SolveOptions | None = None,
 ) -> Float[torch.Tensor, "d_k d_out"]:
-    """X solving ``(P (K1ᵀK1 + KpKp) + α I) X = P K1ᵀ R`` in float64 (AlphaEdit eq. 12 transposed).
+    """X solving ``(P (K1ᵀK1 + KpKp) + α I) X = P K1ᵀ R`` (AlphaEdit eq. 12 transposed), equal to the
+    float64 solve up to float64 rounding.
 
     Args:
         keys: K1, this batch's keys as rows.
         resid: R, the spread residuals as rows.
-        P: the projector (:func:`nullspace_projection`).
+        P: the projector (:func:`nullspace_projection`); it may stay on the CPU.
         l2: α, the ridge weight (official "L2": 10).
         prev: KpKp = Σ k kᵀ over earlier batches' keys, or ``None`` (none yet).
-        projected_prev: ``P · KpKp`` instead of ``prev`` (a session accumulates it batch by batch
-            as ``P Kᵀ K``, so no ``d_k³`` product is needed per batch); at most one of the two.
+        projected_prev: ``P · KpKp`` instead of ``prev``.
+        projected_gram: ``P · KpKp · P`` instead of ``prev`` (what a session accumulates batch by
+            batch, :func:`projected_gram`, ``O(d_k² u)`` per batch); at most one of the three.
+        options: how the system is solved (:class:`~pmet_lens.editing.linsolve.SolveOptions`).
 
-    ``P K1ᵀ`` is formed first, so the batch costs ``O(d_k² u)`` besides the ``d_k × d_k`` solve.
+    The system is solved in its symmetric form. Applying ``I − P`` to it gives ``α (I − P) X = 0``, so
+    ``X = P X`` and the system is ``(Q Qᵀ + G + α I) X = Q R`` with ``Q = P K1ᵀ`` (``[d_k, u]``) and
+    ``G = P KpKp P``: symmetric positive definite, solved by
+    :func:`~pmet_lens.editing.linsolve.spd_solve` (float32 Cholesky in one ``[d_k, d_k]`` buffer,
+    float64 refinement from ``Q`` and ``G`` in row blocks, float64 fallback). Only ``Q`` is formed from
+    ``P`` (``O(d_k² u)``); ``prev`` costs two ``d_k³`` products and ``projected_prev`` one, to form ``G``.
 
     Returns:
-        ΔW in float64 (``torch.linalg.solve``; no explicit inverse). P = 0 gives exactly 0.
+        ΔW in float64 on the keys' device (no explicit inverse). P = 0 gives exactly 0.
 
     Raises:
         EditError: non-finite inputs or solution.
     """
     if not (math.isfinite(l2) and l2 > 0):
         raise ValueError(f"α (l2) must be a finite number > 0, got {l2!r}")
-    if prev is not None and projected_prev is not None:
-        raise ValueError("pass prev (KpKp) or projected_prev (P·KpKp), not both")
+    if sum(x is not None for x in (prev, projected_prev, projected_gram)) > 1:
+        raise ValueError("pass prev (KpKp), projected_prev (P·KpKp) or projected_gram (P·KpKp·P), not both")
+    opts = options if options is not None else SolveOptions()
     K = keys.to(torch.float64)
-    R = resid.to(torch.float64)
-    P64 = P.to(device=K.device, dtype=torch.float64)
-    PKt = P64 @ K.T  # [d_k, u]
-    A = PKt @ K  # [d_k, d_k] = P K1 K1ᵀ in the paper's column orientation
-    if prev is not None:
-        A = A + P64 @ prev.to(device=K.device, dtype=torch.float64)
-    elif projected_prev is not None:
-        A = A + projected_prev.to(device=K.device, dtype=torch.float64)
-    A = A + l2 * torch.eye(K.shape[1], dtype=torch.float64, device=K.device)
-    rhs = PKt @ R  # [d_k, d_out]
-    if not (torch.isfinite(A).all() and torch.isfinite(rhs).all()):
+    R = resid.to(device=K.device, dtype=torch.float64)
+    if not (math.isfinite(float(K.sum())) and math.isfinite(float(R.sum()))):
         raise EditError("non-finite keys, residuals or statistics in the projected update")
-    delta = torch.linalg.solve(A, rhs)
+    G: torch.Tensor | None = projected_gram
+    if prev is not None:
+        P64 = P.to(device=prev.device, dtype=torch.float64)
+        G = P64 @ prev.to(torch.float64) @ P64
+    elif projected_prev is not None:
+        G = projected_prev.to(torch.float64) @ P.to(device=projected_prev.device, dtype=torch.float64)
+    Q = matmul64(P, K.T.contiguous(), opts.block_bytes)  # [d_k, u] = P K1ᵀ
+    low_rank = K.shape[0] < R.shape[1]
+    rhs = Q if low_rank else Q @ R  # [d_k, u] or [d_k, d_out]
+
+    def add_gram(A: torch.Tensor) -> torch.Tensor:
+        if G is not None:
+            rows = max(1, opts.block_bytes // (8 * max(1, G.shape[1])))
+            for i in range(0, G.shape[0], rows):
+                A[i:i + rows] += G[i:i + rows].to(device=A.device, dtype=A.dtype)
+        A.diagonal().add_(l2)
+        return A
+
+    def build32() -> torch.Tensor:
+        Q32 = Q.float()
+        return add_gram(Q32 @ Q32.T)  # [d_k, d_k]
+
+    def build64(device: torch.device) -> torch.Tensor:
+        Qd = Q.to(device)
+        return add_gram(Qd @ Qd.T)
+
+    def apply64(X: torch.Tensor) -> torch.Tensor:
+        out = Q @ (Q.T @ X)  # [d_k, u] @ [u, m]
+        if G is not None:
+            out += matmul64(G, X, opts.block_bytes)
+        return out.add_(X, alpha=l2)
+
+    solution = spd_solve(build32, apply64, build64, rhs, opts, what="the projected update (P·M·P + αI)")
+    delta = solution @ R if low_rank else solution
     if not torch.isfinite(delta).all():
         raise EditError("the projected solve produced NaN/inf")
     return delta
 
 
 def project_keys_gram(P: Float[torch.Tensor, "d_k d_k"], keys: Float[torch.Tensor, "u d_k"]) -> Float[torch.Tensor, "d_k d_k"]:
-    """``P Kᵀ K`` in float64: one batch's contribution to ``P · KpKp`` (``O(d_k² u)``)."""
-    K = keys.to(torch.float64)
-    return (P.to(device=K.device, dtype=torch.float64) @ K.T) @ K  # [d_k, u] @ [u, d_k]
+    """``P Kᵀ K`` in float64: one batch's contribution to ``P · KpKp`` (``O(d_k² u)``), on ``P``'s device."""
+    K = keys.to(device=P.device, dtype=torch.float64)
+    return (P.to(torch.float64) @ K.T) @ K  # [d_k, u] @ [u, d_k]
+
+
+def projected_gram(P: Float[torch.Tensor, "d_k d_k"], keys: Float[torch.Tensor, "u d_k"]) -> Float[torch.Tensor, "d_k d_k"]:
+    """``(P Kᵀ)(P Kᵀ)ᵀ = P Kᵀ K P`` in float64: one batch's contribution to ``P · KpKp · P``
+    (``projected_gram`` of :func:`projected_solve`; ``O(d_k² u)``), on ``P``'s device."""
+    K = keys.to(device=P.device, dtype=torch.float64)
+    PKt = matmul64(P, K.T.contiguous())  # [d_k, u]
+    return PKt @ PKt.T
 
 
 class NullspaceStore:
@@ -191,7 +240,7 @@ class NullspaceStore:
         if proj.dim == 0:
             logger.warning("the null space of %s at τ=%g is empty: P = 0 and this layer's update is zero; raise τ",
                            cov_key.split("_m")[0], threshold)
-        return Projection(P=proj.P.to(cov.device), dim=proj.dim, threshold=proj.threshold)
+        return proj
 
     def _read(self, key: str, threshold: float) -> Projection | None:
         found = read_matrix(self.cache_dir, key, "P", _FORMAT, what="null-space", dtype=torch.float64)

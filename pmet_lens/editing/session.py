@@ -10,17 +10,19 @@ weight (key hook),
   cached by a :class:`~pmet_lens.editing.nullspace.NullspaceStore`), and
 * ``KpKp = Σ_batches Kᵀ K``, each batch's keys recomputed on the model *after* that batch has been
   written to every layer (AlphaEdit's official ``cache_c``), so that the next batch's update
-  (P (K1ᵀK1 + KpKp) + αI) X = P K1ᵀ R (eq. 12 transposed) is discouraged from moving them. KpKp
-  enters the update only as ``P · KpKp``, which is what ``EditSession.prev`` accumulates
-  (``P Kᵀ K`` per batch, ``O(d_k² u)``), so no ``d_k³`` product is paid per batch.
+  (P (K1ᵀK1 + KpKp) + αI) X = P K1ᵀ R (eq. 12 transposed) is discouraged from moving them. The
+  update's solution satisfies X = P X, so KpKp enters it only as ``P · KpKp · P``, which is what
+  ``EditSession.prev`` accumulates (``(P Kᵀ)(P Kᵀ)ᵀ`` per batch, ``O(d_k² u)``,
+  :func:`~pmet_lens.editing.nullspace.projected_gram`), so no ``d_k³`` product is paid per batch.
 
 C itself is also taken from the unedited model once (the official code caches it by model name),
 not re-estimated on the edited weights. The context prefixes are sampled once, on the unedited
 model, and reused for every batch (as the official code's template cache).
 
-State kept: the original values of the edited weights (once), each batch's ΔW and its recomputed
-keys (``[u, d_k]`` per key hook, small), and the running ``P · KpKp`` and ``P`` once per key hook (not
-per batch). Undo writes the originals back and replays the kept batches' ΔW additions in order,
+State kept, all on the CPU (a layer's P, P·KpKp·P and C go to the device only inside that layer's
+solve, and ΔW when it is written): the original values of the edited weights (once), each batch's ΔW
+and its recomputed keys (``[u, d_k]`` per key hook, small), and the running ``P · KpKp · P`` and ``P``
+once per key hook (not per batch). Undo writes the originals back and replays the kept batches' ΔW additions in order,
 which reproduces each intermediate state bit for bit; ``KpKp`` is replayed from the kept keys in
 the same order, also bit for bit. ``save`` / ``load`` write and read that state (safetensors +
 JSON metadata) so that a resumed run equals an uninterrupted one bit for bit.
@@ -46,7 +48,8 @@ from pmet_lens.editing.covariance import CovarianceStore
 from pmet_lens.editing.delta import add_delta
 from pmet_lens.editing.hparams import EditHyperParams, hparams_from_dict, preset
 from pmet_lens.editing.identity import HASH_SCHEME, weights_hash
-from pmet_lens.editing.nullspace import NullspaceStore, Projection, project_keys_gram
+from pmet_lens.editing.linsolve import SolveOptions
+from pmet_lens.editing.nullspace import NullspaceStore, Projection, projected_gram
 from pmet_lens.editing.result import EditResult, check_dtype, dtype_name, file_weights_hash
 from pmet_lens.editing.validate import validate_requests
 
@@ -64,9 +67,9 @@ class BatchRecord:
     Attributes:
         facts: the batch's requests.
         deltas: parameter name -> the change this batch applied (float32, float64 for float64 weights;
-            :mod:`pmet_lens.editing.delta`).
+            :mod:`pmet_lens.editing.delta`; on the CPU).
         keys: key hook -> ``[u, d_k]`` float64 keys of this batch recomputed on the model after it
-            (the batch's contribution ``Kᵀ K`` to KpKp); empty for unprojected methods.
+            (the batch's contribution ``Kᵀ K`` to KpKp; on the CPU); empty for unprojected methods.
         stats: the batch's target optimisation figures (``EditResult.stats``).
         metrics: per-batch figures: ``seconds``, ``delta_norm`` / ``weight_norm`` per parameter
             (‖ΔW‖ of this batch and ‖W + ΣΔW‖ after it), ``perplexity`` when tracked.
@@ -94,6 +97,8 @@ class EditSession:
         perplexity_fn: ``fn(model, sample) -> float``, e.g.
             :func:`pmet_lens.evaluation.perplexity.perplexity` (editing does not import evaluation).
         progress: progress bars.
+        solve_options: how each layer's update is solved (:class:`~pmet_lens.editing.linsolve.SolveOptions`,
+            e.g. ``SolveOptions(float64_device="cpu")`` on a GPU with slow float64).
     """
 
     def __init__(
@@ -107,25 +112,27 @@ class EditSession:
         perplexity_sample: Any = None,
         perplexity_fn: Callable[[HookedTransformer, Any], float] | None = None,
         progress: bool = True,
+        solve_options: SolveOptions | None = None,
     ) -> None:
         require_model(model, "EditSession")
         if hparams is None:
             hparams = preset(str(getattr(model.cfg, "model_name", "")), method)
         elif not isinstance(hparams, EditHyperParams):
             raise TypeError(f"hparams must be an EditHyperParams instance, got {type(hparams).__name__}")
-        self._bind(model, cov_store, nullspace_store, perplexity_sample, perplexity_fn, progress)
+        self._bind(model, cov_store, nullspace_store, perplexity_sample, perplexity_fn, progress, solve_options)
         self.base_hash = weights_hash(model)
         self._start(hparams)
 
     # ----------------------------------------------------------------- setup
     def _bind(self, model: HookedTransformer, cov_store: CovarianceStore | None, nullspace_store: NullspaceStore | None,
               perplexity_sample: Any, perplexity_fn: Callable[[HookedTransformer, Any], float] | None,
-              progress: bool) -> None:
+              progress: bool, solve_options: SolveOptions | None = None) -> None:
         """The model, the caches and the perplexity probe of a new or resumed session; no batch yet."""
         if (perplexity_sample is None) != (perplexity_fn is None):
             raise ValueError("pass both perplexity_sample and perplexity_fn, or neither")
         self.model = model
         self.progress = progress
+        self.solve_options = solve_options
         self.cov_store = cov_store if cov_store is not None else CovarianceStore(progress=progress)
         self.nullspace_store = nullspace_store if nullspace_store is not None else NullspaceStore()
         self.perplexity_sample = perplexity_sample
@@ -149,7 +156,8 @@ class EditSession:
                                                                   self.hparams.nullspace_threshold)
         self.null_dims = {hook: p.dim for hook, p in self.projections.items()}
         self.prev: dict[str, torch.Tensor] = {}
-        self.originals = {name: p.detach().clone() for name, p in engine.edited_params(self.model, self.hparams).items()}
+        self.originals = {name: p.detach().to("cpu", copy=True)
+                          for name, p in engine.edited_params(self.model, self.hparams).items()}
         if self.perplexity_fn is not None and not self.baseline:
             self.baseline["perplexity"] = float(self.perplexity_fn(self.model, self.perplexity_sample))
 
@@ -191,11 +199,12 @@ class EditSession:
         start = time.perf_counter()
         try:
             result = engine.run_batch(self.model, facts, self.hparams, self.covs, solve, progress=self.progress,
-                                      targets=targets)
+                                      targets=targets, solve_options=self.solve_options)
             keys = engine.batch_keys(self.model, facts, self.hparams, sorted(self.projections)) \
                 if self.hparams.nullspace else {}
-            record = BatchRecord(facts=list(facts), deltas={k: v.detach().clone() for k, v in result.deltas.items()},
-                                 keys=keys, stats=dict(result.stats))
+            record = BatchRecord(facts=list(facts),
+                                 deltas={k: v.detach().to("cpu", copy=True) for k, v in result.deltas.items()},
+                                 keys={k: v.to("cpu") for k, v in keys.items()}, stats=dict(result.stats))
             record.metrics = self._metrics(record, time.perf_counter() - start)
         except BaseException:
             self._write_state(n)  # back to the weights after the previous batch, bit for bit
@@ -227,13 +236,16 @@ class EditSession:
         """The per-layer projected solve with this session's P and KpKp (AlphaEdit eq. 12)."""
         from pmet_lens.editing import engine
 
-        return engine.projected_solver(self.projections, self.hparams.l2, self.prev)
+        return engine.projected_solver(self.projections, self.hparams.l2, self.prev, self.solve_options)
 
     def _accumulate(self, record: BatchRecord) -> None:
-        """Add a batch's ``P Kᵀ K`` to ``prev`` (P·KpKp per key hook)."""
+        """Add a batch's ``(P Kᵀ)(P Kᵀ)ᵀ`` to ``prev`` (P·KpKp·P per key hook, on P's device: the CPU)."""
         for hook, K in record.keys.items():
-            gram = project_keys_gram(self.projections[hook].P, K)  # [d_k, d_k] float64
-            self.prev[hook] = gram if hook not in self.prev else self.prev[hook] + gram
+            gram = projected_gram(self.projections[hook].P, K)  # [d_k, d_k] float64
+            if hook in self.prev:
+                self.prev[hook].add_(gram)
+            else:
+                self.prev[hook] = gram
 
     def _metrics(self, record: BatchRecord, seconds: float) -> dict[str, Any]:
         from pmet_lens.editing import engine
@@ -243,8 +255,7 @@ class EditSession:
             "seconds": seconds,
             "delta_norm": {n: float(d.double().norm()) for n, d in record.deltas.items()},
             "weight_norm": {n: float(p.detach().double().norm()) for n, p in params.items()},
-            "weight_change_norm": {n: float((p.detach().double() - self.originals[n].double()).norm())
-                                   for n, p in params.items()},
+            "weight_change_norm": {n: _change_norm(p.detach(), self.originals[n]) for n, p in params.items()},
         }
         if self.perplexity_fn is not None:
             metrics["perplexity"] = float(self.perplexity_fn(self.model, self.perplexity_sample))
@@ -348,6 +359,7 @@ class EditSession:
         perplexity_sample: Any = None,
         perplexity_fn: Callable[[HookedTransformer, Any], float] | None = None,
         progress: bool = True,
+        solve_options: SolveOptions | None = None,
     ) -> "EditSession":
         """Resume a saved session on ``model``, which must be the *unedited* model it was started on
         (checked by weights hash); the saved batches are written into it in order.
@@ -381,14 +393,13 @@ class EditSession:
                 f"{saved_name!r}; this model, {getattr(model.cfg, 'model_name', '')!r}, has {current}). Load it "
                 "on the unedited model the session was started on (a fresh pmet_lens.load_model(), no edit applied)")
         self = cls.__new__(cls)
-        self._bind(model, cov_store, nullspace_store, perplexity_sample, perplexity_fn, progress)
+        self._bind(model, cov_store, nullspace_store, perplexity_sample, perplexity_fn, progress, solve_options)
         self.base_hash = current
         self.baseline = json.loads(meta.get("baseline", "{}"))
         self._start(hparams, tuple(json.loads(meta["prefixes"])))
-        device = model.cfg.device
-        for b, info in enumerate(json.loads(meta["batches"])):
-            deltas = {k.split("/", 2)[2]: v.to(device) for k, v in tensors.items() if k.startswith(f"batch{b}/delta/")}
-            keys = {k.split("/", 2)[2]: v.to(device) for k, v in tensors.items() if k.startswith(f"batch{b}/keys/")}
+        for b, info in enumerate(json.loads(meta["batches"])):  # history stays on the CPU
+            deltas = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"batch{b}/delta/")}
+            keys = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"batch{b}/keys/")}
             self.history.append(BatchRecord(facts=as_facts(info["facts"]), deltas=deltas, keys=keys,
                                             stats=info.get("stats", {}), metrics=info.get("metrics", {})))
         self._write_state(len(self.history))
@@ -422,3 +433,15 @@ class EditSession:
                 row[f"weight_change_norm/{name}"] = v
             rows.append(row)
         return rows
+
+
+def _change_norm(param: torch.Tensor, original: torch.Tensor, rows: int = 4096) -> float:
+    """‖param − original‖ in float64, a block of rows at a time on the parameter's device (the
+    original may stay on the CPU; no float64 copy of the whole weight)."""
+    a = param.reshape(-1, param.shape[-1])  # [..., d_model] -> [rows, d_model]
+    b = original.reshape(-1, original.shape[-1])
+    total = 0.0
+    for i in range(0, a.shape[0], rows):
+        diff = a[i:i + rows].double() - b[i:i + rows].to(device=a.device, dtype=torch.float64)
+        total += float(diff.pow(2).sum())
+    return total ** 0.5

@@ -28,6 +28,7 @@ from transformer_lens import HookedTransformer
 from pmet_lens.core.arch import architecture
 from pmet_lens.editing.delta import write_update
 from pmet_lens.editing.keys import PromptRun, request_keys
+from pmet_lens.editing.linsolve import SolveOptions, matmul64, spd_solve
 from pmet_lens.editing.prepared import PreparedRequests
 from pmet_lens.editing.site import TARGET_WEIGHT, EditSite, edit_site
 from pmet_lens.editing.validate import EditError
@@ -37,7 +38,8 @@ __all__ = ["Solve", "compute_and_apply_updates", "least_squares_solve", "solve_u
 Solve = Callable[[EditSite, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``solve(site, keys [n, d_k], resid [n, d_model], cov [d_k, d_k]) -> Δ [d_k, d_model]`` in float64:
 the update of ``site`` (its layer is ``site.layer``) from the requests' keys, the spread residuals and
-the site's second-moment statistics C = E[k kᵀ]. It must return finite values or raise :class:`EditError`."""
+the site's second-moment statistics C = E[k kᵀ] (on the CPU, as :class:`~pmet_lens.editing.covariance.CovarianceStore`
+keeps it: a solve moves what it needs to the keys' device). It must return finite values or raise :class:`EditError`."""
 
 
 def spread(L: int, layer: int, kind: str) -> float:
@@ -53,30 +55,58 @@ def solve_update(
     resid: Float[torch.Tensor, "n d_out"],
     cov: Float[torch.Tensor, "d_k d_k"],
     lam: float,
+    *,
+    options: SolveOptions | None = None,
 ) -> Float[torch.Tensor, "d_k d_out"]:
-    """Δ = (λC + KᵀK)⁻¹ KᵀR in float64 via ``torch.linalg.solve`` (MEMIT eq. 14, PMET eq. 10).
+    """Δ = (λC + KᵀK)⁻¹ KᵀR (MEMIT eq. 14, PMET eq. 10), equal to the float64 solve up to float64 rounding.
 
-    Returns float64; a zero residual gives an exactly zero Δ.
+    The system is solved by :func:`~pmet_lens.editing.linsolve.spd_solve`: a float32 Cholesky
+    factorisation of ``λC + KᵀK`` in one ``[d_k, d_k]`` buffer on the keys' device, refined with
+    float64 residuals (``λ C X + Kᵀ(K X)`` in row blocks of ``C``, which may stay on the CPU), and a
+    float64 fallback (logged) when that fails. With fewer requests than output columns it solves
+    for ``Y = (λC + KᵀK)⁻¹ Kᵀ`` (``[d_k, n]``) and returns ``Y R``. ``options`` selects the mode and
+    where float64 work runs (:class:`~pmet_lens.editing.linsolve.SolveOptions`).
+
+    Returns float64 on the keys' device; a zero residual gives an exactly zero Δ.
 
     Raises:
         EditError: when the inputs or the solution are not finite.
     """
+    opts = options if options is not None else SolveOptions()
     K = keys.to(torch.float64)
-    R = resid.to(torch.float64)
-    A = lam * cov.to(torch.float64) + K.T @ K
-    if not (torch.isfinite(A).all() and torch.isfinite(R).all()):
+    R = resid.to(device=K.device, dtype=torch.float64)
+    if not (math.isfinite(float(K.sum())) and math.isfinite(float(R.sum()))):
         raise EditError("non-finite keys, residuals or covariance in the weight update")
-    delta = torch.linalg.solve(A, K.T @ R)
+    low_rank = K.shape[0] < R.shape[1]
+    rhs = K.T.contiguous() if low_rank else K.T @ R  # [d_k, n] or [d_k, d_out]
+
+    def build32() -> torch.Tensor:
+        A = cov.to(device=K.device, dtype=torch.float32, copy=True).mul_(lam)  # [d_k, d_k]
+        K32 = K.float()
+        return A.addmm_(K32.T, K32)
+
+    def build64(device: torch.device) -> torch.Tensor:
+        A = cov.to(device=device, dtype=torch.float64, copy=True).mul_(lam)
+        K64 = K.to(device)
+        return A.addmm_(K64.T, K64)
+
+    def apply64(X: torch.Tensor) -> torch.Tensor:
+        out = matmul64(cov, X, opts.block_bytes).mul_(lam)
+        return out.addmm_(K.T, K @ X)  # [d_k, n] @ ([n, d_k] @ [d_k, m])
+
+    solution = spd_solve(build32, apply64, build64, rhs, opts, what="the weight update (λC + KᵀK)")
+    delta = solution @ R if low_rank else solution
     if not torch.isfinite(delta).all():
         raise EditError("the least-squares solve produced NaN/inf (singular λC + KKᵀ?)")
     return delta
 
 
 def least_squares_solve(
-    site: EditSite, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, *, lam: float
+    site: EditSite, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, *, lam: float,
+    options: SolveOptions | None = None,
 ) -> torch.Tensor:
     """The MEMIT / PMET :data:`Solve`: :func:`solve_update` with covariance weight λ (same for every site)."""
-    return solve_update(keys, resid, cov, lam)
+    return solve_update(keys, resid, cov, lam, options=options)
 
 
 def compute_and_apply_updates(

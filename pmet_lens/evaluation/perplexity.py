@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from transformer_lens import HookedTransformer
 
+from pmet_lens.core.batching import run_halving
 from pmet_lens.core.models import require_model
+from pmet_lens.core.readout import label_logprobs
 from pmet_lens.core.tokens import tokenizer_of
 from pmet_lens.data import data_path
 
@@ -95,18 +96,33 @@ def perplexity(
     sample: PerplexitySample | None = None,
     batch_size: int = 8,
     hooks: Sequence[tuple[str | Callable[..., Any], Callable[..., Any]]] = (),
+    *,
+    max_tokens: int = 4096,
 ) -> float:
     """Perplexity of ``model`` (as it is now, optionally with forward ``hooks`` attached for the
-    call only) on ``sample`` (default :func:`wikitext_sample`)."""
+    call only) on ``sample`` (default :func:`wikitext_sample`).
+
+    Each forward takes at most ``batch_size`` windows and ``max_tokens`` tokens (at least one
+    window); the blocks run to the final residual stream and the read-out is taken a chunk of
+    positions at a time (:func:`~pmet_lens.core.readout.label_logprobs`), so no
+    ``[batch, pos, d_vocab]`` logits are held. On a CUDA out-of-memory error the batch is halved and
+    retried (:func:`~pmet_lens.core.batching.run_halving`).
+    """
     require_model(model, "pmet_lens.evaluation.perplexity.perplexity")
     if sample is None:
         sample = wikitext_sample(model)
-    total = 0.0
+    n_windows, seq_len = sample.windows.shape
+    per_batch = max(1, min(batch_size, max_tokens // seq_len))
+    batches = [list(range(s, min(s + per_batch, n_windows))) for s in range(0, n_windows, per_batch)]
+    sums: dict[int, float] = {}
+
+    def score(rows: Sequence[int]) -> None:
+        tokens = sample.windows[rows[0]:rows[-1] + 1]  # consecutive windows [b, seq]
+        resid = model(tokens, stop_at_layer=model.cfg.n_layers)  # [b, seq, d_model]
+        flat = resid[:, :-1].reshape(-1, resid.shape[-1])  # [b, seq-1, d] -> [b*(seq-1), d]
+        logp, _ = label_logprobs(model, flat, tokens[:, 1:].reshape(-1))
+        sums[rows[0]] = float(-logp.double().sum())
+
     with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
-        for start in range(0, sample.windows.shape[0], batch_size):
-            tokens = sample.windows[start:start + batch_size]
-            logits = model(tokens)  # [b, seq, vocab]
-            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-            nll = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [b, seq-1]
-            total += float(nll.double().sum())
-    return math.exp(total / sample.n_predicted)
+        run_halving(batches, score, what="perplexity")
+    return math.exp(sum(sums[k] for k in sorted(sums)) / sample.n_predicted)

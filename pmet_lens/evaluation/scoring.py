@@ -12,8 +12,11 @@ after the same prompt, and where both objects are single tokens that is one forw
 :func:`score_next_tokens` scores one token after each of many contexts that need not extend each
 other (the official zsRE procedure), reading a context that is a prefix of another from the longer
 one's forward. Only the scored positions are projected on the vocabulary: the blocks run with
-``stop_at_layer=n_layers``; the final norm and unembedding are applied to the gathered rows. Hooks a
-caller has added to the model (an edit previewed as hooks) fire as usual.
+``stop_at_layer=n_layers``; the final norm and unembedding are applied to the gathered rows, a chunk
+at a time, with a float32 log-sum-exp (:func:`pmet_lens.core.readout.label_logprobs`). Forwards are
+planned by a token budget (``max_tokens``) and halved on a CUDA out-of-memory error
+(:func:`pmet_lens.core.batching.run_halving`). Hooks a caller has added to the model (an edit
+previewed as hooks) fire as usual.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from jaxtyping import Bool, Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from pmet_lens.core.readout import final_logits
+from pmet_lens.core.batching import run_halving
+from pmet_lens.core.readout import final_logits, label_logprobs
 from pmet_lens.core.tokens import encode, pad, target_ids
 
 logger = logging.getLogger(__name__)
@@ -127,32 +131,33 @@ def score_token_ids(
 
     mean_lp: list[torch.Tensor | None] = [None] * n
     correct: list[torch.Tensor | None] = [None] * n
+
+    def score(rows: Sequence[int]) -> None:
+        batch = pad(model, [list(seqs[u]) for u in rows])
+        resid = model(batch.tokens, stop_at_layer=model.cfg.n_layers)  # [b, pos, d_model]
+        # each (row, position) is read out once, however many pairs score a token there
+        where: dict[tuple[int, int], int] = {}  # (row, position) -> index into the read-out
+        slots, labels, owners = [], [], []
+        for r, u in enumerate(rows):
+            for i in pairs_of[u]:
+                start = len(prompt_ids[i]) - 1
+                for j, tok in enumerate(target_token_ids[i]):
+                    slots.append(where.setdefault((r, start + j), len(where)))
+                    labels.append(tok)
+                owners.append((i, len(target_token_ids[i])))
+        device = resid.device
+        row_idx, pos_idx = (torch.tensor(c, device=device) for c in zip(*where))
+        slot_t = torch.tensor(slots, device=device)
+        logp, top1 = _read_out(model, resid[row_idx, pos_idx], slot_t, torch.tensor(labels, device=device))
+        logp, top1 = logp.cpu(), top1.cpu()  # one transfer per batch
+        offset = 0
+        for i, length in owners:
+            mean_lp[i] = logp[offset : offset + length].mean()
+            correct[i] = top1[offset : offset + length]
+            offset += length
+
     with torch.no_grad():
-        for rows in tqdm(batches, desc="scoring", disable=not progress, leave=False):
-            batch = pad(model, [list(seqs[u]) for u in rows])
-            resid = model(batch.tokens, stop_at_layer=model.cfg.n_layers)  # [b, pos, d_model]
-            # each (row, position) is read out once, however many pairs score a token there
-            where: dict[tuple[int, int], int] = {}  # (row, position) -> index into the read-out
-            slots, labels, owners = [], [], []
-            for r, u in enumerate(rows):
-                for i in pairs_of[u]:
-                    start = len(prompt_ids[i]) - 1
-                    for j, tok in enumerate(target_token_ids[i]):
-                        slots.append(where.setdefault((r, start + j), len(where)))
-                        labels.append(tok)
-                    owners.append((i, len(target_token_ids[i])))
-            device = resid.device
-            row_idx, pos_idx = (torch.tensor(c, device=device) for c in zip(*where))
-            logits = _unembed(model, resid[row_idx, pos_idx]).float()  # [unique positions, vocab]
-            logsm, best = logits.log_softmax(-1), logits.argmax(-1)
-            slot_t, label_t = torch.tensor(slots, device=device), torch.tensor(labels, device=device)
-            logp = logsm[slot_t, label_t]
-            top1 = best[slot_t] == label_t
-            offset = 0
-            for i, length in owners:
-                mean_lp[i] = logp[offset : offset + length].mean().cpu()
-                correct[i] = top1[offset : offset + length].cpu()
-                offset += length
+        run_halving(tqdm(batches, desc="scoring", disable=not progress, leave=False), score, what="scoring")
     return ContinuationScores(mean_logprob=torch.stack(mean_lp), token_correct=list(correct))  # type: ignore[arg-type]
 
 
@@ -198,27 +203,30 @@ def score_next_tokens(
 
     logp_of = torch.empty(n)
     correct_of = torch.empty(n, dtype=torch.bool)
+
+    def score(rows: Sequence[int]) -> None:
+        where: dict[tuple[int, int], int] = {}  # (batch row, position) -> index into the read-out
+        slots, labels, owners = [], [], []
+        for r, u in enumerate(rows):
+            for i in items_of.get(u, []):
+                slots.append(where.setdefault((r, read_at[tuple(contexts[i])][1]), len(where)))
+                labels.append(int(next_ids[i]))
+                owners.append(i)
+        if not owners:
+            return
+        batch = pad(model, [list(seqs[u]) for u in rows])
+        resid = model(batch.tokens, stop_at_layer=model.cfg.n_layers)  # [b, pos, d_model]
+        device = resid.device
+        row_idx, pos_idx = (torch.tensor(c, device=device) for c in zip(*where))
+        logp, top1 = _read_out(model, resid[row_idx, pos_idx], torch.tensor(slots, device=device),
+                               torch.tensor(labels, device=device))
+        owner_t = torch.tensor(owners)
+        logp_of[owner_t] = logp.cpu()
+        correct_of[owner_t] = top1.cpu()
+
     with torch.no_grad():
-        for rows in tqdm(_plan_batches([len(q) for q in seqs], batch_size, max_tokens),
-                         desc="scoring", disable=not progress, leave=False):
-            batch = pad(model, [list(seqs[u]) for u in rows])
-            resid = model(batch.tokens, stop_at_layer=model.cfg.n_layers)  # [b, pos, d_model]
-            where: dict[tuple[int, int], int] = {}  # (batch row, position) -> index into the read-out
-            slots, labels, owners = [], [], []
-            for r, u in enumerate(rows):
-                for i in items_of.get(u, []):
-                    slots.append(where.setdefault((r, read_at[tuple(contexts[i])][1]), len(where)))
-                    labels.append(int(next_ids[i]))
-                    owners.append(i)
-            if not owners:
-                continue
-            device = resid.device
-            row_idx, pos_idx = (torch.tensor(c, device=device) for c in zip(*where))
-            logits = _unembed(model, resid[row_idx, pos_idx]).float()  # [unique positions, vocab]
-            slot_t, label_t = torch.tensor(slots, device=device), torch.tensor(labels, device=device)
-            owner_t = torch.tensor(owners)
-            logp_of[owner_t] = logits.log_softmax(-1)[slot_t, label_t].cpu()
-            correct_of[owner_t] = (logits.argmax(-1)[slot_t] == label_t).cpu()
+        run_halving(tqdm(_plan_batches([len(q) for q in seqs], batch_size, max_tokens),
+                         desc="scoring", disable=not progress, leave=False), score, what="scoring")
     return ContinuationScores(mean_logprob=logp_of, token_correct=[correct_of[i : i + 1] for i in range(n)])
 
 
@@ -237,6 +245,14 @@ def _plan_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> l
     if current:
         batches.append(current)
     return batches
+
+
+def _read_out(model: HookedTransformer, resid: Float[torch.Tensor, "n d_model"], slots: torch.Tensor,
+              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log P(labels[k])`` and top-1 flags of the scored tokens, token ``k`` read at the gathered
+    residual row ``slots[k]``, each row read out once (:func:`pmet_lens.core.readout.label_logprobs`:
+    the read-out in chunks of rows, float32 log-sum-exp)."""
+    return label_logprobs(model, resid, labels, slots, readout=_unembed)
 
 
 def _unembed(model: HookedTransformer, resid: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "n d_vocab"]:
