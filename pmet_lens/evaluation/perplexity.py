@@ -27,7 +27,7 @@ from pmet_lens.core.models import require_model
 from pmet_lens.core.tokens import tokenizer_of
 from pmet_lens.data import data_path
 
-__all__ = ["PerplexitySample", "perplexity", "wikitext_sample"]
+__all__ = ["PerplexitySample", "perplexity", "wikitext_sample", "window_nll"]
 
 
 @dataclass(frozen=True)
@@ -90,23 +90,53 @@ def wikitext_sample(
     return PerplexitySample(windows=flat.reshape(n_windows, seq_len), source=source.name)  # [windows, seq_len]
 
 
+def window_nll(model: HookedTransformer, windows: torch.Tensor, batch_size: int = 8,
+               hooks: Sequence[tuple[str | Callable[..., Any], Callable[..., Any]]] = ()) -> float:
+    """Σ −log P(x_t | x_<t) over the predicted tokens of ``windows`` (``[n, seq_len]`` token ids; all but
+    each window's first token), summed in float64 in window order: one shard of :func:`perplexity`."""
+    total = 0.0
+    windows = windows.to(model.cfg.device)
+    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+        for start in range(0, windows.shape[0], batch_size):
+            tokens = windows[start:start + batch_size]
+            logits = model(tokens)  # [b, seq, vocab]
+            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            nll = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [b, seq-1]
+            total += float(nll.double().sum())
+    return total
+
+
 def perplexity(
     model: HookedTransformer,
     sample: PerplexitySample | None = None,
     batch_size: int = 8,
     hooks: Sequence[tuple[str | Callable[..., Any], Callable[..., Any]]] = (),
+    *,
+    workers: Any = None,
+    shard_size: int | None = None,
 ) -> float:
     """Perplexity of ``model`` (as it is now, optionally with forward ``hooks`` attached for the
-    call only) on ``sample`` (default :func:`wikitext_sample`)."""
+    call only) on ``sample`` (default :func:`wikitext_sample`).
+
+    ``workers`` (an int or a :class:`~pmet_lens.parallel.Workers` pool) scores shards of
+    ``shard_size`` windows (default: whole batches, about four shards per worker) on a pool
+    (:func:`window_nll`); their sums are added in window order. Hooks cannot be sent to workers:
+    write an edit into the weights to measure it on a pool.
+    """
     require_model(model, "pmet_lens.evaluation.perplexity.perplexity")
     if sample is None:
         sample = wikitext_sample(model)
-    total = 0.0
-    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
-        for start in range(0, sample.windows.shape[0], batch_size):
-            tokens = sample.windows[start:start + batch_size]
-            logits = model(tokens)  # [b, seq, vocab]
-            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-            nll = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [b, seq-1]
-            total += float(nll.double().sum())
+    if workers is None:
+        total = window_nll(model, sample.windows, batch_size, hooks)
+    else:
+        if hooks:
+            raise ValueError("perplexity: hooks cannot be sent to workers; write the edit into the weights "
+                             "(EditResult.apply) or run without workers")
+        from pmet_lens.parallel import auto_shard_size, run_shards, shard_ranges
+
+        n = sample.windows.shape[0]
+        size = shard_size or auto_shard_size(n, workers, multiple=batch_size)
+        shards = [(sample.windows[a:b].cpu().clone(),) for a, b in shard_ranges(n, size)]  # a view would send it all
+        total = sum(run_shards(model, window_nll, shards, common={"batch_size": batch_size}, workers=workers,
+                               desc="perplexity windows"))
     return math.exp(total / sample.n_predicted)
