@@ -55,15 +55,21 @@ def _write_table(df, out: str | None) -> None:
     print(f"wrote {out}")
 
 
+def _check_pool_args(args: argparse.Namespace) -> None:
+    """``--workers`` / ``--address`` checked before anything is loaded."""
+    workers, address = getattr(args, "workers", None), getattr(args, "address", None)
+    if workers is None and address is not None:
+        raise CLIError("--address needs --workers N (how many workers to run on the cluster)")
+    if workers is not None and workers < 1:
+        raise CLIError(f"--workers must be >= 1, got {workers}")
+
+
 def _pool(args: argparse.Namespace):
     """The worker pool of ``--workers`` / ``--address`` (``None``: this process); closed by the caller."""
+    _check_pool_args(args)
     workers, address = getattr(args, "workers", None), getattr(args, "address", None)
     if workers is None:
-        if address is not None:
-            raise CLIError("--address needs --workers N (how many workers to run on the cluster)")
         return None
-    if workers < 1:
-        raise CLIError(f"--workers must be >= 1, got {workers}")
     from pmet_lens.parallel import Workers
 
     try:
@@ -633,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pmet_lens.data import DataError
 
     try:
+        _check_pool_args(args)
         return int(args.func(args) or 0)
     except CLIError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -113,6 +113,15 @@ class Workers:
         shard_timeout: seconds one shard may run before the call fails (``None``: no limit).
         poll: seconds between checks while shards run.
 
+    Attributes:
+        n: number of workers; threads_per_worker, gpus_per_worker: each one's share.
+        pids: each worker's process id (a restarted worker has a new one).
+        timings: seconds of the fixed costs: ``ray_start_s`` (joining or starting Ray),
+            ``workers_start_s``, ``last_send_s`` / ``last_send_bytes`` (the last model sync).
+        history: per finished shard, in completion order: ``shard``, ``worker``, ``first_pid`` (the
+            worker it was first given to), ``pid`` (the one that computed it), ``attempts``, ``wall_s``
+            (on the driver), ``sync_s`` and ``run_s`` (on the worker).
+
     Raises:
         ImportError: Ray is not installed (``pip install 'pmet-lens[ray]'``).
         ValueError: bad sizes, or a request the cluster cannot satisfy (too few CPUs or GPUs).

@@ -227,3 +227,32 @@ def test_closed_pool_is_a_clear_error_and_an_int_makes_its_own(pool, model, ray_
     own = component_similarity(model, PROMPTS, k=10, batch_size=4, progress=False, workers=2)  # started and closed here
     assert (own["mean"] - single["mean"]).abs().max() <= 1e-6
     assert ray_cluster.is_initialized()  # the session's Ray was joined, not shut down
+
+
+_MODEL_RACER = """
+import sys, time
+from pathlib import Path
+import pmet_lens.core.models as models
+
+cache, me = Path(sys.argv[1]), sys.argv[2]
+conversions = []
+real = models.load_default_hf
+models.load_default_hf = lambda *a, **k: conversions.append(1) or real(*a, **k)
+(cache / f"ready-{me}").touch()
+while len(list(cache.glob("ready-*"))) < 2:
+    time.sleep(0.01)
+model = models.load_model(device="cpu", cache_dir=cache)
+print(f"converted={len(conversions)} digest={float(model.W_U.double().sum())!r}")
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_loading_the_default_model_convert_it_once(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", _MODEL_RACER, str(tmp_path), str(i)], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+             for i in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    fields = [dict(part.split("=", 1) for part in o[0].strip().splitlines()[-1].split()) for o in outs]
+    assert sorted(f["converted"] for f in fields) == ["0", "1"] and fields[0]["digest"] == fields[1]["digest"]
+    assert not [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name]
