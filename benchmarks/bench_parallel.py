@@ -9,7 +9,7 @@ Stages (full size; ``--quick`` shrinks them for a smoke test):
 * evaluation: :func:`~pmet_lens.evaluation.counterfact.evaluate_counterfact` with generation on 128
   report-split records;
 * C: the key statistics of one layer (:class:`~pmet_lens.editing.CovarianceStore`, no disk cache);
-* layer scan: :func:`~pmet_lens.analysis.calibrate.scan_layers` (the fast path to R) until 32 known facts.
+* layer scan: :func:`~pmet_lens.analysis.layer_scan.scan_layers` (the fast path to R) until 32 known facts.
 
 For every stage: wall time of each configuration, the speed-up of 2 workers over one process, the
 parallel efficiency T(1 worker) / (2 · T(2 workers)), the number of shards and the per-shard
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from pmet_lens import load_counterfact, load_known_facts, load_model
-from pmet_lens.analysis.calibrate import scan_layers
+from pmet_lens.analysis.layer_scan import scan_layers
 from pmet_lens.analysis.similarity import component_similarity
 from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, context_prefixes, edit, preset

@@ -155,6 +155,7 @@ def fact_traces(
     per-token-class effects of each kind in ``need`` (``"classes"``), the last subject token's plain and
     severed rows (``"severed"``), its corrupted / clean scores and its ``known_id``. The fact at input
     position ``index`` uses noise seed ``seed + index``."""
+    require_model(model, "pmet_lens.analysis.averaged.fact_traces")
     ok, _ = knows_fact(model, fact)
     if not ok:
         return None

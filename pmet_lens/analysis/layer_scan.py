@@ -65,6 +65,7 @@ def fact_curves(model: HookedTransformer, fact: KnownFact, index: int, *, known_
                 noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One fact's share of :func:`scan_layers`: its :func:`last_subject_curves` (on the CPU) with noise
     seed ``seed + index``, or ``None`` when ``known_only`` and the model does not know it."""
+    require_model(model, "pmet_lens.analysis.layer_scan.fact_curves")
     if known_only and not knows_fact(model, fact)[0]:
         return None
     p, s = last_subject_curves(model, fact.prompt, fact.subject, samples=samples, noise=noise, seed=seed + index)

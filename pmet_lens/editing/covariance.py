@@ -24,7 +24,7 @@ from transformer_lens import HookedTransformer
 
 from pmet_lens.core.arch import block_index
 from pmet_lens.core.cachefile import read_matrix, write_matrix
-from pmet_lens.core.models import default_cache_dir
+from pmet_lens.core.models import default_cache_dir, require_model
 from pmet_lens.core.paths import file_locks
 from pmet_lens.core.tokens import tokenizer_of
 from pmet_lens.data import wikitext_path
@@ -235,6 +235,7 @@ def covariance_sums(model: HookedTransformer, chunks: Sequence[Sequence[int]], h
     """Σ k kᵀ (float64) at each key hook over the tokens of ``chunks`` (token-id lists,
     ``batch_size`` per forward, padding excluded) and the number of tokens summed: one shard of C's
     corpus pass. C = the sum over all chunks / the count."""
+    require_model(model, "pmet_lens.editing.covariance.covariance_sums")
     from pmet_lens.core.tokens import pad
 
     sums: dict[str, torch.Tensor] = {}

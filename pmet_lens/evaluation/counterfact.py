@@ -93,6 +93,7 @@ def counterfact_outputs(
     every scored (prompt, object) row (records in order; per test, rows alternate o*, o^c), and the
     texts generated from the generation prompts of the records at the positions ``generate``
     (prompt ``j`` of them with seed ``seed + j``)."""
+    require_model(model, "pmet_lens.evaluation.counterfact.counterfact_outputs")
     prompts, targets, _ = _pair_rows(facts)
     logger.info("CounterFact: scoring %d (prompt, object) pairs of %d records", len(prompts), len(facts))
     lp = score_continuations(model, prompts, targets, batch_size=batch_size, progress=progress).mean_logprob.numpy()

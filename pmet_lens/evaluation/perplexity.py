@@ -94,6 +94,7 @@ def window_nll(model: HookedTransformer, windows: torch.Tensor, batch_size: int 
                hooks: Sequence[tuple[str | Callable[..., Any], Callable[..., Any]]] = ()) -> float:
     """Σ −log P(x_t | x_<t) over the predicted tokens of ``windows`` (``[n, seq_len]`` token ids; all but
     each window's first token), summed in float64 in window order: one shard of :func:`perplexity`."""
+    require_model(model, "pmet_lens.evaluation.perplexity.window_nll")
     total = 0.0
     windows = windows.to(model.cfg.device)
     with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):

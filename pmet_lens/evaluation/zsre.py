@@ -86,6 +86,7 @@ def zsre_accuracy(model: HookedTransformer, records: Sequence[ZsreRecord], *, me
                   batch_size: int = 64, progress: bool = False) -> list[float]:
     """The model's work of :func:`evaluate_zsre`: per record, the efficacy, paraphrase and specificity
     token accuracies under ``metric``, flattened (three values per record, in record order)."""
+    require_model(model, "pmet_lens.evaluation.zsre.zsre_accuracy")
     if metric == "teacher_forced":
         pairs = [pair for r in records for pair in _tests(r)]
         return score_continuations(model, [p for p, _ in pairs], [a for _, a in pairs], batch_size=batch_size,

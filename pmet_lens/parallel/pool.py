@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from pmet_lens.core.models import require_model
 from pmet_lens.parallel.shards import ShardError
 from pmet_lens.parallel.worker import ModelHandle, ModelSpec, ModelWorker, tensor_stamp
 
@@ -33,6 +34,7 @@ _MISSING = object()
 def weights_digest(model: Any) -> str:
     """sha1 of the model's state dict (names, shapes, dtypes and values, layout-independent): two
     models with equal digests compute the same."""
+    require_model(model, "pmet_lens.parallel.weights_digest")
     h = hashlib.sha1()
     for name, t in model.state_dict().items():
         t = t.detach()
@@ -47,8 +49,9 @@ def _worker_pid(model: Any) -> int:
     return os.getpid()
 
 
-def _check_no_hooks(model: Any) -> None:
-    """Workers get the weights, not hooks attached to the driver's model: refuse such a model."""
+def _check_no_hooks(model: Any, what: str) -> None:
+    """A loaded model without hooks attached: workers get the weights, not hooks (refuse such a model)."""
+    require_model(model, what)
     hooked = [name for name, hp in getattr(model, "hook_dict", {}).items()
               if len(getattr(hp, "_forward_hooks", {})) or len(getattr(hp, "_backward_hooks", {}))]
     if hooked:
@@ -314,7 +317,7 @@ class Workers:
         import ray
 
         self._check_open()
-        _check_no_hooks(model)
+        _check_no_hooks(model, "Workers.broadcast")
         _by_value_if_local(fn)
         handle = self._sync(model)
         refs = [a.run.remote(handle, fn, {}, tuple(args)) for a in self._actors]
@@ -360,7 +363,7 @@ class Workers:
         )
 
         self._check_open()
-        _check_no_hooks(model)
+        _check_no_hooks(model, "Workers.map")
         _by_value_if_local(fn)
         shards = [tuple(s) for s in shards]
         n = len(shards)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, ParamSpec, S
 import torch
 from tqdm.auto import tqdm
 
+from pmet_lens.core.models import require_model
 from pmet_lens.core.paths import atomic_path
 
 if TYPE_CHECKING:
@@ -261,6 +262,7 @@ def run_shards(
     Raises:
         ShardError: a shard failed (in this process its exception propagates unchanged).
     """
+    require_model(model, "pmet_lens.parallel.run_shards")
     shards = [tuple(s) for s in shards]
     common = dict(common or {})
     if checkpoint is not None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pmet_lens.analysis.averaged import average_traces
-from pmet_lens.analysis.calibrate import scan_layers
+from pmet_lens.analysis.layer_scan import scan_layers
 from pmet_lens.analysis.similarity import component_similarity
 from pmet_lens.analysis.tracing import trace
 from pmet_lens.data import load_counterfact, load_zsre
