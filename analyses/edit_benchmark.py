@@ -44,6 +44,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ from pmet_lens.evaluation import (
     evaluate_zsre,
     format_table,
 )
+from pmet_lens.parallel import ShardLog, Workers
 from pmet_lens.viz.html import write_page
 
 logger = logging.getLogger("edit_benchmark")
@@ -87,10 +89,17 @@ def delta_norms(result, label: str) -> list[dict[str, Any]]:
     return [{"editor": label, **row} for row in result.delta_norms()]
 
 
-def evaluate_cf(model, facts, args, generation=True):
-    """``evaluate_counterfact`` with this run's generation setting (``--gen-every 0``: no generation)."""
+def shard_log(args, name: str) -> ShardLog:
+    """The shard log of one long step of the run (``--out/edit_benchmark_shards/NAME``): its finished
+    shards are kept there until the step ends, so ``--resume`` after a killed run computes only the others."""
+    return ShardLog(Path(args.out) / "edit_benchmark_shards" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name), resume=args.resume)
+
+
+def evaluate_cf(model, facts, args, generation=True, log: ShardLog | None = None):
+    """``evaluate_counterfact`` with this run's generation setting (``--gen-every 0``: no generation),
+    on ``--workers`` when given, its finished shards kept in ``log``."""
     return evaluate_counterfact(model, facts, generation=generation and args.gen_every > 0,
-                                gen_every=max(1, args.gen_every))
+                                gen_every=max(1, args.gen_every), workers=args.pool, checkpoint=log)
 
 
 def run_edit(model, facts, hparams, label, store, args, generation=True, targets=None, save_to=None):
@@ -98,17 +107,19 @@ def run_edit(model, facts, hparams, label, store, args, generation=True, targets
     they do not depend on λ, the spread or which weights are updated). ``save_to``: write the edit
     (deltas and targets) there, so that ``--resume`` can reuse its targets. Returns the evaluation,
     the ΔW norms and the targets."""
+    log = shard_log(args, f"{label}_{len(facts)}")
     t0 = time.perf_counter()
     result = edit(model, facts, hparams=hparams, cov_store=store, apply=True, progress=True, targets=targets,
-                  compile=args.compile)
+                  compile=args.compile, workers=args.pool, checkpoint=log.child("targets") if targets is None else None)
     t_edit = time.perf_counter() - t0
     if save_to is not None:
         result.save(save_to)
     try:
-        per_record, summary = evaluate_cf(model, facts, args, generation)
+        per_record, summary = evaluate_cf(model, facts, args, generation, log.child("evaluation"))
     finally:
         norms = delta_norms(result, label)
         result.restore()
+    log.remove()
     summary["edit_seconds"] = t_edit
     summary["targets_reused"] = targets is not None
     logger.info("%s: %d facts edited in %.0f s; efficacy %.3f", label, len(facts), t_edit, summary["efficacy"])
@@ -189,9 +200,14 @@ def save_progress(out: Path, meta, summaries, per_records, norms, scaling_rows, 
         zsre_path.unlink(missing_ok=True)
 
 
-def evaluate_zsre_metrics(model, records) -> dict[str, dict[str, Any]]:
-    """The zsRE summary of ``model`` under each metric: ``{"official": ..., "teacher_forced": ...}``."""
-    return {metric: evaluate_zsre(model, records, metric=metric)[1] for metric in ZSRE_METRICS}
+def evaluate_zsre_metrics(model, records, args=None, log: ShardLog | None = None) -> dict[str, dict[str, Any]]:
+    """The zsRE summary of ``model`` under each metric: ``{"official": ..., "teacher_forced": ...}``
+    (on ``args.pool`` when given; finished shards kept in ``log``, one sub-log per metric)."""
+    out = {metric: evaluate_zsre(model, records, metric=metric, workers=getattr(args, "pool", None),
+                                 checkpoint=None if log is None else log.child(metric))[1] for metric in ZSRE_METRICS}
+    if log is not None:
+        log.remove()
+    return out
 
 
 def zsre_vs_paper(zsre_summaries: dict[str, dict[str, dict]], metric: str = "official") -> pd.DataFrame:
@@ -261,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
                              "targets are optimised (same presets; each fact's targets are independent)")
     parser.add_argument("--replot", action="store_true",
                         help="only rebuild the report (markdown, figures, HTML) from the results a run saved in --out")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="optimise targets and evaluate on N Ray workers (pip install 'pmet-lens[ray]'); results "
+                             "equal one process's up to float rounding")
+    parser.add_argument("--address", default=None, help="with --workers: join this Ray cluster (default: a local one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.replot:
@@ -286,6 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     model = load_model()
+    args.pool = Workers(args.workers, address=args.address) if args.workers else None
+    try:
+        return run(args, model, out, methods, ablations, skip)
+    finally:
+        if args.pool is not None:
+            args.pool.close()
+
+
+def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[str, Any]], skip: set[str]) -> int:
+    """The benchmark on ``model`` (``args.pool``: the worker pool or ``None``)."""
     name = str(model.cfg.model_name)
     store = CovarianceStore(progress=True)
     facts = split_facts("report", limit=args.limit)
@@ -346,8 +376,10 @@ def main(argv: list[str] | None = None) -> int:
                 if k < len(records):
                     logger.info("%s: optimising the targets of the other %d of %d %s records", stem,
                                 len(records) - k, len(records), kind)
+                    log = shard_log(args, f"targets_{kind}_{stem}_rest")
                     rest = edit(model, records[k:], hparams=hp, cov_store=store, apply=False, progress=True,
-                                compile=args.compile)
+                                compile=args.compile, workers=args.pool, checkpoint=log)
+                    log.remove()
                     given = {s: torch.cat([v, rest.targets[s].to(v.device)]) for s, v in given.items()}
                 targets[key] = given
                 if d != edits_dir:
@@ -370,12 +402,16 @@ def main(argv: list[str] | None = None) -> int:
     def targets_of(m: str, records, kind: str = "cf") -> dict[str, torch.Tensor]:
         """The method's optimised targets on ``records``: from this run, saved by an earlier one, or optimised now."""
         if saved(m, records, kind, preset(name, m)) is None:
+            log = shard_log(args, f"targets_{kind}_{m}")
             keep(m, kind, edit(model, records, hparams=preset(name, m), cov_store=store, apply=False, progress=True,
-                               compile=args.compile))
+                               compile=args.compile, workers=args.pool, checkpoint=log))
+            log.remove()
         return targets[(kind, m)]
 
     if ("table1" not in skip or "ablations" not in skip) and "SmolLM2 (unedited)" not in summaries:
-        per_records["SmolLM2 (unedited)"], summaries["SmolLM2 (unedited)"] = evaluate_cf(model, facts, args)
+        log = shard_log(args, "unedited")
+        per_records["SmolLM2 (unedited)"], summaries["SmolLM2 (unedited)"] = evaluate_cf(model, facts, args, log=log)
+        log.remove()
         progress()
     table1 = methods if "table1" not in skip else []
     if "ablations" not in skip and "pmet" not in table1:
@@ -431,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     if "zsre" not in skip:
         records = load_zsre(limit=args.zsre_limit if args.zsre_limit is not None else args.limit)
         if "SmolLM2 (unedited)" not in zsre_summaries:
-            zsre_summaries["SmolLM2 (unedited)"] = evaluate_zsre_metrics(model, records)
+            zsre_summaries["SmolLM2 (unedited)"] = evaluate_zsre_metrics(model, records, args, shard_log(args, "zsre_unedited"))
             progress()
         # MEMIT, PMET and (unless skipped) PMET's ablations: Table 3 is on CounterFact only in the paper;
         # on zsRE the + W_O row tests whether writing δ_a into the weights closes PMET's gap to MEMIT.
@@ -445,14 +481,16 @@ def main(argv: list[str] | None = None) -> int:
                 given, to = targets_of("pmet", records, kind="zsre"), None
             else:  # MEMIT, PMET, w/o δ_a: optimise here (one update), unless saved earlier
                 given, to = saved(stem, records, "zsre", hp), save_path(stem, "zsre")
+            log = shard_log(args, f"zsre_{editor}")
             result = edit(model, records, hparams=hp, cov_store=store, apply=True, progress=True, targets=given,
-                          compile=args.compile)
+                          compile=args.compile, workers=args.pool, checkpoint=log.child("targets") if given is None else None)
             if to is not None:
                 keep(stem, "zsre", result)
             try:
-                zsre_summaries[editor] = evaluate_zsre_metrics(model, records)
+                zsre_summaries[editor] = evaluate_zsre_metrics(model, records, args, log.child("evaluation"))
             finally:
                 result.restore()
+            log.remove()
             progress()
 
     write_report(out, summaries, norms, scaling_rows, zsre_summaries, meta, cons_key)

@@ -45,6 +45,7 @@ import argparse
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ from pmet_lens.editing.session import EditSession
 from pmet_lens.evaluation import ZSRE_METRICS, ZsreMetric, evaluate_counterfact, evaluate_zsre, format_table
 from pmet_lens.evaluation.perplexity import perplexity, wikitext_sample
 from pmet_lens.evaluation.sequential import batch_efficacy, curve_row
+from pmet_lens.parallel import ShardLog, Workers
 from pmet_lens.viz.dashboard import session_dashboard
 from pmet_lens.viz.sequential import curves_png
 
@@ -101,13 +103,16 @@ PAIRED_METRICS: dict[str, list[str]] = {"cf": ["efficacy_success", "paraphrase_s
 
 
 def score_zsre(model, records, metrics: tuple[ZsreMetric, ...] = ZSRE_METRICS,
-               progress: bool = True) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
+               progress: bool = True, workers=None, checkpoint: ShardLog | None = None
+               ) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
     """The official metric's per-record results, and the zsRE summary of ``model`` under each of
-    ``metrics`` (which must include "official"), keyed by its section of the summaries."""
+    ``metrics`` (which must include "official"), keyed by its section of the summaries. ``workers``
+    and ``checkpoint`` (one sub-log per metric) as in :func:`~pmet_lens.evaluation.zsre.evaluate_zsre`."""
     per_record = pd.DataFrame()
     summaries: dict[str, dict[str, Any]] = {}
     for m in metrics:
-        rows, summaries[ZSRE_SECTIONS[m]] = evaluate_zsre(model, records, metric=m, progress=progress)
+        rows, summaries[ZSRE_SECTIONS[m]] = evaluate_zsre(model, records, metric=m, progress=progress, workers=workers,
+                                                          checkpoint=None if checkpoint is None else checkpoint.child(m))
         if m == "official":
             per_record = rows
     return per_record, summaries
@@ -128,13 +133,28 @@ def records_path(out: Path, method: str, kind: str) -> Path:
 def score_edited(model, kind: str, records: list[Any], args, summarise: bool) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Per-record results of the model as edited now on ``kind`` and, with ``summarise``, its summaries
     by section (without, only what the paired comparisons need: no generation, one zsRE metric)."""
+    log = shard_log(args, f"{method_of(args)}_{kind}")
     if kind == "cf":
         rows, summary = evaluate_counterfact(model, records, summarise and not args.no_generation,
-                                             gen_every=args.gen_every, progress=not args.quiet)
+                                             gen_every=args.gen_every, progress=not args.quiet, workers=args.pool,
+                                             checkpoint=log)
+        log.remove()
         return rows, ({"cf": summary} if summarise else {})
     rows, summaries = score_zsre(model, records, ZSRE_METRICS if summarise else ("official",),
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, workers=args.pool, checkpoint=log)
+    log.remove()
     return rows, (summaries if summarise else {})
+
+
+def method_of(args) -> str:
+    """The method being scored (``args.current``, set by the run; "unedited" for the baseline)."""
+    return str(getattr(args, "current", "unedited")).replace("+", "_")
+
+
+def shard_log(args, name: str) -> ShardLog:
+    """The shard log of one evaluation of the run (``--out/shards/NAME``): every finished shard is kept
+    there until the evaluation ends, so ``--resume`` after a killed run scores only the unfinished shards."""
+    return ShardLog(Path(args.out) / "shards" / name, resume=args.resume)
 
 
 def paired_table(out: Path) -> pd.DataFrame:
@@ -184,7 +204,7 @@ def run_session(model, method: str, kind: str, batches: list[list[Fact]], args, 
     path = session_file(out, method, kind, ".safetensors")
     track = curves_path(out, method, kind)
     kwargs = dict(cov_store=stores[0], nullspace_store=stores[1], perplexity_sample=ppl_sample,
-                  perplexity_fn=perplexity, progress=not args.quiet)
+                  perplexity_fn=partial(perplexity, workers=args.pool), progress=not args.quiet)
     curves: list[dict[str, Any]] = []
     eff_rows: list[pd.DataFrame] = []
     if args.resume and path.is_file() and track.is_file():
@@ -203,7 +223,7 @@ def run_session(model, method: str, kind: str, batches: list[list[Fact]], args, 
     logger.info("%s/%s: null-space dimensions %s", method, kind, session.null_dims)
     for b in range(len(session), len(batches)):
         start = time.perf_counter()
-        session.edit(batches[b])
+        session.edit(batches[b], workers=args.pool)
         eff = batch_efficacy(model, batches[:b + 1], after=b + 1)
         eff_rows.append(eff)
         row = curve_row(eff, session.history[-1].metrics, b + 1)
@@ -234,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--replot", action="store_true",
                         help="only rebuild sequential.html from the curves a run saved in --out (no model, no edit)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="run target optimisation, evaluation and perplexity on N Ray workers (pip install "
+                             "'pmet-lens[ray]'); results equal one process's up to float rounding")
+    parser.add_argument("--address", default=None, help="with --workers: join this Ray cluster (default: a local one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.replot:
@@ -247,6 +271,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model = load_model()
+    args.pool = Workers(args.workers, address=args.address) if args.workers else None
+    try:
+        return run(args, model, methods, out, t0)
+    finally:
+        if args.pool is not None:
+            args.pool.close()
+
+
+def run(args, model, methods: list[str], out: Path, t0: float) -> int:
+    """The benchmark on ``model`` (``args.pool``: the worker pool or ``None``)."""
     stores = (CovarianceStore(progress=not args.quiet), NullspaceStore())
     ppl_sample = wikitext_sample(model, n_tokens=args.ppl_tokens)
     datasets: dict[str, tuple[list[list[Any]], list[Any]]] = {}
@@ -276,16 +310,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_baseline:
         if summaries["baseline_perplexity"] is None:
-            summaries["baseline_perplexity"] = perplexity(model, ppl_sample)
+            summaries["baseline_perplexity"] = perplexity(model, ppl_sample, workers=args.pool)
+        args.current = "unedited"
         if "cf" in datasets and "unedited" not in summaries["cf"]:
-            summaries["cf"]["unedited"] = evaluate_counterfact(model, datasets["cf"][1], not args.no_generation,
-                                                               gen_every=args.gen_every,
-                                                               progress=not args.quiet)[1]
+            summaries["cf"]["unedited"] = score_edited(model, "cf", datasets["cf"][1], args, summarise=True)[1]["cf"]
         if "zsre" in datasets and "unedited" not in summaries["zsre"]:
-            for section, summary in score_zsre(model, datasets["zsre"][1], progress=not args.quiet)[1].items():
+            for section, summary in score_edited(model, "zsre", datasets["zsre"][1], args, summarise=True)[1].items():
                 summaries[section]["unedited"] = summary
         write()
     for method in methods:
+        args.current = method
         for kind, (batches, records) in datasets.items():
             session, curves, effs = run_session(model, method, kind, batches, args, stores, ppl_sample, out)
             summaries["null_dims"][method] = session.null_dims

@@ -41,6 +41,7 @@ from pmet_lens.core.presets import find_entry, write_entry
 from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, edit, preset
 from pmet_lens.evaluation import evaluate_counterfact
+from pmet_lens.parallel import Workers, run_shards
 
 logger = logging.getLogger("tune_editing")
 
@@ -93,7 +94,7 @@ def grid(text: str | None, cast, default) -> list | None:
     return None if default is None else [default]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=100, help="tune facts to edit (at most 100)")
     parser.add_argument("--start", type=int, default=0,
@@ -114,7 +115,11 @@ def main() -> None:
                         help="store the best (c, steps, lr, cov_tokens, λ) in the user's editing.json (read before the shipped presets)")
     parser.add_argument("--presets", type=Path, default=None,
                         help="user preset directory for --write (default: pmet_lens.core.presets.user_presets_dir())")
-    args = parser.parse_args()
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="run the grid points (method, c, steps, lr) on N Ray workers, one point per shard "
+                             "(pip install 'pmet-lens[ray]'); the rows equal one process's")
+    parser.add_argument("--address", default=None, help="with --workers: join this Ray cluster (default: a local one)")
+    args = parser.parse_args(argv)
     tune = split_facts("tune")
     if not 0 <= args.start < len(tune):
         parser.error(f"--start must be in [0, {len(tune)}) (the tune split has {len(tune)} facts), got {args.start}")
@@ -126,7 +131,7 @@ def main() -> None:
     lams = grid(args.lams, float, None)
     cov_tokens = grid(args.cov_tokens, int, None)
     store = CovarianceStore()
-    rows = []
+    points = []  # one shard per grid point of the target settings; its λ (and C size) sweep runs inside it
     for method in args.methods.split(","):
         base = preset(name, method)
         clamps = grid(args.clamps, float, base.clamp_norm_factor)
@@ -134,7 +139,15 @@ def main() -> None:
         lrs = grid(args.lrs, float, base.lr)
         assert clamps is not None and steps is not None and lrs is not None  # each has the preset's default
         for c, n_steps, lr in itertools.product(clamps, steps, lrs):
-            rows += sweep(model, facts, base.with_(clamp_norm_factor=c, steps=n_steps, lr=lr), lams, store, cov_tokens)
+            points.append((facts, base.with_(clamp_norm_factor=c, steps=n_steps, lr=lr), lams))
+    pool = Workers(args.workers, address=args.address) if args.workers else None
+    try:
+        parts = run_shards(model, sweep, points, common={"store": store, "cov_tokens": cov_tokens}, workers=pool,
+                           desc="grid points", progress=True)
+    finally:
+        if pool is not None:
+            pool.close()
+    rows = [row for part in parts for row in part]
     df = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "tune_editing.csv", index=False)

@@ -40,6 +40,7 @@ from pmet_lens.editing.session import EditSession
 from pmet_lens.editing.targets import optimise_targets
 from pmet_lens.evaluation import evaluate_counterfact
 from pmet_lens.evaluation.perplexity import perplexity, wikitext_sample
+from pmet_lens.parallel import Workers, run_shards
 
 logger = logging.getLogger("tune_nullspace")
 
@@ -48,6 +49,27 @@ OFFICIAL = (2e-2, 10.0)
 
 def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
+
+
+def grid_point(model, tau: float | None, alpha: float | None, *, base, batches, values, facts, sample, cov_store,
+               ns_store) -> dict:
+    """One point of the grid: the batches edited one after another with the given targets (τ = None: the
+    base method without the projection), the Score over all edited cases and the perplexity, then every
+    batch undone (bit for bit)."""
+    hp = base if tau is None else base.with_(nullspace=True, nullspace_threshold=tau, l2=alpha)
+    session = EditSession(model, hparams=hp, cov_store=cov_store, nullspace_store=ns_store, progress=False)
+    offset = 0
+    for batch in batches:
+        tg = {s: v[offset:offset + len(batch)] for s, v in values.items()}
+        session.edit(batch, targets=tg)
+        offset += len(batch)
+    summary = evaluate_counterfact(model, facts, generation=False, progress=False)[1]
+    row = {"tau": tau, "alpha": alpha, "score": summary["score"], "efficacy": summary["efficacy"],
+           "paraphrase": summary["paraphrase"], "neighborhood": summary["neighborhood"],
+           "perplexity": perplexity(model, sample), "null_dims": json.dumps(session.null_dims)}
+    logger.info("τ=%s α=%s: %s", tau, alpha, {k: v for k, v in row.items() if k != "null_dims"})
+    session.undo(to=0)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppl-tokens", type=int, default=4096)
     parser.add_argument("--out", default="figures/tune_nullspace")
     parser.add_argument("--write", action="store_true", help="write the winner into presets/editing.json")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="run the grid points on N Ray workers (pip install 'pmet-lens[ray]'); rows equal one process's")
+    parser.add_argument("--address", default=None, help="with --workers: join this Ray cluster (default: a local one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
@@ -92,23 +117,15 @@ def main(argv: list[str] | None = None) -> int:
                                  progress=True)
     target_seconds = time.perf_counter() - start
     values = {s: optimised.value(s).detach() for s in settings.kept_sites}
-    rows = []
     grid = [(None, None)] + [(t, a) for t in floats(args.taus) for a in floats(args.alphas)]
-    for tau, alpha in grid:
-        hp = base if tau is None else base.with_(nullspace=True, nullspace_threshold=tau, l2=alpha)
-        session = EditSession(model, hparams=hp, cov_store=cov_store, nullspace_store=ns_store, progress=False)
-        offset = 0
-        for batch in batches:
-            tg = {s: v[offset:offset + len(batch)] for s, v in values.items()}
-            session.edit(batch, targets=tg)
-            offset += len(batch)
-        summary = evaluate_counterfact(model, facts, generation=False, progress=False)[1]
-        row = {"tau": tau, "alpha": alpha, "score": summary["score"], "efficacy": summary["efficacy"],
-               "paraphrase": summary["paraphrase"], "neighborhood": summary["neighborhood"],
-               "perplexity": perplexity(model, sample), "null_dims": json.dumps(session.null_dims)}
-        rows.append(row)
-        logger.info("τ=%s α=%s: %s", tau, alpha, {k: v for k, v in row.items() if k != "null_dims"})
-        session.undo(to=0)
+    pool = Workers(args.workers, address=args.address) if args.workers else None
+    try:  # one shard per grid point; C and P travel inside the stores, computed above
+        rows = run_shards(model, grid_point, grid, workers=pool, desc="grid points", progress=True,
+                          common={"base": base, "batches": batches, "values": values, "facts": facts, "sample": sample,
+                                  "cov_store": cov_store, "ns_store": ns_store})
+    finally:
+        if pool is not None:
+            pool.close()
     df = pd.DataFrame(rows)
     df.to_csv(out / "grid.csv", index=False)
     cand = df[df["tau"].notna()]

@@ -43,6 +43,7 @@ from pmet_lens.data import KnownFact, load_known_facts
 from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, MEMITHyperParams, PMETHyperParams, edit
 from pmet_lens.evaluation import evaluate_counterfact
+from pmet_lens.parallel import one_pool
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ def _distance(row: dict[str, Any], base: Any) -> float:
 _NOT_STORED = ("method", "layers", "nullspace", "nullspace_threshold", "l2")
 
 
+@one_pool
 def search_lambda(
     model: HookedTransformer,
     method: str,
@@ -173,8 +175,11 @@ def search_lambda(
     base: dict[str, Any] | None = None,
     cov_store: CovarianceStore | None = None,
     progress: bool = False,
+    workers: Any = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The λ x c grid of one method on ``facts`` (module docstring, step 2).
+    """The λ x c grid of one method on ``facts`` (module docstring, step 2). ``workers`` (an int or a
+    :class:`~pmet_lens.parallel.Workers` pool) optimises each clamp's targets and scores each grid
+    point's records on a pool; the solves stay in this process.
 
     Returns:
         ``(rows, chosen)``: the grid as a table, and the chosen hyper-parameters as a dict
@@ -194,11 +199,11 @@ def search_lambda(
     rows: list[dict[str, Any]] = []
     for c in clamps:
         hp = defaults.with_(clamp_norm_factor=float(c))
-        first = edit(model, facts, hparams=hp, cov_store=store, apply=False, progress=progress)
+        first = edit(model, facts, hparams=hp, cov_store=store, apply=False, progress=progress, workers=workers)
         for lam in lams:
             solved = hp.with_(lam=float(lam), context_prefixes=first.prefixes)
             with edit(model, facts, hparams=solved, cov_store=store, targets=first.targets, progress=False):
-                _, summary = evaluate_counterfact(model, facts, generation=False, progress=False)
+                _, summary = evaluate_counterfact(model, facts, generation=False, progress=False, workers=workers)
             row = {"method": method, "clamp": float(c), "lam": float(lam), "n_facts": len(facts)}
             row.update({k: float(summary[k]) for k in ("score", "efficacy", "paraphrase", "neighborhood")})
             logger.info("%s c=%g λ=%g: Score %.3f (efficacy %.3f, paraphrase %.3f, neighborhood %.3f)", method, c,
@@ -212,6 +217,7 @@ def search_lambda(
     return pd.DataFrame(rows), chosen
 
 
+@one_pool
 def calibrate(
     model: HookedTransformer | str | os.PathLike[str] | None = None,
     *,
@@ -232,6 +238,8 @@ def calibrate(
     preset_dir: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
+    workers: Any = None,
+    checkpoint: Any = None,
 ) -> CalibrationResult:
     """R, λ and c for ``model`` and a user preset that :func:`pmet_lens.editing.edit` then uses.
 
@@ -255,6 +263,12 @@ def calibrate(
         write: write the preset.
         preset_dir: the user preset directory to write it to (default
             :func:`pmet_lens.core.presets.user_presets_dir`).
+        workers: ``None`` (this process), an int (one local pool of that many workers for the whole
+            call) or a :class:`~pmet_lens.parallel.Workers` pool: the layer scan traces facts, and the
+            search optimises targets and scores records, in shards on the workers (results equal the
+            single process's).
+        checkpoint: a :class:`~pmet_lens.parallel.ShardLog` for the layer scan's shards, so that a
+            killed run resumes the scan with its unfinished shards.
 
     Raises:
         TypeError: ``model`` is neither a HookedTransformer nor a name or path (``None``: the default).
@@ -276,7 +290,7 @@ def calibrate(
     t0 = time.perf_counter()
     scan = scan_layers(model, facts if facts is not None else load_known_facts(), n_facts=n_facts,
                        min_facts=min_facts, known_only=known_only, size=size, samples=samples, seed=seed,
-                       n_boot=n_boot, progress=progress)
+                       n_boot=n_boot, progress=progress, workers=workers, checkpoint=checkpoint)
     seconds["layers"] = round(time.perf_counter() - t0, 1)
     tables, chosen = [], {}
     t0 = time.perf_counter()
@@ -285,7 +299,7 @@ def calibrate(
         store = cov_store if cov_store is not None else CovarianceStore(progress=progress)
         for method in methods:
             table, chosen[method] = search_lambda(model, method, scan.layers, tune, lams=lams, clamps=clamps,
-                                                  base=base, cov_store=store, progress=progress)
+                                                  base=base, cov_store=store, progress=progress, workers=workers)
             tables.append(table)
     seconds["search"] = round(time.perf_counter() - t0, 1)
     search = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(

@@ -55,6 +55,62 @@ def _write_table(df, out: str | None) -> None:
     print(f"wrote {out}")
 
 
+def _check_pool_args(args: argparse.Namespace) -> None:
+    """``--workers`` / ``--address`` checked before anything is loaded."""
+    workers, address = getattr(args, "workers", None), getattr(args, "address", None)
+    if workers is None and address is not None:
+        raise CLIError("--address needs --workers N (how many workers to run on the cluster)")
+    if workers is not None and workers < 1:
+        raise CLIError(f"--workers must be >= 1, got {workers}")
+
+
+def _pool(args: argparse.Namespace):
+    """The worker pool of ``--workers`` / ``--address`` (``None``: this process); closed by the caller."""
+    _check_pool_args(args)
+    workers, address = getattr(args, "workers", None), getattr(args, "address", None)
+    if workers is None:
+        return None
+    from pmet_lens.parallel import Workers
+
+    try:
+        return Workers(workers, address=address)
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _shard_log(args: argparse.Namespace, default: Path | None):
+    """The shard log of a long run: ``--shards DIR`` or ``default`` (beside ``--out``); ``--resume``
+    takes its finished shards. ``None`` when the run writes no output to resume into."""
+    directory = Path(args.shards) if getattr(args, "shards", None) else default
+    if directory is None:
+        if getattr(args, "resume", False):
+            raise CLIError("--resume needs --out (or --shards DIR): the finished shards are kept beside the output")
+        return None
+    from pmet_lens.parallel import ShardLog
+
+    return ShardLog(directory, resume=bool(getattr(args, "resume", False)))
+
+
+def _beside(out: str | None, suffix: str = ".shards") -> Path | None:
+    """``OUT.shards`` beside an output file (``None`` without one)."""
+    return None if out is None else Path(out).with_name(Path(out).name + suffix)
+
+
+def _add_pool_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="run the sharded work on N Ray workers (pip install 'pmet-lens[ray]'); results equal one process's")
+    p.add_argument("--address", default=None,
+                   help="join this Ray cluster (e.g. 'auto' after `ray start --head`, or host:6379) instead of "
+                        "starting a local one; default $RAY_ADDRESS")
+
+
+def _add_resume_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", default=None, metavar="DIR",
+                   help="keep each finished shard here as it completes (default: beside --out); removed when the run ends")
+    p.add_argument("--resume", action="store_true",
+                   help="after a killed run: take the finished shards kept by it and compute only the others")
+
+
 # ---------------------------------------------------------------------------- similarity
 def _cmd_similarity(args: argparse.Namespace) -> int:
     from pmet_lens.analysis.similarity import component_similarity
@@ -63,7 +119,13 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
     facts = load_known_facts(_existing_file(args.facts, "known-facts file"), limit=args.limit)
     model = _load_model(args.model)
     variant = ["paper", "logit_lens"] if args.variant == "both" else args.variant
-    df = component_similarity(model, [f.prompt for f in facts], k=args.k, variant=variant, progress=True)
+    pool = _pool(args)
+    try:
+        df = component_similarity(model, [f.prompt for f in facts], k=args.k, variant=variant, progress=True,
+                                  workers=pool)
+    finally:
+        if pool is not None:
+            pool.close()
     _write_table(df, args.out)
     return 0
 
@@ -78,25 +140,35 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         raise CLIError("give either --prompt and --subject (one prompt) or --average N (averaged run)")
     if args.prompt is not None and not args.subject:
         raise CLIError("--prompt needs --subject")
+    if args.prompt is not None and (args.resume or args.shards):
+        raise CLIError("--resume / --shards apply to the averaged run (--average N)")
+    log = _shard_log(args, _beside(args.out)) if args.average is not None else None
     model = _load_model(args.model)
-    if args.prompt is not None:
-        result = tracing.trace(model, args.prompt, args.subject, kind=args.kind, samples=args.samples,
-                               window=args.window, target=args.target, seed=args.seed)
-        df = pd.DataFrame(result.scores.numpy(), index=result.tokens).reset_index(names="token")
-        print(f"target {result.target!r}: clean P = {result.high_score:.4f}, corrupted P = {result.low_score:.4f}")
-        _write_table(df, args.out)
-        return 0
-    from pmet_lens.analysis.averaged import average_traces
-    from pmet_lens.data import load_known_facts
+    pool = _pool(args)
+    try:
+        if args.prompt is not None:
+            result = tracing.trace(model, args.prompt, args.subject, kind=args.kind, samples=args.samples,
+                                   window=args.window, target=args.target, seed=args.seed, workers=pool)
+            df = pd.DataFrame(result.scores.numpy(), index=result.tokens).reset_index(names="token")
+            print(f"target {result.target!r}: clean P = {result.high_score:.4f}, corrupted P = {result.low_score:.4f}")
+            _write_table(df, args.out)
+            return 0
+        from pmet_lens.analysis.averaged import average_traces
+        from pmet_lens.data import load_known_facts
 
-    # --average N means N facts the model KNOWS: examine the known-facts file in order until N are found
-    avg = average_traces(model, load_known_facts(), kinds=(args.kind,), severed=not args.no_sever,
-                         samples=args.samples, window=args.window, seed=args.seed, limit=args.average,
-                         progress=True)
+        # --average N means N facts the model KNOWS: examine the known-facts file in order until N are found
+        avg = average_traces(model, load_known_facts(), kinds=(args.kind,), severed=not args.no_sever,
+                             samples=args.samples, window=args.window, seed=args.seed, limit=args.average,
+                             progress=True, workers=pool, checkpoint=log)
+    finally:
+        if pool is not None:
+            pool.close()
     print(f"averaged over {avg.n_facts} known facts (of {avg.n_seen} examined)")
     _write_table(avg.class_frame(), args.out)
     if avg.severed_mean:
         _write_table(avg.severed_frame(), None if args.out is None else _severed_path(args.out))
+    if log is not None:
+        log.remove()
     return 0
 
 
@@ -183,8 +255,13 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         store = CovarianceStore(corpus=corpus, progress=True)
     from pmet_lens.editing import edit
 
-    result = edit(model, facts, method=args.method, hparams=hp, cov_store=store, apply=False, progress=True,
-                  compile=args.compile)
+    pool = _pool(args)
+    try:
+        result = edit(model, facts, method=args.method, hparams=hp, cov_store=store, apply=False, progress=True,
+                      compile=args.compile, workers=pool)
+    finally:
+        if pool is not None:
+            pool.close()
     path = result.save(args.out)
     print(f"edited {len(facts)} fact(s) with {args.method}; wrote {path}")
     return 0
@@ -229,10 +306,15 @@ def _cmd_session(args: argparse.Namespace) -> int:
     done = sum(len(r.facts) for r in session.history)
     if args.resume and done % args.batch:
         raise CLIError(f"{out} holds {done} edited facts, not a multiple of --batch {args.batch}")
-    for b in range(done // args.batch, len(batches)):
-        session.edit(batches[b], overwrite=args.overwrite)
-        session.save(out)
-        print(f"batch {b + 1}/{len(batches)}: {len(batches[b])} fact(s); wrote {out}")
+    pool = _pool(args)
+    try:
+        for b in range(done // args.batch, len(batches)):
+            session.edit(batches[b], overwrite=args.overwrite, workers=pool)
+            session.save(out)
+            print(f"batch {b + 1}/{len(batches)}: {len(batches[b])} fact(s); wrote {out}")
+    finally:
+        if pool is not None:
+            pool.close()
     return 0
 
 
@@ -256,6 +338,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     session_path = _existing_file(getattr(args, "session", None), "session file")
     if session_path is not None and delta_path is not None:
         raise CLIError("pass --delta or --session, not both")
+    log = _shard_log(args, _beside(args.out))
     model = _load_model(args.model)
     result = None
     if session_path is not None:
@@ -269,13 +352,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise CLIError(str(exc)) from None
         except Exception as exc:  # safetensors raises its own error type on a non-safetensors file
             raise CLIError(f"{delta_path} is not a readable pmet-lens delta file ({exc})") from None
+    pool = None
     try:
+        pool = _pool(args)
         if args.dataset == "counterfact":
             per_record, summary = evaluate_counterfact(model, cast("list[Fact]", records), generation=not args.no_generation,
-                                                       gen_every=args.gen_every, seed=args.seed, progress=True)
+                                                       gen_every=args.gen_every, seed=args.seed, progress=True,
+                                                       workers=pool, checkpoint=log)
         else:
-            per_record, summary = evaluate_zsre(model, cast("list[ZsreRecord]", records), metric=args.zsre_metric, progress=True)
+            per_record, summary = evaluate_zsre(model, cast("list[ZsreRecord]", records), metric=args.zsre_metric,
+                                                progress=True, workers=pool, checkpoint=log)
     finally:
+        if pool is not None:
+            pool.close()
         if result is not None:
             result.restore()
     print(format_table({"edited" if result is not None else "unedited": summary}).to_string())
@@ -283,6 +372,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     _write_table(per_record, args.out)
     if args.summary:
         Path(args.summary).write_text(json.dumps(summary, indent=1, default=float))
+    if log is not None:
+        log.remove()
     return 0
 
 
@@ -333,11 +424,18 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     lams, clamps = _floats(args.lams, "--lams"), _floats(args.clamps, "--clamps")
     base = {k: v for k, v in (("steps", args.steps), ("cov_tokens", args.cov_tokens)) if v is not None}
     out = Path(args.out) if args.out else None
+    log = _shard_log(args, None if out is None else out / "shards")
     model = _load_model(args.model)
-    result = calibrate(model, n_facts=args.facts, min_facts=args.min_facts, known_only=not args.any_facts,
-                       size=args.size, samples=args.samples, n_boot=args.boot, methods=methods,
-                       tune_facts=args.tune_facts, lams=lams, clamps=clamps, base=base or None,
-                       write=not args.no_write, preset_dir=args.presets, seed=args.seed, progress=True)
+    pool = _pool(args)
+    try:
+        result = calibrate(model, n_facts=args.facts, min_facts=args.min_facts, known_only=not args.any_facts,
+                           size=args.size, samples=args.samples, n_boot=args.boot, methods=methods,
+                           tune_facts=args.tune_facts, lams=lams, clamps=clamps, base=base or None,
+                           write=not args.no_write, preset_dir=args.presets, seed=args.seed, progress=True,
+                           workers=pool, checkpoint=log)
+    finally:
+        if pool is not None:
+            pool.close()
     summary = result.summary()
     scan = result.scan
     print(f"{result.model_name}: R = {result.layers} (L = {scan.last}) from {scan.n_facts} facts "
@@ -354,6 +452,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         result.write(out)
         print(f"wrote {out}/calibrate_{{curves,wins,search}}.csv, calibrate_summary.json, calibrate.html "
               "(plotly.js beside it in plotly.min.js)")
+    if log is not None:
+        log.remove()
     return 0
 
 
@@ -408,9 +508,12 @@ def _add_own_model_commands(sub: Any) -> None:
                    help="user preset directory to write (default: $PMET_LENS_PRESETS, else $PMET_LENS_CACHE/presets)")
     p.add_argument("--no-write", action="store_true", help="do not write a preset")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="directory for the evidence: CSV tables, summary JSON, figure (HTML, works offline)")
+    p.add_argument("--out", help="directory for the evidence: CSV tables, summary JSON, figure (HTML, works offline); "
+                                 "the layer scan's finished shards are kept in OUT/shards until the run ends")
     p.add_argument("--replot", action="store_true",
                    help="only rebuild --out's calibrate.html from the tables a run wrote there (no model)")
+    _add_pool_options(p)
+    _add_resume_options(p)
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("export", help="write a model (optionally with a delta file applied) as a transformers "
@@ -446,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--k", type=int, default=50, help="top-k tokens for the Jaccard similarity (default 50)")
     p.add_argument("--variant", choices=["paper", "logit_lens", "both"], default="paper")
     p.add_argument("--out", help="CSV path (default: print)")
+    _add_pool_options(p)
     p.set_defaults(func=_cmd_similarity)
 
     p = sub.add_parser("trace", help="causal tracing of one prompt or the averaged run",
@@ -462,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="CSV path (default: print); the averaged run writes its severed curves beside it, "
                                  "as NAME_severed.csv")
+    _add_pool_options(p)
+    _add_resume_options(p)
     p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("edit", help="edit facts from a JSON file; writes a delta file",
@@ -480,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "needs at least the preset's cov_tokens tokens")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the target optimisation (needs a C++ compiler; compiling adds start-up time)")
+    _add_pool_options(p)
     p.set_defaults(func=_cmd_edit)
 
     p = sub.add_parser("session", help="lifelong editing: facts in batches, one after another; writes a session file",
@@ -497,6 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the session saved in --out")
     p.add_argument("--overwrite", action="store_true", help="allow re-editing a subject and prompt of an earlier batch")
     p.add_argument("--corpus", help="text file for the key statistics C (default: the shipped WikiText-2 text)")
+    _add_pool_options(p)
     p.set_defaults(func=_cmd_session)
 
     p = sub.add_parser("evaluate", help="CounterFact / zsRE metrics, optionally with a delta file applied",
@@ -516,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="per-record CSV (default: print)")
     p.add_argument("--summary", help="also write the summary as JSON here")
+    _add_pool_options(p)
+    _add_resume_options(p)
     p.set_defaults(func=_cmd_evaluate)
     _add_own_model_commands(sub)
     return parser
@@ -529,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pmet_lens.data import DataError
 
     try:
+        _check_pool_args(args)
         return int(args.func(args) or 0)
     except CLIError as exc:
         print(f"error: {exc}", file=sys.stderr)

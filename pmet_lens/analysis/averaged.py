@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence, cast
+from typing import Any, Iterable, Sequence, cast
 
 import pandas as pd
 import torch
@@ -27,7 +27,7 @@ from pmet_lens.data import KnownFact
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TOKEN_CLASSES", "AverageTrace", "average_traces", "token_class_rows", "knows_fact"]
+__all__ = ["TOKEN_CLASSES", "AverageTrace", "average_traces", "fact_traces", "token_class_rows", "knows_fact"]
 
 TOKEN_CLASSES: tuple[str, ...] = (
     "first subject token",
@@ -140,6 +140,56 @@ def _mean_ci(stack: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(mean).float(), torch.from_numpy(half).float()
 
 
+def fact_traces(
+    model: HookedTransformer,
+    fact: KnownFact,
+    index: int,
+    *,
+    need: Sequence[str],
+    severed: bool,
+    samples: int,
+    noise: float,
+    window: int,
+    seed: int,
+    stats: EmbeddingStats | None = None,
+) -> dict[str, Any] | None:
+    """One fact's share of :func:`average_traces`: ``None`` when the model does not know it, else its
+    per-token-class effects of each kind in ``need`` (``"classes"``), the last subject token's plain and
+    severed rows (``"severed"``), its corrupted / clean scores and its ``known_id``. The fact at input
+    position ``index`` uses noise seed ``seed + index``; ``stats`` caches sigma of W_E across facts
+    (:class:`~pmet_lens.analysis.tracing.EmbeddingStats`)."""
+    require_model(model, "pmet_lens.analysis.averaged.fact_traces")
+    ok, _ = knows_fact(model, fact)
+    if not ok:
+        return None
+    subj = subject_range(model, fact.prompt, fact.subject)
+    n_tok = len(encode(model, fact.prompt))
+    rows_of = token_class_rows(subj, n_tok)
+    positions = list(range(subj[0], n_tok))
+    out: dict[str, Any] = {"classes": {}, "severed": {}, "low": float("nan"), "high": float("nan"), "id": fact.known_id}
+    for kind in need:
+        r = trace(model, fact.prompt, fact.subject, kind=cast(Kind, kind), window=window, samples=samples,
+                  noise=noise, seed=seed + index, positions=positions, stats=stats)
+        effect = r.effect
+        out["low"], out["high"] = r.low_score, r.high_score
+        out["classes"][kind] = {c: effect[rows].mean(0) for c, rows in rows_of.items() if rows}
+        if kind == "hidden":
+            out["severed"]["none"] = effect[subj[1] - 1]
+    if severed:
+        for what in ("mlp", "attn"):
+            r = trace(model, fact.prompt, fact.subject, kind="hidden", samples=samples, noise=noise,
+                      seed=seed + index, sever=what, positions=[subj[1] - 1], stats=stats)
+            out["severed"][what] = r.effect[subj[1] - 1]
+    return out
+
+
+def _facts_traces(model: HookedTransformer, facts: Sequence[KnownFact], first: int,
+                  **settings: Any) -> list[dict[str, Any] | None]:
+    """One shard of :func:`average_traces`: :func:`fact_traces` of consecutive facts from input position ``first``."""
+    stats = EmbeddingStats()  # sigma of W_E once per shard
+    return [fact_traces(model, f, first + j, stats=stats, **settings) for j, f in enumerate(facts)]
+
+
 def average_traces(
     model: HookedTransformer,
     facts: Sequence[KnownFact],
@@ -152,6 +202,9 @@ def average_traces(
     seed: int = 0,
     limit: int | None = None,
     progress: bool = True,
+    workers: Any = None,
+    shard_size: int = 1,
+    checkpoint: Any = None,
 ) -> AverageTrace:
     """Average causal traces over the facts the model knows (ROME Fig. 2; MEMIT Fig. 3 and 8).
 
@@ -173,49 +226,56 @@ def average_traces(
         window: see :func:`pmet_lens.analysis.tracing.trace`.
         limit: stop after this many known facts.
         progress: show a tqdm progress bar.
+        workers: ``None`` (this process), an int (a local pool of that many workers) or a
+            :class:`~pmet_lens.parallel.Workers` pool: facts are traced in shards of ``shard_size``
+            (:func:`fact_traces` per fact, the same function as in one process) and averaged in input
+            order, so the result equals the single process's; with ``limit``, no new shard starts once
+            the finished ones hold ``limit`` known facts.
+        shard_size: facts per shard (on a pool, or with ``checkpoint``).
+        checkpoint: a :class:`~pmet_lens.parallel.ShardLog` recording each finished shard, so that a
+            killed run resumes with the unfinished ones (``ShardLog(dir, resume=True)``).
     """
     require_model(model, "pmet_lens.average_traces")
 
     need = list(dict.fromkeys(list(kinds) + (["hidden"] if severed else [])))
+    settings: dict[str, Any] = {"need": need, "severed": severed, "samples": samples, "noise": noise, "window": window,
+                                "seed": seed}
     per_kind: dict[str, dict[str, list[torch.Tensor]]] = {k: {c: [] for c in TOKEN_CLASSES} for k in need}
     sev: dict[str, list[torch.Tensor]] = {k: [] for k in SEVERED}
     used: list[int] = []
     lows, highs = [], []
     seen = 0
-    stats = EmbeddingStats()  # sigma of W_E once for every trace below
     bar = tqdm(total=limit if limit is not None else len(facts), disable=not progress, desc="causal traces")
-    for i, fact in enumerate(facts):
+    outcomes: Iterable[dict[str, Any] | None]
+    if workers is None and checkpoint is None:
+        stats = EmbeddingStats()  # sigma of W_E once for every trace below
+        outcomes = (fact_traces(model, fact, i, stats=stats, **settings) for i, fact in enumerate(facts))
+    else:
+        from pmet_lens.parallel import run_shards, shard_ranges
+
+        def enough(parts: list[list[dict[str, Any] | None]]) -> bool:
+            return limit is not None and sum(o is not None for part in parts for o in part) >= limit
+
+        parts = run_shards(model, _facts_traces, [(list(facts[a:b]), a) for a, b in shard_ranges(len(facts), shard_size)],
+                           common=settings, workers=workers, checkpoint=checkpoint, until=enough,
+                           desc="causal traces (shards)", progress=progress)
+        outcomes = [o for part in parts for o in part]
+    for outcome in outcomes:
         if limit is not None and len(used) >= limit:
             break
         seen += 1
-        ok, _ = knows_fact(model, fact)
-        if not ok:
+        if outcome is None:
             if limit is None:
                 bar.update(1)
             continue
-        subj = subject_range(model, fact.prompt, fact.subject)
-        n_tok = len(encode(model, fact.prompt))
-        classes = token_class_rows(subj, n_tok)
-        positions = list(range(subj[0], n_tok))
-        low = high = float("nan")
         for kind in need:
-            r = trace(model, fact.prompt, fact.subject, kind=cast(Kind, kind), window=window, samples=samples,
-                      noise=noise, seed=seed + i, positions=positions, stats=stats)
-            effect = r.effect
-            low, high = r.low_score, r.high_score
-            for c, rows in classes.items():
-                if rows:
-                    per_kind[kind][c].append(effect[rows].mean(0))
-            if kind == "hidden":
-                sev["none"].append(effect[subj[1] - 1])
-        if severed:
-            for what in ("mlp", "attn"):
-                r = trace(model, fact.prompt, fact.subject, kind="hidden", samples=samples, noise=noise,
-                          seed=seed + i, sever=what, positions=[subj[1] - 1], stats=stats)
-                sev[what].append(r.effect[subj[1] - 1])
-        used.append(fact.known_id)
-        lows.append(low)
-        highs.append(high)
+            for c, value in outcome["classes"][kind].items():
+                per_kind[kind][c].append(value)
+        for what, row in outcome["severed"].items():
+            sev[what].append(row)
+        used.append(outcome["id"])
+        lows.append(outcome["low"])
+        highs.append(outcome["high"])
         bar.update(1)
         bar.set_postfix(known=len(used), seen=seen)
     bar.close()

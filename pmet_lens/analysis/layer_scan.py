@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 import pandas as pd
 import torch
@@ -35,7 +35,7 @@ from pmet_lens.data import KnownFact
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerScan", "last_subject_curves", "scan_layers"]
+__all__ = ["LayerScan", "fact_curves", "last_subject_curves", "scan_layers"]
 
 
 def last_subject_curves(
@@ -62,6 +62,27 @@ def last_subject_curves(
     severed = trace(model, prompt, subject, kind="hidden", samples=samples, noise=noise, seed=seed,
                     sever="mlp", positions=[last], stats=stats)
     return plain.effect[last], severed.effect[last]
+
+
+def fact_curves(model: HookedTransformer, fact: KnownFact, index: int, *, known_only: bool, samples: int,
+                noise: float, seed: int, stats: EmbeddingStats | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One fact's share of :func:`scan_layers`: its :func:`last_subject_curves` (on the CPU) with noise
+    seed ``seed + index``, or ``None`` when ``known_only`` and the model does not know it. ``stats``
+    caches sigma of W_E across facts."""
+    require_model(model, "pmet_lens.analysis.layer_scan.fact_curves")
+    if known_only and not knows_fact(model, fact)[0]:
+        return None
+    p, s = last_subject_curves(model, fact.prompt, fact.subject, samples=samples, noise=noise, seed=seed + index,
+                               stats=stats)
+    return p.cpu(), s.cpu()
+
+
+def _facts_curves(model: HookedTransformer, facts: Sequence[KnownFact], first: int,
+                  **settings: Any) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """One shard of :func:`scan_layers`: :func:`fact_curves` of consecutive facts from input position ``first``."""
+    stats = EmbeddingStats()  # sigma of W_E once per shard
+    return [fact_curves(model, f, first + j, stats=stats, **settings) for j, f in enumerate(facts)]
 
 
 @dataclass(frozen=True)
@@ -148,6 +169,9 @@ def scan_layers(
     seed: int = 0,
     n_boot: int = 1000,
     progress: bool = True,
+    workers: Any = None,
+    shard_size: int = 1,
+    checkpoint: Any = None,
 ) -> LayerScan:
     """R over up to ``n_facts`` facts by :func:`last_subject_curves`, with a bootstrap band.
 
@@ -161,6 +185,13 @@ def scan_layers(
         min_facts: fewest usable facts accepted (default ``n_facts``): fewer raise.
         size: number of layers in R (see :func:`critical_layers`).
         n_boot: bootstrap resamples of the facts (seeded with ``seed``); 0 skips the band.
+        workers: ``None`` (this process), an int (a local pool of that many workers) or a
+            :class:`~pmet_lens.parallel.Workers` pool: facts are traced in shards of ``shard_size``
+            (:func:`fact_curves` per fact, as in one process) and used in input order, so R and its band
+            equal the single process's; no new shard starts once the finished ones hold ``n_facts``.
+        shard_size: facts per shard (on a pool, or with ``checkpoint``).
+        checkpoint: a :class:`~pmet_lens.parallel.ShardLog` recording each finished shard, so that a
+            killed run resumes with the unfinished ones.
 
     Raises:
         ValueError: fewer than ``min_facts`` usable facts (the message says how many the model
@@ -180,18 +211,30 @@ def scan_layers(
     severed: list[torch.Tensor] = []
     ids: list[int] = []
     seen = 0
-    stats = EmbeddingStats()  # sigma of W_E once for every trace below
+    settings: dict[str, Any] = {"known_only": known_only, "samples": samples, "noise": noise, "seed": seed}
+    outcomes: Iterable[tuple[torch.Tensor, torch.Tensor] | None]
+    if workers is None and checkpoint is None:
+        stats = EmbeddingStats()  # sigma of W_E once for every trace below
+        outcomes = (fact_curves(model, fact, i, stats=stats, **settings) for i, fact in enumerate(facts))
+    else:
+        from pmet_lens.parallel import run_shards, shard_ranges
+
+        def enough(parts: list[list[Any]]) -> bool:
+            return sum(o is not None for part in parts for o in part) >= n_facts
+
+        parts = run_shards(model, _facts_curves, [(list(facts[a:b]), a) for a, b in shard_ranges(len(facts), shard_size)],
+                           common=settings, workers=workers, checkpoint=checkpoint, until=enough,
+                           desc="last-subject traces (shards)", progress=progress)
+        outcomes = [o for part in parts for o in part]
     bar = tqdm(total=n_facts, disable=not progress, desc="last-subject traces")
-    for i, fact in enumerate(facts):
+    for fact, outcome in zip(facts, outcomes):
         if len(ids) >= n_facts:
             break
         seen += 1
-        if known_only and not knows_fact(model, fact)[0]:
+        if outcome is None:
             continue
-        p, s = last_subject_curves(model, fact.prompt, fact.subject, samples=samples, noise=noise, seed=seed + i,
-                                   stats=stats)
-        plain.append(p.cpu())
-        severed.append(s.cpu())
+        plain.append(outcome[0])
+        severed.append(outcome[1])
         ids.append(fact.known_id)
         bar.update(1)
         bar.set_postfix(seen=seen)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
@@ -173,12 +173,20 @@ def similarity_scores(
     batch_size: int = 64,
     progress: bool = True,
     projection_chunk: int = 4096,
+    *,
+    workers: Any = None,
+    shard_size: int | None = None,
 ) -> dict[str, SimilarityScores]:
     """Per-prompt cosine and top-k Jaccard scores of every layer's MHSA and FFN (PMET Fig. 2).
 
     One batched forward per ``batch_size`` prompts (right-padded, stopping before the final
     norm), recording only the last token of each hooked state; the vocabulary projections run
     as large matrix products of ``projection_chunk`` vectors.
+
+    ``workers`` (an int or a :class:`~pmet_lens.parallel.Workers` pool) scores shards of
+    ``shard_size`` prompts (default: whole batches, about four shards per worker) on a pool, each
+    worker calling this function on its shard; prompts are sharded in the length order the batches
+    use, so each prompt's scores equal the single process's up to float rounding.
 
     Returns:
         ``{variant: SimilarityScores}``, prompts in the given order.
@@ -189,6 +197,8 @@ def similarity_scores(
         raise ValueError(f"k must be an int in 1..{model.cfg.d_vocab} (the vocabulary size), got {k!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers is not None:
+        return _sharded_scores(model, prompts, k, variants, batch_size, progress, projection_chunk, workers, shard_size)
     arch = architecture(model)
     names = _state_hooks(arch, variants)
     projectors = {v: vocab_projector(model, v) for v in variants}
@@ -209,6 +219,28 @@ def similarity_scores(
         bar.update(len(idx))
     bar.close()
     return {v: SimilarityScores(variant=v, cosine=cos[v], jaccard=jac[v], k=k) for v in variants}
+
+
+def _sharded_scores(model: HookedTransformer, prompts: list[str], k: int, variants: tuple[str, ...], batch_size: int,
+                    progress: bool, projection_chunk: int, workers: Any, shard_size: int | None) -> dict[str, SimilarityScores]:
+    """:func:`similarity_scores` over shards of prompts on a pool, put back in the prompts' order."""
+    from pmet_lens.parallel import auto_shard_size, run_shards, shard_ranges
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # the batches' order
+    size = shard_size or auto_shard_size(len(prompts), workers, multiple=batch_size)
+    shards = [([prompts[i] for i in order[a:b]],) for a, b in shard_ranges(len(order), size)]
+    parts = run_shards(model, similarity_scores, shards, workers=workers, desc="Fig. 2 similarity", progress=progress,
+                       common={"k": k, "variant": variants, "batch_size": batch_size, "progress": False,
+                               "projection_chunk": projection_chunk})
+    idx = torch.tensor(order)
+    out = {}
+    for v in variants:
+        cos = torch.empty(len(prompts), model.cfg.n_layers, 2)
+        jac = torch.empty(len(prompts), model.cfg.n_layers, 2)
+        cos[idx] = torch.cat([p[v].cosine for p in parts])
+        jac[idx] = torch.cat([p[v].jaccard for p in parts])
+        out[v] = SimilarityScores(variant=v, cosine=cos, jaccard=jac, k=k)
+    return out
 
 
 def summarize(scores: Iterable[SimilarityScores]) -> pd.DataFrame:
@@ -236,6 +268,9 @@ def component_similarity(
     variant: str | Sequence[str] = "paper",
     batch_size: int = 64,
     progress: bool = True,
+    *,
+    workers: Any = None,
+    shard_size: int | None = None,
 ) -> pd.DataFrame:
     """PMET Fig. 2 as a long DataFrame.
 
@@ -246,13 +281,18 @@ def component_similarity(
         variant: "paper", "logit_lens", a list of them, or "both" (see the module docstring).
         batch_size: prompts per forward pass.
         progress: show a tqdm progress bar.
+        workers: ``None`` (this process), an int (a local pool of that many workers) or a
+            :class:`~pmet_lens.parallel.Workers` pool: prompts are scored in shards on the workers
+            (see :func:`similarity_scores`); the table equals the single process's.
+        shard_size: prompts per shard on a pool (default: whole batches, about four shards per worker).
 
     Returns:
         Columns ``variant, layer, component ("mhsa"|"ffn"), metric ("cosine"|"jaccard"),
         mean, ci_low, ci_high, n``; one row per (variant, layer, component, metric).
     """
     require_model(model, "pmet_lens.component_similarity")
-    scores = similarity_scores(model, prompts, k=k, variant=variant, batch_size=batch_size, progress=progress)
+    scores = similarity_scores(model, prompts, k=k, variant=variant, batch_size=batch_size, progress=progress,
+                               workers=workers, shard_size=shard_size)
     return summarize(scores.values())
 
 

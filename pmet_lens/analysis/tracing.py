@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence, cast
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Literal, Sequence, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -235,6 +235,8 @@ def trace(
     positions: Sequence[int] | None = None,
     max_tokens: int = TRACE_TOKENS,
     stats: EmbeddingStats | None = None,
+    workers: Any = None,
+    shard_size: int | None = None,
 ) -> TraceResult:
     """Causal trace of ``prompt`` (ROME Fig. 1; MEMIT Fig. 8, and Fig. 3 with ``sever``).
 
@@ -262,6 +264,12 @@ def trace(
             (:func:`~pmet_lens.core.batching.run_halving`). Scores do not depend on the grouping
             (up to float rounding).
         stats: a cache of sigma (:class:`EmbeddingStats`) shared by many calls; default computed here.
+        workers: ``None`` (this process), an int (a local pool of that many workers) or a
+            :class:`~pmet_lens.parallel.Workers` pool: the positions are traced in shards of
+            ``shard_size`` (default: about two shards per worker), each worker calling this function
+            on its positions; a position's row does not depend on the others, so the result equals
+            the single process's.
+        shard_size: positions per shard on a pool.
 
     Returns:
         a :class:`TraceResult` (``scores`` [n_tokens, n_layers] over the prompt's tokens).
@@ -283,6 +291,10 @@ def trace(
         bad = [p for p in pos_list if not 0 <= p < n_prompt]
         if bad or not pos_list:
             raise ValueError(f"positions {bad or list(positions)} are out of range: the prompt has {n_prompt} tokens")
+    if workers is not None:
+        return _sharded_trace(model, prompt, subject, pos_list, workers, shard_size,
+                              {"kind": kind, "window": window, "samples": samples, "noise": noise, "seed": seed,
+                               "target": target, "sever": sever, "max_tokens": max_tokens})
     device = model.cfg.device
     tgt = target_ids(model, target) if target is not None else None
 
@@ -347,6 +359,26 @@ def trace(
         window=window if kind != "hidden" else 1, samples=samples, noise=float(noise), sever=sever,
         prompt=prompt, subject=subject, positions=pos_list,
     )
+
+
+def _trace_positions(model: HookedTransformer, positions: list[int], prompt: str, subject: str,
+                     **settings: Any) -> TraceResult:
+    """One shard of a traced prompt: :func:`trace` at ``positions``."""
+    return trace(model, prompt, subject, positions=positions, **settings)
+
+
+def _sharded_trace(model: HookedTransformer, prompt: str, subject: str, positions: list[int], workers: Any,
+                   shard_size: int | None, settings: dict[str, Any]) -> TraceResult:
+    """:func:`trace` with its positions in shards on a pool, the rows put together."""
+    from pmet_lens.parallel import auto_shard_size, run_shards, shard_ranges
+
+    size = shard_size or auto_shard_size(len(positions), workers, per_worker=2)
+    shards = [(positions[a:b], prompt, subject) for a, b in shard_ranges(len(positions), size)]
+    parts = run_shards(model, _trace_positions, shards, common=settings, workers=workers, desc="trace positions")
+    scores = torch.full_like(parts[0].scores, float("nan"))
+    for part in parts:
+        scores[part.positions] = part.scores[part.positions]
+    return replace(parts[0], scores=scores, positions=list(positions))
 
 
 def _trace_position(

@@ -20,7 +20,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from pmet_lens.core.arch import optional_state_key
 from pmet_lens.core.fastpath import install_fast_linear
-from pmet_lens.core.paths import atomic_path
+from pmet_lens.core.paths import atomic_path, file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -311,24 +311,33 @@ def _load_default(*, device: str | torch.device, dtype: torch.dtype, cache_dir: 
     converted = cache / "models" / f"{DEFAULT_MODEL}-{stamp}.safetensors"
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
-    state_dict: dict[str, torch.Tensor] | None = None
-    if converted.is_file():
+    def read_cache() -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        if not converted.is_file():
+            return None
         try:
-            state_dict = load_file(converted)
-            hf_cfg_dict = _read_json(converted.with_suffix(".json"))
+            return load_file(converted), _read_json(converted.with_suffix(".json"))
         except Exception as exc:  # a truncated or corrupt cache is rebuilt, never used
             logger.warning("Converted-weight cache %s is unreadable (%s); rebuilding it", converted, exc)
-            state_dict = None
-    if state_dict is None:
-        logger.info("Converting %s from GGUF (one-off, cached in %s)", DEFAULT_MODEL, converted.parent)
-        hf_model, _ = load_default_hf(gguf)
-        hf_cfg_dict = hf_model.config.to_dict()
-        cfg = smollm2_config(hf_model.config, torch.float32)
-        state_dict = {k: v.detach().clone().contiguous() for k, v in convert_llama_weights(hf_model, cfg).items()}
-        del hf_model
-        with atomic_path(converted) as tmp:  # the weights land last: a present file means a complete pair
-            save_file(state_dict, str(tmp))
-            _write_json(converted.with_suffix(".json"), hf_cfg_dict)
+            return None
+
+    found = read_cache()
+    if found is None:
+        # several processes (pool workers, parallel runs) may find no cache at once: one converts under the
+        # lock, the others wait for it and read its file
+        with file_lock(converted.with_suffix(".lock")):
+            found = read_cache()
+            if found is None:
+                logger.info("Converting %s from GGUF (one-off, cached in %s)", DEFAULT_MODEL, converted.parent)
+                hf_model, _ = load_default_hf(gguf)
+                hf_cfg_dict = hf_model.config.to_dict()
+                cfg = smollm2_config(hf_model.config, torch.float32)
+                state_dict = {k: v.detach().clone().contiguous() for k, v in convert_llama_weights(hf_model, cfg).items()}
+                del hf_model
+                with atomic_path(converted) as tmp:  # the weights land last: a present file means a complete pair
+                    save_file(state_dict, str(tmp))
+                    _write_json(converted.with_suffix(".json"), hf_cfg_dict)
+                found = state_dict, hf_cfg_dict
+    state_dict, hf_cfg_dict = found
 
     from transformers import LlamaConfig
 

@@ -40,6 +40,7 @@ from pmet_lens.editing.site import TARGET_WEIGHT, EditSite, edit_site
 from pmet_lens.editing.targets import require_compiler
 from pmet_lens.editing.update import least_squares_solve
 from pmet_lens.editing.validate import EditError, validate_requests
+from pmet_lens.parallel import one_pool
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 
+@one_pool
 def edit(
     model: HookedTransformer,
     facts: Sequence[Any],
@@ -63,6 +65,8 @@ def edit(
     targets: dict[str, torch.Tensor] | None = None,
     compile: bool = False,
     solve_options: SolveOptions | None = None,
+    workers: Any = None,
+    checkpoint: Any = None,
 ) -> EditResult:
     """Edit ``facts`` into ``model`` with PMET (default) or MEMIT.
 
@@ -95,6 +99,12 @@ def edit(
         solve_options: how each layer's update is solved (:class:`~pmet_lens.editing.linsolve.SolveOptions`:
             float32 Cholesky with float64 refinement by default; ``float64_device="cpu"`` keeps
             float64 work off a GPU that is slow at it).
+        workers: ``None`` (this process), an int (a local pool of that many workers, for this call) or a
+            :class:`~pmet_lens.parallel.Workers` pool: the target optimisation runs in shards of facts on
+            the workers (each fact's targets do not depend on its shard), and a missing covariance C is
+            built there from shards of its corpus; the keys, residuals and the solve stay in this process.
+        checkpoint: a :class:`~pmet_lens.parallel.ShardLog` recording each finished shard of the target
+            optimisation, so that a killed run resumes with the unfinished ones.
 
     Returns:
         The :class:`EditResult` (applied if ``apply``).
@@ -124,11 +134,12 @@ def edit(
     store = cov_store if cov_store is not None else CovarianceStore(progress=progress)
     model_hash, layer_hashes = weights_hashes(model, hparams.layers)  # one pass over the weights
     covs = store.get(model, [site.key_hook for site in sites], hparams.cov_tokens, hparams.cov_dtype,
-                     hparams.cov_seq_len, layer_hashes=layer_hashes)
+                     hparams.cov_seq_len, layer_hashes=layer_hashes, workers=workers)
     given = None if targets is None else _check_targets(targets, settings.kept_sites, len(facts), model.cfg.d_model)
     result = run_batch(model, facts, hparams, covs,
                        _solve_for(model, hparams, sites, covs, store, nullspace_store, layer_hashes, solve_options),
-                       progress=progress, targets=given, prefixes=prefixes, compile=compile, model_hash=model_hash)
+                       progress=progress, targets=given, prefixes=prefixes, compile=compile, model_hash=model_hash,
+                       workers=workers, checkpoint=checkpoint)
     if not apply:
         result.restore()
     return result

@@ -26,14 +26,15 @@ from transformer_lens import HookedTransformer
 
 from pmet_lens.core.arch import architecture, block_index
 from pmet_lens.core.cachefile import read_matrix, write_matrix
-from pmet_lens.core.models import default_cache_dir
+from pmet_lens.core.models import default_cache_dir, require_model
+from pmet_lens.core.paths import file_locks
 from pmet_lens.core.tokens import tokenizer_of
 from pmet_lens.data import wikitext_path
 from pmet_lens.editing.identity import weights_hashes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CovarianceStore"]
+__all__ = ["CovarianceStore", "covariance_sums"]
 
 _FORMAT = 1
 
@@ -97,6 +98,7 @@ class CovarianceStore:
         seq_len: int = 256,
         *,
         layer_hashes: dict[int, str] | None = None,
+        workers: Any = None,
     ) -> dict[str, Float[torch.Tensor, "d d"]]:
         """C for each key hook name (``EditSite.key_hook``: the input of W_out
         or of W_O at a layer), on the CPU, in ``dtype``. Missing matrices are built by streaming the
@@ -106,7 +108,13 @@ class CovarianceStore:
 
         ``layer_hashes`` (layer -> ``weights_hash(model, upto_layer=layer)``, e.g. from
         :func:`~pmet_lens.editing.identity.weights_hashes`) saves the pass over the weights that
-        computes them; they must be the model's current hashes."""
+        computes them; they must be the model's current hashes.
+
+        ``workers`` (an int or a :class:`~pmet_lens.parallel.Workers` pool) builds a missing C on a pool:
+        each worker sums k kᵀ over a share of the corpus chunks (:func:`covariance_sums`) and the
+        float64 sums are added in chunk order, so C equals the single-process one up to float64
+        rounding. A matrix being built by another process is waited for (a lock per entry), not
+        built twice."""
         layers = sorted({block_index(h) for h in hooks})
         if layer_hashes is None or any(l not in layer_hashes for l in layers):
             layer_hashes = weights_hashes(model, layers)[1]
@@ -124,15 +132,24 @@ class CovarianceStore:
                 self._memory[key] = cov
                 out[hook] = cov
         if missing:
-            import time
+            # several processes (pool workers, parallel runs) may miss the same entries: the first to take
+            # the entries' locks builds and writes them, the others wait, then read what it wrote
+            with file_locks(self._lock_path(keys[h]) for h in missing if self.cache_dir is not None):
+                for hook in list(missing):
+                    cov = self._read(keys[hook])
+                    if cov is not None:
+                        self._memory[keys[hook]] = out[hook] = cov
+                        missing.remove(hook)
+                if missing:
+                    import time
 
-            start = time.perf_counter()
-            built = self._build(model, missing, n_tokens, getattr(torch, dtype), seq_len)
-            self.last_build_seconds = time.perf_counter() - start
-            for hook, cov in built.items():
-                self._memory[keys[hook]] = cov
-                self._write(keys[hook], cov)
-                out[hook] = cov
+                    start = time.perf_counter()
+                    built = self._build(model, missing, n_tokens, getattr(torch, dtype), seq_len, workers=workers)
+                    self.last_build_seconds = time.perf_counter() - start
+                    for hook, cov in built.items():
+                        self._memory[keys[hook]] = cov
+                        self._write(keys[hook], cov)
+                        out[hook] = cov
         return {h: out[h] for h in hooks}
 
     def cache_key(self, model: HookedTransformer, hook: str, n_tokens: int, dtype: str = "float32",
@@ -204,16 +221,26 @@ class CovarianceStore:
         ids = ids[:n_tokens]
         return [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
 
+    def _lock_path(self, key: str) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / f"{key}.lock"
+
     def _build(self, model: HookedTransformer, hooks: Sequence[str], n_tokens: int, dtype: torch.dtype,
-               seq_len: int) -> dict[str, torch.Tensor]:
-        """C of each hook, built in passes over the corpus (:meth:`_passes`), each returned on the CPU."""
+               seq_len: int, workers: Any = None) -> dict[str, torch.Tensor]:
+        """C of each hook, built in passes over the corpus (:meth:`_passes`), each returned on the CPU;
+        with ``workers`` each pass's corpus is split into shards of whole batches on a pool and the
+        float64 sums added in corpus order."""
         chunks = self._chunks(model, n_tokens, min(seq_len, model.cfg.n_ctx))
         out: dict[str, torch.Tensor] = {}
         passes = self._passes(model, hooks)
         logger.info("Estimating E[k k^T] for %s over %d tokens in %d corpus pass(es)", list(hooks),
                     sum(map(len, chunks)), len(passes))
         for group in passes:
-            out.update(self._accumulate(model, group, chunks, dtype))
+            sums, count = self._sums(model, group, chunks, dtype, workers)
+            for h in group:
+                total = sums.pop(h)
+                out[h] = total.div_(count).to(device="cpu", dtype=dtype)
+                del total
         return out
 
     def _passes(self, model: HookedTransformer, hooks: Sequence[str]) -> list[list[str]]:
@@ -234,40 +261,23 @@ class CovarianceStore:
                 used = need
         return groups
 
-    def _accumulate(self, model: HookedTransformer, hooks: Sequence[str], chunks: list[list[int]],
-                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """One corpus pass: per hook, the float64 sum over batches of the ``dtype`` products
-        ``kᵀk`` (keys of the real tokens), divided by the token count; returned in ``dtype`` on the CPU."""
-        from pmet_lens.core.tokens import pad
+    def _sums(self, model: HookedTransformer, hooks: Sequence[str], chunks: list[list[int]], dtype: torch.dtype,
+              workers: Any) -> tuple[dict[str, torch.Tensor], int]:
+        """One corpus pass: :func:`covariance_sums` of every chunk, here or on a pool in shards of whole
+        batches (so every forward sees the rows it sees in one process), summed in corpus order."""
+        if workers is None:
+            return covariance_sums(model, chunks, hooks, dtype, self.batch_size, self.progress)
+        from pmet_lens.parallel import pool_size, run_shards, shard_ranges
 
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
-        stop = max(block_index(h) for h in hooks) + 1
-        mask_holder: dict[str, torch.Tensor] = {}
-
-        def accumulate(act: torch.Tensor, hook) -> None:
-            flat = act.reshape(act.shape[0] * act.shape[1], -1)[mask_holder["mask"]].to(dtype)  # [b, pos, d] -> [tokens, d]
-            prod = flat.T @ flat  # [d, d] in dtype
-            if hook.name in sums:
-                sums[hook.name].add_(prod)  # float64 += dtype, converted element by element (no float64 copy)
-            else:
-                sums[hook.name] = prod.to(torch.float64)
-
-        bar = tqdm(range(0, len(chunks), self.batch_size), desc="covariance", disable=not self.progress)
-        with torch.no_grad(), model.hooks(fwd_hooks=[(h, accumulate) for h in hooks]):
-            for start in bar:
-                batch = pad(model, chunks[start:start + self.batch_size])
-                width = batch.tokens.shape[1]
-                mask = (torch.arange(width, device=batch.tokens.device)[None, :] < batch.lengths[:, None]).reshape(-1)
-                mask_holder["mask"] = mask
-                count += int(mask.sum())
-                model(batch.tokens, stop_at_layer=stop)
-        out = {}
-        for h in hooks:
-            total = sums.pop(h)
-            out[h] = total.div_(count).to(device="cpu", dtype=dtype)
-            del total
-        return out
+        per = self.batch_size * max(1, -(-len(chunks) // (self.batch_size * 4 * pool_size(workers))))
+        parts = run_shards(model, covariance_sums, [(chunks[a:b],) for a, b in shard_ranges(len(chunks), per)],
+                           common={"hooks": list(hooks), "dtype": dtype, "batch_size": self.batch_size},
+                           workers=workers, desc="covariance", progress=self.progress)
+        sums = {h: parts[0][0][h] for h in hooks}
+        for part in parts[1:]:  # float64, in corpus order
+            for h in hooks:
+                sums[h].add_(part[0][h].to(sums[h].device))
+        return sums, sum(p[1] for p in parts)
 
 
 def _key_width(model: HookedTransformer, hook: str) -> int:
@@ -281,6 +291,40 @@ def _key_width(model: HookedTransformer, hook: str) -> int:
             param = arch.edit_param(model, weight, layer)
             return param.numel() // param.shape[-1]  # [d_k, d_model] or [heads, d_head, d_model]
     return max(int(model.cfg.d_mlp or 0), int(model.cfg.d_model))
+
+
+def covariance_sums(model: HookedTransformer, chunks: Sequence[Sequence[int]], hooks: Sequence[str],
+                    dtype: torch.dtype, batch_size: int = 4,
+                    progress: bool = False) -> tuple[dict[str, Float[torch.Tensor, "d d"]], int]:
+    """Σ k kᵀ (float64) at each key hook over the tokens of ``chunks`` (token-id lists,
+    ``batch_size`` per forward, padding excluded) and the number of tokens summed: one shard of C's
+    corpus pass. C = the sum over all chunks / the count."""
+    require_model(model, "pmet_lens.editing.covariance.covariance_sums")
+    from pmet_lens.core.tokens import pad
+
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    stop = max(block_index(h) for h in hooks) + 1
+    mask_holder: dict[str, torch.Tensor] = {}
+
+    def accumulate(act: torch.Tensor, hook) -> None:
+        flat = act.reshape(act.shape[0] * act.shape[1], -1)[mask_holder["mask"]].to(dtype)  # [batch*pos, d] real tokens
+        prod = flat.T @ flat  # [d, d] in dtype
+        if hook.name in sums:
+            sums[hook.name].add_(prod)  # float64 += dtype, converted element by element (no float64 copy)
+        else:
+            sums[hook.name] = prod.to(torch.float64)
+
+    bar = tqdm(range(0, len(chunks), batch_size), desc="covariance", disable=not progress)
+    with torch.no_grad(), model.hooks(fwd_hooks=[(h, accumulate) for h in hooks]):
+        for start in bar:
+            batch = pad(model, [list(c) for c in chunks[start:start + batch_size]])
+            width = batch.tokens.shape[1]
+            mask = (torch.arange(width, device=batch.tokens.device)[None, :] < batch.lengths[:, None]).reshape(-1)
+            mask_holder["mask"] = mask
+            count += int(mask.sum())
+            model(batch.tokens, stop_at_layer=stop)
+    return sums, count
 
 
 def _corpus_texts(corpus: str | Path | Iterable[str | Path | Mapping[str, Any]] | None, text_field: str) -> list[str]:

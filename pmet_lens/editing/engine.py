@@ -92,13 +92,17 @@ def run_batch(model: HookedTransformer, facts: Sequence[Fact], hparams: EditHype
               covs: dict[str, torch.Tensor], solve: Solve | None, *, progress: bool = False,
               targets: dict[str, torch.Tensor] | None = None, prefixes: tuple[str, ...] | None = None,
               compile: bool = False, model_hash: str | None = None,
-              solve_options: SolveOptions | None = None) -> EditResult:
+              solve_options: SolveOptions | None = None, workers: Any = None, checkpoint: Any = None) -> EditResult:
     """One mass edit of validated ``facts`` into ``model`` (applied): optimise the targets (PMET eq. 9,
     MEMIT eq. 16) unless ``targets`` (site -> [facts, d_model]) are given, then write the per-layer
     update with the given covariances and solve (default MEMIT's / PMET's least squares with λ,
     MEMIT eq. 14, PMET eq. 10). ``prefixes`` default to ``hparams.context_prefixes``; ``model_hash``
     (of the weights before the edit) is computed when not given. ``solve_options`` configure the
     default solve (:class:`~pmet_lens.editing.linsolve.SolveOptions`).
+    ``workers`` (an int or a
+    :class:`~pmet_lens.parallel.Workers` pool) optimises the targets in shards of facts on a pool
+    (:func:`~pmet_lens.editing.targets.optimise_targets`); keys, residuals and the solve stay here.
+    ``checkpoint`` (a :class:`~pmet_lens.parallel.ShardLog`) keeps the target shards of a long run.
 
     On an exception the weights are written back to their values before the call.
     """
@@ -108,7 +112,8 @@ def run_batch(model: HookedTransformer, facts: Sequence[Fact], hparams: EditHype
     if model_hash is None:
         model_hash, _ = weights_hashes(model, [])
     if targets is None:
-        optimised = optimise_targets(model, requests, hparams, progress=progress, compile=compile)
+        optimised = optimise_targets(model, requests, hparams, progress=progress, compile=compile, workers=workers,
+                                     checkpoint=checkpoint)
         logger.info("targets: mean steps %.1f, mean P(o*) %.3f", optimised.steps.float().mean(), optimised.prob.mean())
         values = {s: optimised.value(s).detach() for s in settings.delta_sites}
         stats: dict[str, Any] = {"steps": optimised.steps.tolist(), "loss": optimised.loss.tolist(),

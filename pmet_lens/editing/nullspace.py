@@ -45,6 +45,7 @@ import torch
 from jaxtyping import Float
 
 from pmet_lens.core.cachefile import read_matrix, write_matrix
+from pmet_lens.core.paths import file_lock
 from pmet_lens.editing.linsolve import SolveOptions, matmul64, spd_solve
 from pmet_lens.editing.validate import EditError
 
@@ -225,15 +226,21 @@ class NullspaceStore:
     def get(self, cov_key: str, cov: Float[torch.Tensor, "d_k d_k"], threshold: float) -> Projection:
         """P for the covariance named ``cov_key`` (:meth:`CovarianceStore.cache_key`, which names the
         model's and layer's weights, the tokenizer, the corpus, the token count, sequence length and
-        dtype) at threshold τ; computed from ``cov`` when not cached. The null-space dimension is
-        logged."""
+        dtype) at threshold τ; computed from ``cov`` when not cached (under a lock per entry, so
+        processes sharing the cache compute it once). The null-space dimension is logged."""
         key = f"P_{cov_key}_tau{threshold!r}"
         proj = self._memory.get(key)
         if proj is None:
             proj = self._read(key, threshold)
-        if proj is None:
+        if proj is None and self.cache_dir is not None:
+            # another process may be computing the same P: wait for its file rather than repeat the work
+            with file_lock(self.cache_dir / f"{key}.lock"):
+                proj = self._read(key, threshold)
+                if proj is None:
+                    proj = nullspace_projection(cov, threshold)
+                    self._write(key, proj)
+        elif proj is None:
             proj = nullspace_projection(cov, threshold)
-            self._write(key, proj)
         self._memory[key] = proj
         d = cov.shape[0]
         logger.info("null space of %s at τ=%g: dimension %d of %d", cov_key.split("_m")[0], threshold, proj.dim, d)

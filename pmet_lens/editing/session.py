@@ -52,6 +52,7 @@ from pmet_lens.editing.linsolve import SolveOptions
 from pmet_lens.editing.nullspace import NullspaceStore, Projection, projected_gram
 from pmet_lens.editing.result import EditResult, check_dtype, dtype_name, file_weights_hash
 from pmet_lens.editing.validate import validate_requests
+from pmet_lens.parallel import one_pool
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +171,9 @@ class EditSession:
         return len(self.history)
 
     # ------------------------------------------------------------------ edit
+    @one_pool
     def edit(self, facts: Sequence[Any], *, overwrite: bool = False,
-             targets: dict[str, torch.Tensor] | None = None) -> EditResult:
+             targets: dict[str, torch.Tensor] | None = None, workers: Any = None) -> EditResult:
         """Edit one batch into the model and return its :class:`EditResult`: a record of the batch
         (deltas, targets, optimisation stats). The deltas stay written; undo goes through the
         session (:meth:`undo`), so the result does not hold originals (``result.applied`` is False
@@ -183,6 +185,10 @@ class EditSession:
             targets: precomputed target vectors (site -> [facts, d_model], ``EditResult.targets``);
                 they depend on the model they were optimised on, so targets from the unedited model
                 reused here are an approximation (used by the hyper-parameter search only).
+            workers: ``None`` (this process), an int (a local pool for this batch) or a
+                :class:`~pmet_lens.parallel.Workers` pool: the batch's target optimisation runs in shards
+                of facts on the workers (which follow the weights the earlier batches wrote); keys,
+                residuals and the solve stay in this process.
 
         Raises:
             DataError: a request repeats or contradicts one of an earlier batch (same subject and
@@ -199,7 +205,7 @@ class EditSession:
         start = time.perf_counter()
         try:
             result = engine.run_batch(self.model, facts, self.hparams, self.covs, solve, progress=self.progress,
-                                      targets=targets, solve_options=self.solve_options)
+                                      targets=targets, solve_options=self.solve_options, workers=workers)
             keys = engine.batch_keys(self.model, facts, self.hparams, sorted(self.projections)) \
                 if self.hparams.nullspace else {}
             record = BatchRecord(facts=list(facts),

@@ -41,7 +41,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Callable, cast
+from typing import Any, Callable, cast
 
 import torch
 from jaxtyping import Float
@@ -267,6 +267,10 @@ def optimise_targets(
     progress: bool = False,
     compile: bool = False,
     check_every: int | None = None,
+    *,
+    workers: Any = None,
+    shard_size: int | None = None,
+    checkpoint: Any = None,
 ) -> Targets:
     """Optimise every fact's δ's at layer L = max(R), ``hparams.batch_size`` facts per forward.
 
@@ -277,6 +281,13 @@ def optimise_targets(
     default :func:`default_check_every` of the read-out's device. Every fact's updates and stopping
     step are those of a check at every step (see ``_optimise_chunk``).
 
+    ``workers`` (an int or a :class:`~pmet_lens.parallel.Workers` pool): the facts are optimised in
+    shards of ``shard_size`` (default: about two shards per worker, whole chunks when larger than a
+    chunk), each worker calling this function on its shard; every fact has its own Adam state, φ and
+    stopping, so its targets do not depend on the facts that share its shard (up to float rounding).
+    ``checkpoint`` (a :class:`~pmet_lens.parallel.ShardLog`) records each finished shard (one chunk per
+    shard in this process), so that a killed run resumes with the unfinished ones.
+
     Raises:
         EditError: when a loss becomes NaN/inf.
     """
@@ -285,6 +296,9 @@ def optimise_targets(
     # (a row's cost is its padded suffix width). Facts are optimised independently (own Adam
     # state, φ and stopping), so the grouping changes no fact's targets beyond float rounding.
     order = sorted(range(len(requests)), key=requests.suffix_length)
+    if workers is not None or checkpoint is not None:
+        return _sharded_targets(model, requests, hparams, order, workers, shard_size, progress, compile, checkpoint,
+                                check_every)
     chunks = [order[s:s + hparams.batch_size] for s in range(0, len(requests), hparams.batch_size)]
     blocks = compiled_blocks(model, max(hparams.layers)) if compile else None
     parts = [_optimise_chunk(model, requests.subset(idx), hparams, settings, blocks, check_every)
@@ -343,6 +357,33 @@ def default_check_every(device: torch.device | str) -> int:
     CPU, where reading costs nothing and finished facts leave the batch at once; 5 on an
     accelerator, where each read waits for the device."""
     return 1 if torch.device(device).type == "cpu" else 5
+
+
+def _sharded_targets(model: HookedTransformer, requests: PreparedRequests, hparams: EditHyperParams, order: list[int],
+                     workers: Any, shard_size: int | None, progress: bool, compile: bool, checkpoint: Any,
+                     check_every: int | None = None) -> Targets:
+    """:func:`optimise_targets` over shards of facts (in the chunks' suffix-length order), on a pool or
+    (with a checkpoint alone) here, one chunk per shard."""
+    from pmet_lens.parallel import auto_shard_size, run_shards, shard_ranges
+
+    size = shard_size or (auto_shard_size(len(order), workers, per_worker=2) if workers is not None else hparams.batch_size)
+    if shard_size is None and size > hparams.batch_size:  # whole chunks, as the single process forms them
+        size = hparams.batch_size * -(-size // hparams.batch_size)
+    shards = [(requests.subset(order[a:b]),) for a, b in shard_ranges(len(order), size)]
+    parts = run_shards(model, optimise_targets, shards, common={"hparams": hparams, "compile": compile, "check_every": check_every},
+                       workers=workers, checkpoint=checkpoint, desc="targets", progress=progress)
+    back = torch.argsort(torch.tensor(order))  # row i of the result = fact i
+    device = torch.device(cast(str, model.cfg.device))
+
+    def cat(tensors: list[torch.Tensor], to_device: bool = True) -> torch.Tensor:
+        out = torch.cat([t.cpu() for t in tensors])[back]
+        return out.to(device) if to_device else out
+
+    sites = list(parts[0].init)
+    return Targets(init={s: cat([p.init[s] for p in parts]) for s in sites},
+                   delta={s: cat([p.delta[s] for p in parts]) for s in sites},
+                   steps=cat([p.steps for p in parts], False), loss=cat([p.loss for p in parts], False),
+                   prob=cat([p.prob for p in parts], False), phi=cat([p.phi for p in parts], False))
 
 
 def _optimise_chunk(model: HookedTransformer, requests: PreparedRequests, hparams: EditHyperParams,

@@ -43,7 +43,7 @@ from pmet_lens.evaluation.textmetrics import ngram_entropy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate_counterfact"]
+__all__ = ["counterfact_outputs", "evaluate_counterfact"]
 
 
 def _consistency_reference(
@@ -58,6 +58,52 @@ def _consistency_reference(
     if all(given):
         return RomeReference.from_paths(rome_snippets, rome_idf, rome_vocab, counterfact_path)  # type: ignore[arg-type]
     return ProxyReference.from_wikitext()
+
+
+def _pair_rows(facts: Sequence[Fact]) -> tuple[list[str], list[str], list[dict[str, tuple[int, int]]]]:
+    """The scored (prompt, object) rows of ``facts``, record by record, and each record's row span per test."""
+    prompts: list[str] = []
+    targets: list[str] = []
+    spans: list[dict[str, tuple[int, int]]] = []
+    for f in facts:
+        groups = {"efficacy": [f.text], "paraphrase": list(f.paraphrase_prompts), "neighborhood": list(f.neighborhood_prompts)}
+        span = {}
+        for name, group in groups.items():
+            start = len(prompts)
+            for p in group:  # rows alternate: (p, o*), (p, o^c)
+                prompts += [p, p]
+                targets += [f.target_new, f.target_true]  # type: ignore[list-item]
+            span[name] = (start, len(prompts))
+        spans.append(span)
+    return prompts, targets, spans
+
+
+def counterfact_outputs(
+    model: HookedTransformer,
+    facts: Sequence[Fact],
+    generate: Sequence[int],
+    seed: int,
+    *,
+    max_length: int = 100,
+    top_k: int = 5,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> tuple[np.ndarray, list[str]]:
+    """The model's work of :func:`evaluate_counterfact` on ``facts``: the mean token log-probability of
+    every scored (prompt, object) row (records in order; per test, rows alternate o*, o^c), and the
+    texts generated from the generation prompts of the records at the positions ``generate``
+    (prompt ``j`` of them with seed ``seed + j``)."""
+    require_model(model, "pmet_lens.evaluation.counterfact.counterfact_outputs")
+    prompts, targets, _ = _pair_rows(facts)
+    logger.info("CounterFact: scoring %d (prompt, object) pairs of %d records", len(prompts), len(facts))
+    lp = score_continuations(model, prompts, targets, batch_size=batch_size, progress=progress).mean_logprob.numpy()
+    gen_prompts = [p for i in generate for p in facts[i].generation_prompts]
+    texts: list[str] = []
+    if gen_prompts:
+        logger.info("CounterFact: generating %d texts for %d records", len(gen_prompts), len(generate))
+        texts = sample_texts(model, gen_prompts, max_length=max_length, top_k=top_k, seed=seed,
+                             batch_size=batch_size, progress=progress)
+    return lp, texts
 
 
 def evaluate_counterfact(
@@ -76,6 +122,9 @@ def evaluate_counterfact(
     rome_vocab: str | Path | None = None,
     counterfact_path: str | Path | None = None,
     progress: bool = True,
+    workers: Any = None,
+    shard_size: int | None = None,
+    checkpoint: Any = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Evaluate ``model`` (edited or not) on CounterFact records; see the module docstring.
 
@@ -97,6 +146,15 @@ def evaluate_counterfact(
         counterfact_path: the CounterFact file the records come from (for o*'s Wikidata ids with
             ROME's snippets; default: the shipped subset).
         progress: tqdm bars.
+        workers: ``None`` (this process), an int (a local pool of that many workers) or a
+            :class:`~pmet_lens.parallel.Workers` pool: the records are scored and their texts generated
+            in shards of ``shard_size`` records on the workers (:func:`counterfact_outputs`, the same
+            function as in one process; generation prompt ``j`` keeps seed ``seed + j``), and the
+            metrics are computed here from their outputs in record order.
+        shard_size: records per shard (default: about two shards per worker; 64 with ``checkpoint``
+            alone).
+        checkpoint: a :class:`~pmet_lens.parallel.ShardLog` recording each finished shard, so that a
+            killed run resumes with the unfinished ones.
 
     Returns:
         ``(per_record, summary)``. ``per_record`` has one row per record: ``case_id``,
@@ -120,21 +178,26 @@ def evaluate_counterfact(
         if f.target_new is None or f.target_true is None:
             raise DataError(f"{f.where}: CounterFact evaluation needs both target_new and target_true")
 
-    prompts: list[str] = []
-    targets: list[str] = []
-    spans: list[dict[str, tuple[int, int]]] = []
-    for f in facts:
-        groups = {"efficacy": [f.text], "paraphrase": list(f.paraphrase_prompts), "neighborhood": list(f.neighborhood_prompts)}
-        span = {}
-        for name, group in groups.items():
-            start = len(prompts)
-            for p in group:  # rows alternate: (p, o*), (p, o^c)
-                prompts += [p, p]
-                targets += [f.target_new, f.target_true]  # type: ignore[list-item]
-            span[name] = (start, len(prompts))
-        spans.append(span)
-    logger.info("CounterFact: scoring %d (prompt, object) pairs of %d records", len(prompts), len(facts))
-    lp = score_continuations(model, prompts, targets, batch_size=batch_size, progress=progress).mean_logprob.numpy()
+    chosen = [i for i in range(len(facts)) if i % gen_every == 0 and facts[i].generation_prompts] if generation else []
+    reference = (consistency or _consistency_reference(rome_snippets, rome_idf, rome_vocab, counterfact_path)) \
+        if generation else None
+    spans = _pair_rows(facts)[2]
+    common = {"max_length": max_length, "top_k": top_k, "batch_size": batch_size}
+    if workers is None and checkpoint is None:
+        lp, texts = counterfact_outputs(model, facts, chosen, seed, progress=progress, **common)
+    else:
+        from pmet_lens.parallel import auto_shard_size, run_shards, shard_ranges
+
+        size = shard_size or auto_shard_size(len(facts), workers, per_worker=2, at_most=None if workers is not None else 64)
+        shards, offset = [], 0
+        for a, b in shard_ranges(len(facts), size):
+            local = [i - a for i in chosen if a <= i < b]
+            shards.append((list(facts[a:b]), local, seed + offset))  # generation prompt j keeps seed + j
+            offset += sum(len(facts[a + i].generation_prompts) for i in local)
+        parts = run_shards(model, counterfact_outputs, shards, common={**common, "progress": False}, workers=workers,
+                           checkpoint=checkpoint, desc="CounterFact records (shards)", progress=progress)
+        lp = np.concatenate([p[0] for p in parts])
+        texts = [t for p in parts for t in p[1]]
 
     rows = []
     for f, span in zip(facts, spans):
@@ -165,12 +228,7 @@ def evaluate_counterfact(
     summary["score"] = harmonic_mean([summary[m] for m in PROBABILITY_METRICS])
 
     if generation:
-        reference = consistency or _consistency_reference(rome_snippets, rome_idf, rome_vocab, counterfact_path)
-        chosen = [i for i in range(len(facts)) if i % gen_every == 0 and facts[i].generation_prompts]
-        gen_prompts = [p for i in chosen for p in facts[i].generation_prompts]
-        logger.info("CounterFact: generating %d texts for %d records", len(gen_prompts), len(chosen))
-        texts = sample_texts(model, gen_prompts, max_length=max_length, top_k=top_k, seed=seed,
-                             batch_size=batch_size, progress=progress)
+        assert reference is not None
         flu = np.full(len(facts), np.nan)
         cons = np.full(len(facts), np.nan)
         offset = 0

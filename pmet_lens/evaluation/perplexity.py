@@ -28,7 +28,7 @@ from pmet_lens.core.readout import label_logprobs
 from pmet_lens.core.tokens import tokenizer_of
 from pmet_lens.data import data_path
 
-__all__ = ["PerplexitySample", "perplexity", "wikitext_sample"]
+__all__ = ["PerplexitySample", "perplexity", "wikitext_sample", "window_nll"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,39 @@ def wikitext_sample(
     return PerplexitySample(windows=flat.reshape(n_windows, seq_len), source=source.name)  # [windows, seq_len]
 
 
+def window_nll(model: HookedTransformer, windows: torch.Tensor, batch_size: int = 8,
+               hooks: Sequence[tuple[str | Callable[..., Any], Callable[..., Any]]] = (), *,
+               max_tokens: int = 4096) -> float:
+    """Σ −log P(x_t | x_<t) over the predicted tokens of ``windows`` (``[n, seq_len]`` token ids; all but
+    each window's first token), summed in float64 in window order: one shard of :func:`perplexity`.
+
+    Each forward takes at most ``batch_size`` windows and ``max_tokens`` tokens (at least one
+    window); the blocks run to the final residual stream and the read-out is taken a chunk of
+    positions at a time (:func:`~pmet_lens.core.readout.label_logprobs`), so no
+    ``[batch, pos, d_vocab]`` logits are held. On a CUDA out-of-memory error the batch is halved and
+    retried (:func:`~pmet_lens.core.batching.run_halving`)."""
+    require_model(model, "pmet_lens.evaluation.perplexity.window_nll")
+    windows = windows.to(model.cfg.device)
+    n_windows, seq_len = windows.shape
+    per_batch = max(1, min(batch_size, max_tokens // seq_len))
+    batches = [list(range(s, min(s + per_batch, n_windows))) for s in range(0, n_windows, per_batch)]
+    sums: dict[int, float] = {}
+
+    def score(rows: Sequence[int]) -> None:
+        tokens = windows[rows[0]:rows[-1] + 1]  # consecutive windows [b, seq]
+        resid = model(tokens, stop_at_layer=model.cfg.n_layers)  # [b, seq, d_model]
+        flat = resid[:, :-1].reshape(-1, resid.shape[-1])  # [b, seq-1, d] -> [b*(seq-1), d]
+        logp, _ = label_logprobs(model, flat, tokens[:, 1:].reshape(-1))
+        sums[rows[0]] = float(-logp.double().sum())
+
+    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+        run_halving(batches, score, what="perplexity")
+    total = 0.0
+    for k in sorted(sums):
+        total += sums[k]
+    return total
+
+
 def perplexity(
     model: HookedTransformer,
     sample: PerplexitySample | None = None,
@@ -98,6 +131,8 @@ def perplexity(
     hooks: Sequence[tuple[str | Callable[..., Any], Callable[..., Any]]] = (),
     *,
     max_tokens: int = 4096,
+    workers: Any = None,
+    shard_size: int | None = None,
 ) -> float:
     """Perplexity of ``model`` (as it is now, optionally with forward ``hooks`` attached for the
     call only) on ``sample`` (default :func:`wikitext_sample`).
@@ -107,22 +142,27 @@ def perplexity(
     positions at a time (:func:`~pmet_lens.core.readout.label_logprobs`), so no
     ``[batch, pos, d_vocab]`` logits are held. On a CUDA out-of-memory error the batch is halved and
     retried (:func:`~pmet_lens.core.batching.run_halving`).
+
+    ``workers`` (an int or a :class:`~pmet_lens.parallel.Workers` pool) scores shards of
+    ``shard_size`` windows (default: whole batches, about four shards per worker) on a pool
+    (:func:`window_nll`); their sums are added in window order. Hooks cannot be sent to workers:
+    write an edit into the weights to measure it on a pool.
     """
     require_model(model, "pmet_lens.evaluation.perplexity.perplexity")
     if sample is None:
         sample = wikitext_sample(model)
-    n_windows, seq_len = sample.windows.shape
-    per_batch = max(1, min(batch_size, max_tokens // seq_len))
-    batches = [list(range(s, min(s + per_batch, n_windows))) for s in range(0, n_windows, per_batch)]
-    sums: dict[int, float] = {}
+    if workers is None:
+        total = window_nll(model, sample.windows, batch_size, hooks, max_tokens=max_tokens)
+    else:
+        if hooks:
+            raise ValueError("perplexity: hooks cannot be sent to workers; write the edit into the weights "
+                             "(EditResult.apply) or run without workers")
+        from pmet_lens.parallel import auto_shard_size, run_shards, shard_ranges
 
-    def score(rows: Sequence[int]) -> None:
-        tokens = sample.windows[rows[0]:rows[-1] + 1]  # consecutive windows [b, seq]
-        resid = model(tokens, stop_at_layer=model.cfg.n_layers)  # [b, seq, d_model]
-        flat = resid[:, :-1].reshape(-1, resid.shape[-1])  # [b, seq-1, d] -> [b*(seq-1), d]
-        logp, _ = label_logprobs(model, flat, tokens[:, 1:].reshape(-1))
-        sums[rows[0]] = float(-logp.double().sum())
-
-    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
-        run_halving(batches, score, what="perplexity")
-    return math.exp(sum(sums[k] for k in sorted(sums)) / sample.n_predicted)
+        n = sample.windows.shape[0]
+        size = shard_size or auto_shard_size(n, workers, multiple=batch_size)
+        shards = [(sample.windows[a:b].cpu().clone(),) for a, b in shard_ranges(n, size)]  # a view would send it all
+        total = sum(run_shards(model, window_nll, shards, common={"batch_size": batch_size, "max_tokens": max_tokens},
+                               workers=workers,
+                               desc="perplexity windows"))
+    return math.exp(total / sample.n_predicted)

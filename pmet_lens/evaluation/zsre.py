@@ -47,7 +47,7 @@ from pmet_lens.data import DataError, ZsreRecord
 from pmet_lens.evaluation.scoring import score_continuations, score_next_tokens
 from pmet_lens.evaluation.tables import harmonic_mean
 
-__all__ = ["ZSRE_METRICS", "ZSRE_TESTS", "ZsreMetric", "evaluate_zsre", "official_rows"]
+__all__ = ["ZSRE_METRICS", "ZSRE_TESTS", "ZsreMetric", "evaluate_zsre", "official_rows", "zsre_accuracy"]
 
 ZsreMetric = Literal["teacher_forced", "official"]
 ZSRE_METRICS: tuple[ZsreMetric, ...] = ("teacher_forced", "official")
@@ -82,6 +82,28 @@ def _tests(r: ZsreRecord) -> tuple[tuple[str, str], ...]:
     return (r.src, r.target_new), (r.rephrase, r.target_new), (r.loc + "?", r.loc_ans)
 
 
+def zsre_accuracy(model: HookedTransformer, records: Sequence[ZsreRecord], *, metric: ZsreMetric = "teacher_forced",
+                  batch_size: int = 64, progress: bool = False) -> list[float]:
+    """The model's work of :func:`evaluate_zsre`: per record, the efficacy, paraphrase and specificity
+    token accuracies under ``metric``, flattened (three values per record, in record order)."""
+    require_model(model, "pmet_lens.evaluation.zsre.zsre_accuracy")
+    if metric == "teacher_forced":
+        pairs = [pair for r in records for pair in _tests(r)]
+        return score_continuations(model, [p for p, _ in pairs], [a for _, a in pairs], batch_size=batch_size,
+                                   progress=progress).token_accuracy.tolist()
+    contexts: list[list[int]] = []
+    expected: list[int] = []
+    spans: list[tuple[int, int]] = []  # per (record, test): its rows
+    for r in records:
+        for prompt, answer in _tests(r):
+            rows = official_rows(model, prompt, answer)
+            spans.append((len(contexts), len(contexts) + len(rows)))
+            contexts += [c for c, _ in rows]
+            expected += [e for _, e in rows]
+    correct = score_next_tokens(model, contexts, expected, batch_size=batch_size, progress=progress).token_correct
+    return [sum(bool(c) for c in correct[a:b]) / (b - a) for a, b in spans]
+
+
 def evaluate_zsre(
     model: HookedTransformer,
     records: Sequence[ZsreRecord],
@@ -89,6 +111,9 @@ def evaluate_zsre(
     metric: ZsreMetric = "teacher_forced",
     batch_size: int = 64,
     progress: bool = True,
+    workers: Any = None,
+    shard_size: int | None = None,
+    checkpoint: Any = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """zsRE top-1 token accuracy on src / rephrase / loc (MEMIT Appendix C.1); see the module docstring.
 
@@ -99,6 +124,12 @@ def evaluate_zsre(
             tables set beside the papers' numbers).
         batch_size: most rows per forward.
         progress: a tqdm bar over the forwards.
+        workers: ``None`` (this process), an int (a local pool of that many workers) or a
+            :class:`~pmet_lens.parallel.Workers` pool: shards of ``shard_size`` records are scored on the
+            workers (:func:`zsre_accuracy`, the same function as in one process), in record order.
+        shard_size: records per shard (default: about two shards per worker; 64 with ``checkpoint`` alone).
+        checkpoint: a :class:`~pmet_lens.parallel.ShardLog` recording each finished shard, so that a
+            killed run resumes with the unfinished ones.
 
     Returns:
         ``(per_record, summary)``: columns ``case_id, metric, efficacy, paraphrase, specificity``
@@ -118,22 +149,17 @@ def evaluate_zsre(
     for i, r in enumerate(records):
         if not isinstance(r, ZsreRecord):
             raise DataError(f"zsRE record #{i}: expected a ZsreRecord (pmet_lens.load_zsre), got {type(r).__name__}")
-    if metric == "teacher_forced":
-        pairs = [pair for r in records for pair in _tests(r)]
-        acc = score_continuations(model, [p for p, _ in pairs], [a for _, a in pairs], batch_size=batch_size,
-                                  progress=progress).token_accuracy.tolist()
+    if workers is None and checkpoint is None:
+        acc = zsre_accuracy(model, records, metric=metric, batch_size=batch_size, progress=progress)
     else:
-        contexts: list[list[int]] = []
-        expected: list[int] = []
-        spans: list[tuple[int, int]] = []  # per (record, test): its rows
-        for r in records:
-            for prompt, answer in _tests(r):
-                rows = official_rows(model, prompt, answer)
-                spans.append((len(contexts), len(contexts) + len(rows)))
-                contexts += [c for c, _ in rows]
-                expected += [e for _, e in rows]
-        correct = score_next_tokens(model, contexts, expected, batch_size=batch_size, progress=progress).token_correct
-        acc = [sum(bool(c) for c in correct[a:b]) / (b - a) for a, b in spans]
+        from pmet_lens.parallel import auto_shard_size, run_shards, shard_ranges
+
+        size = shard_size or auto_shard_size(len(records), workers, per_worker=2,
+                                             at_most=None if workers is not None else 64)
+        parts = run_shards(model, zsre_accuracy, [(records[a:b],) for a, b in shard_ranges(len(records), size)],
+                           common={"metric": metric, "batch_size": batch_size, "progress": False}, workers=workers,
+                           checkpoint=checkpoint, desc="zsRE records (shards)", progress=progress)
+        acc = [a for part in parts for a in part]
     per_record = pd.DataFrame({
         "case_id": [r.case_id for r in records], "metric": metric,
         "efficacy": acc[0::3], "paraphrase": acc[1::3], "specificity": acc[2::3],
