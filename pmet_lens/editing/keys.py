@@ -10,7 +10,7 @@ the edited keys (e.g. K_p K_pᵀ of earlier batches) read keys from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -53,10 +53,15 @@ class LayerReading:
         keys: site -> ``[facts, d_k]`` keys (W_O's flattened over the heads), averaged over the
             context templates by :func:`prefix_mean` (group-weighted).
         outputs: hook name -> ``[facts, d]`` activation at the bare prompt's lookup position.
+        bare_keys: site -> ``[facts, d_k]`` keys of the bare prompt alone (ROME's k_s).
+        mean_outputs: hook name -> ``[facts, d]`` activation averaged over the templates as the keys
+            are (:func:`prefix_mean`; r-ROME's mean_j(k_j W + b) at the weight's own output).
     """
 
     keys: dict[EditSite, torch.Tensor]
     outputs: dict[str, torch.Tensor]
+    bare_keys: dict[EditSite, torch.Tensor] = field(default_factory=dict)
+    mean_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def prefix_mean(per_row: torch.Tensor, requests: PreparedRequests) -> torch.Tensor:
@@ -105,5 +110,8 @@ def request_keys(
     missing = names - set(got)
     if missing:
         raise ValueError(f"hooks {sorted(missing)} did not run before block {stop_layer}: raise stop_layer")
+    bare = run.rows.bare
     return LayerReading(keys={site: prefix_mean(got[site.key_hook], requests) for site in sites},
-                        outputs={h: got[h][run.rows.bare] for h in outputs})
+                        outputs={h: got[h][bare] for h in outputs},
+                        bare_keys={site: got[site.key_hook][bare] for site in sites},
+                        mean_outputs={h: prefix_mean(got[h], requests) for h in outputs})

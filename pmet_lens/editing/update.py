@@ -87,6 +87,9 @@ def compute_and_apply_updates(
     covs: Mapping[str, torch.Tensor],
     solve: Solve,
     on_write: Callable[[EditSite, torch.Tensor], None] = lambda site, delta: None,
+    *,
+    residual_from: str = "bare",
+    pass_bare_keys: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Compute Δ^l for each l in ``layers`` (ascending) and each target site, and write it into the weights.
 
@@ -98,10 +101,17 @@ def compute_and_apply_updates(
         covs: key hook name (``EditSite.key_hook``) -> C of that hook.
         solve: the per-site update rule (:data:`Solve`), e.g. ``partial(least_squares_solve, lam=λ)``.
         on_write: called with ``(site, Δ)`` just before Δ is added, so the caller can keep the original.
+        residual_from: the current output the residual is taken against: ``"bare"`` (MEMIT, PMET,
+            ROME: the bare prompt's output at L) or ``"mean"`` (r-ROME: the output averaged over the
+            templates with the keys' weights, :attr:`~pmet_lens.editing.keys.LayerReading.mean_outputs`).
+        pass_bare_keys: also pass the bare prompt's keys to ``solve`` as ``bare_keys=`` (ROME's k_s,
+            :func:`pmet_lens.editing.solvers.rank_one_solve`).
 
     Returns:
         ``{site.param_name: Δ}`` in the parameter's shape and dtype.
     """
+    if residual_from not in ("bare", "mean"):
+        raise ValueError(f"residual_from must be 'bare' or 'mean', got {residual_from!r}")
     arch = architecture(model)
     L = max(layers)
     out_hooks = {target: arch.delta_hook(target, L) for target in targets}
@@ -113,9 +123,13 @@ def compute_and_apply_updates(
             reading = request_keys(model, requests, list(sites.values()), outputs=list(out_hooks.values()),
                                    stop_layer=L + 1, run=run)
             for target, site in sites.items():
-                current = reading.outputs[out_hooks[target]]
+                current = (reading.outputs if residual_from == "bare" else reading.mean_outputs)[out_hooks[target]]
                 resid = (targets[target].to(current.dtype) - current) * spread(L, layer, spread_kind)
-                delta64 = solve(site, reading.keys[site], resid, covs[site.key_hook])
+                if pass_bare_keys:
+                    delta64 = solve(site, reading.keys[site], resid, covs[site.key_hook],
+                                    bare_keys=reading.bare_keys[site])  # type: ignore[call-arg]
+                else:
+                    delta64 = solve(site, reading.keys[site], resid, covs[site.key_hook])
                 param = site.param(model)
                 delta = delta64.to(param.dtype).reshape(param.shape)
                 on_write(site, delta)
