@@ -31,6 +31,15 @@ def store(tmp_path_factory):
     return new_store(tmp_path_factory)
 
 
+@pytest.fixture(params=["seq-rms-gated", "par-ln"], scope="module")
+def two_layouts(request):
+    """A sequential (SmolLM2's) and a parallel (GPT-J's) block layout: the checks that do not depend on
+    the norm or MLP kind run on these two only, to keep the module fast."""
+    from conftest import TINY_VARIANTS, make_tiny_model
+
+    return make_tiny_model(*TINY_VARIANTS[request.param])
+
+
 def rome_hp(cls=ROMEHyperParams, **kw):
     base = dict(layers=(LAYER,), cov_tokens=1500, cov_seq_len=64, steps=3, context_prefixes=PREFIXES)
     base.update(kw)
@@ -104,35 +113,35 @@ def test_rome_maps_its_key_to_v_star_and_spares_C_orthogonal_keys(tiny_model, st
     assert same(before, snapshot(tiny_model))
 
 
-def test_sequential_rome_total_delta_and_bit_exact_restore(tiny_model, store):
+def test_sequential_rome_total_delta_and_bit_exact_restore(two_layouts, store):
     """Several facts: one after another, each fact's key maps to its v* on the model the previous ones
     left; the result's delta is the total change, applying it to the unedited model gives the same bits,
     and restore() is bit-exact."""
     hp = rome_hp()
-    before = snapshot(tiny_model)
-    result = edit(tiny_model, [FACT, FACT2], hparams=hp, cov_store=store, progress=False)
-    after = snapshot(tiny_model)
+    before = snapshot(two_layouts)
+    result = edit(two_layouts, [FACT, FACT2], hparams=hp, cov_store=store, progress=False)
+    after = snapshot(two_layouts)
     name = f"blocks.{LAYER}.mlp.W_out"
     assert set(result.deltas) == {name} and result.targets["mlp_out"].shape[0] == 2
     assert len(result.stats["update_norm"]) == 2 and len(result.stats["steps"]) == 2
     v_last = result.targets["mlp_out"][1].double()
-    got = bare_output(tiny_model, FACT2, architecture(tiny_model).mlp_out_hook(LAYER))
+    got = bare_output(two_layouts, FACT2, architecture(two_layouts).mlp_out_hook(LAYER))
     assert float((got - v_last).norm()) <= 1e-4 * float(v_last.norm())  # the last edit holds exactly
     torch.testing.assert_close(after[name].double() - before[name].double(), result.deltas[name].double(),
                                rtol=0, atol=1e-6 * float(result.deltas[name].abs().max()))
     result.restore()
-    assert same(before, snapshot(tiny_model))
+    assert same(before, snapshot(two_layouts))
     result.apply()
-    assert same(after, snapshot(tiny_model))
+    assert same(after, snapshot(two_layouts))
     result.restore()
     # given targets replace the optimisation: the first fact's v* alone gives the edit that maps k_s to it
-    again = edit(tiny_model, [FACT], hparams=hp, cov_store=store, progress=False,
+    again = edit(two_layouts, [FACT], hparams=hp, cov_store=store, progress=False,
                  targets={"mlp_out": result.targets["mlp_out"][:1]})
     v_first = result.targets["mlp_out"][0].double()
-    got = bare_output(tiny_model, FACT, architecture(tiny_model).mlp_out_hook(LAYER))
+    got = bare_output(two_layouts, FACT, architecture(two_layouts).mlp_out_hook(LAYER))
     assert again.stats["targets"] == "given" and float((got - v_first).norm()) <= 1e-4 * float(v_first.norm())
     again.restore()
-    assert same(before, snapshot(tiny_model))
+    assert same(before, snapshot(two_layouts))
 
 
 def kkt_solve(K, R, C, lam):
@@ -172,29 +181,29 @@ def test_emmet_solve_equals_dense_solve_and_meets_its_constraint():
     torch.testing.assert_close(rank_one_update(K[0], R[0], C), equality_constrained_update(K[:1], R[:1], C, 1.0, 0.0))
 
 
-def test_emmet_edit_reaches_its_targets(tiny_model, store):
+def test_emmet_edit_reaches_its_targets(two_layouts, store):
     """One layer, bare prompts only and λ_E = 0: the update is the engine's EMMET solve, and both facts'
     residual streams at L reach their MEMIT targets z."""
     hp = emmet_hp(context_prefixes=(), emmet_lambda=0.0)
-    before = snapshot(tiny_model)
-    result = edit(tiny_model, [FACT, FACT2], hparams=hp, cov_store=store, progress=False)
+    before = snapshot(two_layouts)
+    result = edit(two_layouts, [FACT, FACT2], hparams=hp, cov_store=store, progress=False)
     assert result.method == "emmet" and set(result.targets) == {"resid_post"}
-    hook = architecture(tiny_model).delta_hook("resid_post", LAYER)
+    hook = architecture(two_layouts).delta_hook("resid_post", LAYER)
     for i, fact in enumerate((FACT, FACT2)):
         z = result.targets["resid_post"][i].double()
-        assert float((bare_output(tiny_model, fact, hook) - z).norm()) <= 1e-4 * float(z.norm())
+        assert float((bare_output(two_layouts, fact, hook) - z).norm()) <= 1e-4 * float(z.norm())
     result.restore()
-    assert same(before, snapshot(tiny_model))
+    assert same(before, snapshot(two_layouts))
 
 
 @pytest.mark.parametrize("cls", [FTHyperParams, FTLHyperParams], ids=["ft-w", "ft-l"])
-def test_fine_tuning_changes_one_matrix_and_its_loss_falls(tiny_model, cls):
+def test_fine_tuning_changes_one_matrix_and_its_loss_falls(two_layouts, cls):
     hp = ft_hp(cls) if cls is FTHyperParams else ft_hp(cls, norm_constraint=2e-3)
-    before = snapshot(tiny_model)
-    result = edit(tiny_model, [FACT, FACT2, FACT3], hparams=hp, progress=False)
-    after = snapshot(tiny_model)
+    before = snapshot(two_layouts)
+    result = edit(two_layouts, [FACT, FACT2, FACT3], hparams=hp, progress=False)
+    after = snapshot(two_layouts)
     name = f"blocks.{LAYER}.mlp.W_out"
-    assert no_hooks(tiny_model) and set(result.deltas) == {name} and result.targets == {}
+    assert no_hooks(two_layouts) and set(result.deltas) == {name} and result.targets == {}
     assert [k for k in before if not torch.equal(before[k], after[k])] == [name]
     assert torch.equal(after[name], before[name] + result.deltas[name])
     curve = result.stats["loss"]
@@ -202,18 +211,18 @@ def test_fine_tuning_changes_one_matrix_and_its_loss_falls(tiny_model, cls):
     if cls is FTLHyperParams:
         assert float(result.deltas[name].abs().max()) <= hp.norm_constraint * (1 + 1e-6)
     result.restore()
-    assert same(before, snapshot(tiny_model))
+    assert same(before, snapshot(two_layouts))
 
 
-def test_fine_tuning_stops_early_and_refuses_targets(tiny_model):
+def test_fine_tuning_stops_early_and_refuses_targets(two_layouts):
     hp = ft_hp(loss_stop=1e9)  # every loss is below: no step is taken
-    before = snapshot(tiny_model)
-    result = edit(tiny_model, [FACT], hparams=hp, progress=False)
+    before = snapshot(two_layouts)
+    result = edit(two_layouts, [FACT], hparams=hp, progress=False)
     assert len(result.stats["loss"]) == 1 and all(torch.count_nonzero(d) == 0 for d in result.deltas.values())
     result.restore()
     with pytest.raises(ValueError, match="no target vectors"):
-        edit(tiny_model, [FACT], hparams=hp, progress=False, targets={"mlp_out": torch.zeros(1, 16)})
-    assert same(before, snapshot(tiny_model))
+        edit(two_layouts, [FACT], hparams=hp, progress=False, targets={"mlp_out": torch.zeros(1, 16)})
+    assert same(before, snapshot(two_layouts))
 
 
 @pytest.mark.parametrize("make", [rome_hp, lambda: rome_hp(RROMEHyperParams), emmet_hp, ft_hp, lambda: ft_hp(FTLHyperParams)],
