@@ -140,17 +140,17 @@ class MENDTrainingParams:
     layers: tuple[int, ...] | None = None
     rank: int = 64
     n_hidden: int = 1
-    alpha_init: float = 1e-4
-    lr: float = 1e-4
+    alpha_init: float = 3e-4
+    lr: float = 1e-5
     lr_alpha: float = 1e-4
     c_edit: float = 0.1
     c_loc: float = 1.0
     batch_size: int = 8
-    steps: int = 1000
+    steps: int = 2000
     grad_clip: float = 100.0
     loc_per_edit: int = 2
-    val_every: int = 50
-    checkpoint_every: int = 25
+    val_every: int = 100
+    checkpoint_every: int = 50
     seed: int = 0
 
     def __post_init__(self) -> None:
