@@ -2,8 +2,9 @@
 
 Data (never the reported records):
 
-* ``--dataset zsre``: the shipped zsRE **training**-split records (``load_zsre_train``, 1000 records,
-  none in the eval subset); the first ``--train`` of them train, the last ``--val`` validate. x_e' is the
+* ``--dataset zsre``: the shipped zsRE **training**-split records (``load_zsre_train``: 998 of its 1000
+  records, two have no new answer; none in the eval subset); the last ``--val`` (100) validate, the
+  first ``--train`` (the rest) train. x_e' is the
   question and its rephrase, x_loc the record's Natural Questions prompt and answer.
 * ``--dataset counterfact``: the ``tune`` part of the CounterFact split (100 cases; never the ``report``
   part); the first ``--train`` train, the last ``--val`` validate. x_e' is the prompt and its
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", choices=["zsre", "counterfact"], required=True)
     p.add_argument("--model", default=None, help="model name or path (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--name", default=None, help="network name (default: the dataset's name)")
-    p.add_argument("--train", type=int, default=None, help="training records (default: zsre 900, counterfact 80)")
+    p.add_argument("--train", type=int, default=None, help="training records (default: zsre all but --val, counterfact 80)")
     p.add_argument("--val", type=int, default=None, help="validation records (default: zsre 100, counterfact 20)")
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="edits per step (one batched edit)")
@@ -145,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     name = args.name or args.dataset
-    n_train = args.train if args.train is not None else (900 if args.dataset == "zsre" else 80)
     n_val = args.val if args.val is not None else (100 if args.dataset == "zsre" else 20)
+    n_train = args.train if args.train is not None else (998 - n_val if args.dataset == "zsre" else 80)
     params = MENDTrainingParams(
         rank=args.rank, n_hidden=args.n_hidden, alpha_init=args.alpha_init, lr=args.lr, lr_alpha=args.lr_alpha,
         c_edit=args.c_edit, c_loc=args.c_loc, batch_size=args.batch_size, steps=args.steps,
