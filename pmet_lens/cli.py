@@ -191,7 +191,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- session
-EDIT_METHODS = ("pmet", "memit", "alphaedit", "emmet", "rome", "r-rome", "ft-w", "ft-l")
+EDIT_METHODS = ("pmet", "memit", "alphaedit", "emmet", "rome", "r-rome", "ft-w", "ft-l", "mend")
 """The ``--method`` choices of ``edit``: every method of :data:`pmet_lens.editing.hparams.METHODS` (a test checks)."""
 SESSION_METHODS = (*EDIT_METHODS, "pmet+ns")
 
@@ -468,13 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("edit", help="edit facts from a JSON file; writes a delta file",
                        description="Edit facts (CounterFact records or {subject, prompt, target_new} dicts) "
-                                   "with PMET, MEMIT, AlphaEdit, EMMET, ROME, r-ROME, FT-W or FT-L and save the weight "
+                                   "with PMET, MEMIT, AlphaEdit, EMMET, ROME, r-ROME, FT-W, FT-L or MEND and save the weight "
                                    "deltas (safetensors).")
     common(p)
     p.add_argument("--facts", required=True, help="JSON list (or .jsonl) of records")
     p.add_argument("--method", choices=EDIT_METHODS, default="pmet",
                    help="editor (default pmet; alphaedit: MEMIT's targets with AlphaEdit's null-space projected "
-                        "update; rome / r-rome: one fact after another; ft-w / ft-l: fine-tuning; see docs/editing.md)")
+                        "update; rome / r-rome: one fact after another; ft-w / ft-l: fine-tuning; mend: a trained "
+                        "editor network, e.g. --hparams '{\"network\": \"zsre\"}'; see docs/editing.md)")
     p.add_argument("--preset", help="hyper-parameter preset (SmolLM2-135M-Instruct, gpt-j-6B, gpt-neox-20b; default: the model's)")
     p.add_argument("--hparams", help="hyper-parameter overrides: a JSON object, inline (e.g. '{\"lam\": 600}') or "
                                      "in a file")

@@ -2,7 +2,8 @@
 
 Methods (:data:`~pmet_lens.editing.hparams.METHODS`): ``pmet``, ``memit``, ``alphaedit``, ``emmet``
 (the target-and-solve pipeline), ``rome`` and ``r-rome`` (the same pieces, one fact after another,
-with a rank-one solve), ``ft-w`` and ``ft-l`` (fine-tuning). Each method's hyper-parameter class
+with a rank-one solve), ``ft-w`` and ``ft-l`` (fine-tuning), ``mend`` (a trained editor network on the
+fine-tuning gradient, :mod:`.mend`; its training: :mod:`.mend_training`). Each method's hyper-parameter class
 names its :class:`~pmet_lens.editing.editor.Editor`, which :func:`edit` and
 :class:`~pmet_lens.editing.session.EditSession` call.
 
@@ -36,6 +37,7 @@ from pmet_lens.editing.hparams import (
     FTHyperParams,
     FTLHyperParams,
     MEMITHyperParams,
+    MENDHyperParams,
     MethodHyperParams,
     PMETHyperParams,
     ROMEHyperParams,
@@ -55,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "METHODS", "AlphaEditHyperParams", "CovarianceStore", "EMMETHyperParams", "EditError", "EditHyperParams", "EditResult",
-    "EditSite", "Editor", "EditorState", "FTHyperParams", "FTLHyperParams", "MEMITHyperParams", "MethodHyperParams",
+    "EditSite", "Editor", "EditorState", "FTHyperParams", "FTLHyperParams", "MEMITHyperParams", "MENDHyperParams", "MethodHyperParams",
     "PMETHyperParams", "PreparedRequests", "ROMEHyperParams", "RROMEHyperParams", "context_prefixes", "edit",
     "prepare_requests", "preset", "request_keys",
 ]

@@ -35,12 +35,14 @@ __all__ = [
     "FTHyperParams",
     "FTLHyperParams",
     "MEMITHyperParams",
+    "MENDHyperParams",
     "METHODS",
     "MethodHyperParams",
     "PMETHyperParams",
     "RROMEHyperParams",
     "ROMEHyperParams",
     "SMOLLM2_LAYERS",
+    "SMOLLM2_MEND_LAYERS",
     "Settings",
     "critical_layers_for",
     "hparams_from_dict",
@@ -564,10 +566,60 @@ class FTLHyperParams(FTHyperParams):
             raise ValueError("ft-l needs norm_constraint (ε of the L∞ bound); use method 'ft-w' for none")
 
 
+SMOLLM2_MEND_LAYERS: tuple[int, ...] = (27, 28, 29)
+"""MEND's edited layers on the default model: its last 3 blocks (MEND edits the last 3 MLP layers)."""
+
+
+@dataclass(frozen=True)
+class MENDHyperParams(MethodHyperParams):
+    """MEND (Mitchell et al. 2022, arXiv 2110.11309; official code ``eric-mitchell/mend``): a trained
+    editor network g_ℓ per edited layer turns the rank-one factors (u_t, δ_t) of the fine-tuning
+    gradient of W_out into (ũ_t, δ̃_t), and ΔW_ℓ = −α_ℓ Σ_t ũ_tᵀ δ̃_t (MEND §3, Alg. 2;
+    :mod:`pmet_lens.editing.mend`). The network's shape and training settings are in its file
+    (:class:`~pmet_lens.editing.mend_training.MENDTrainingParams`).
+
+    What differs from MEMIT: no targets, keys or covariance; the edit is one forward and backward pass
+    of the edit prompts p(s) ⊕ o* through a network trained beforehand for the model
+    (``analyses/train_mend.py``), so it is fast but only as good as that training; several facts in
+    one call sum their updates.
+
+    Attributes:
+        layers: the edited layers ℓ (their W_out); they must be the layers the network was trained
+            for (:func:`preset` reads them from the network file; SmolLM2: its last 3 blocks).
+        network: the trained g_ℓ and α_ℓ: a name, looked up for the model first in the user's cache
+            (``default_cache_dir()/mend/<model>/<name>.safetensors``, written by
+            ``analyses/train_mend.py``), then among the networks shipped with the package
+            (SmolLM2: ``"counterfact"``, trained on CounterFact's tune split, and ``"zsre"``, on the
+            zsRE training records); or the path of a network file (``.safetensors``).
+        batch_size: facts per forward and backward pass for the gradient factors (u_t, δ_t); the
+            edit is the same for any value, up to float rounding.
+    """
+
+    method: ClassVar[str] = "mend"
+
+    layers: tuple[int, ...] = SMOLLM2_MEND_LAYERS
+    network: str = "counterfact"
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.network, (str, Path)) or not str(self.network).strip():
+            raise ValueError(f"network must be a network name (e.g. 'counterfact', 'zsre') or a file path, "
+                             f"got {self.network!r}")
+        object.__setattr__(self, "network", str(self.network))
+        _check_count(self, "batch_size")
+
+    def editor(self) -> "Editor":
+        """MEND's editor (:data:`pmet_lens.editing.mend.MEND`)."""
+        from pmet_lens.editing.mend import MEND
+
+        return MEND
+
+
 METHODS: dict[str, type[MethodHyperParams]] = {
     "pmet": PMETHyperParams, "memit": MEMITHyperParams, "alphaedit": AlphaEditHyperParams,
     "rome": ROMEHyperParams, "r-rome": RROMEHyperParams, "emmet": EMMETHyperParams,
-    "ft-w": FTHyperParams, "ft-l": FTLHyperParams}
+    "ft-w": FTHyperParams, "ft-l": FTLHyperParams, "mend": MENDHyperParams}
 """Method name -> its hyper-parameter class: the one registry of methods (each class's
 :meth:`~MethodHyperParams.editor` runs it)."""
 
@@ -625,6 +677,9 @@ def preset(model_name: str, method: str = "pmet", user_dir: str | Path | None = 
       (ROME's rule, :func:`pmet_lens.analysis.layers.strongest_mlp_layer`), the other settings the
       official ones; FT-W's layer and weight decay were chosen on the tune split. GPT-J's are the
       papers' (ROME and EMMET layer 5; FT-W layer 21, weight decay 5e-4; FT-L ε 5e-5).
+    * ``mend``: the model's ``mend`` entry if it has one, with the layers of its trained network
+      (``network`` "counterfact" unless the entry names another), read from the network file; without
+      such a network a ``FileNotFoundError`` names the training command.
     * any other model whose R is stored in ``presets/critical_layers.json``: the class defaults
       with that R (and a warning: λ and the optimisation settings were not tuned for it). The
       one-layer methods (ROME, r-ROME, FT-W, FT-L) need an entry: their layer is not R.
@@ -632,6 +687,8 @@ def preset(model_name: str, method: str = "pmet", user_dir: str | Path | None = 
     Raises:
         ValueError: unknown ``method``, or a model with neither a preset nor stored critical
             layers (the message says how to find R or pass it).
+        FileNotFoundError: ``mend`` for a model without a trained network (the message gives the
+            training command).
     """
     method = method.lower()
     if method not in METHODS:
@@ -645,6 +702,8 @@ def preset(model_name: str, method: str = "pmet", user_dir: str | Path | None = 
         values = _tuplify(found[1][stored])
         if stored in _STORED:  # τ, α (used when nullspace=True)
             values.update(nullspace_values(found[1].get("nullspace", {}), stored))
+    if issubclass(cls, MENDHyperParams):
+        return _mend_preset(model_name, values)
     if "layers" not in values and issubclass(cls, (ROMEHyperParams, FTHyperParams)):
         raise ValueError(
             f"no {method} preset is known for model {model_name!r}: its layer is not the critical range R. Pass "
@@ -664,6 +723,23 @@ def preset(model_name: str, method: str = "pmet", user_dir: str | Path | None = 
         logger.warning("no tuned editing preset for %s: using %s defaults with R = %s from causal tracing",
                        model_name, cls.__name__, list(values["layers"]))
     return cls(**values)
+
+
+def _mend_preset(model_name: str, values: dict[str, Any]) -> "MENDHyperParams":
+    """MEND's hyper-parameters for ``model_name``: the model's ``mend`` entry (if any) with the layers
+    the trained network was trained for, read from its file.
+
+    Raises:
+        FileNotFoundError: no trained network of that name for the model (the message gives the
+            training command).
+    """
+    from pmet_lens.editing.mend import network_for_name
+
+    network = str(values.get("network", MENDHyperParams.network))
+    if "layers" not in values:
+        _, meta = network_for_name(model_name, network)
+        values = {**values, "layers": tuple(meta["config"]["layers"])}
+    return MENDHyperParams(**values)
 
 
 _STORED = ("memit", "pmet")

@@ -32,10 +32,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -46,15 +46,21 @@ from pmet_lens.core.paths import atomic_path
 from pmet_lens.core.readout import final_logits
 from pmet_lens.core.tokens import pad
 from pmet_lens.data import Fact
-from pmet_lens.editing.identity import weights_hash
+from pmet_lens.editing.covariance import CovarianceStore
+from pmet_lens.editing.editor import EditorState, WrittenWeights
+from pmet_lens.editing.hparams import MENDHyperParams, MethodHyperParams
+from pmet_lens.editing.identity import weights_hashes
 from pmet_lens.editing.prepared import prepare_requests
 from pmet_lens.editing.result import EditResult
-from pmet_lens.editing.site import edit_site
+from pmet_lens.editing.site import EditSite, edit_site
+from pmet_lens.editing.update import Solve
 from pmet_lens.editing.validate import EditError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MEND",
+    "MENDEditor",
     "MENDHyperParams",
     "MENDNetwork",
     "NETWORK_FORMAT",
@@ -64,9 +70,9 @@ __all__ = [
     "gradient_factors",
     "load_network",
     "mend_deltas",
-    "mend_edit",
     "model_dims",
     "network_for",
+    "network_for_name",
     "save_network",
     "shipped_network_dir",
     "training_command",
@@ -91,60 +97,6 @@ def default_edit_layers(n_layers: int, count: int = 3) -> tuple[int, ...]:
     if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= n_layers:
         raise ValueError(f"the number of edited layers must be an int in [1, {n_layers}], got {count!r}")
     return tuple(range(n_layers - count, n_layers))
-
-
-# ----------------------------------------------------------------------------- hyper-parameters
-@dataclass(frozen=True)
-class MENDHyperParams:
-    """MEND's edit settings (MEND Alg. 2); the network's own shape and training settings are in its file
-    (:class:`~pmet_lens.editing.mend_training.MENDTrainingParams`).
-
-    Attributes:
-        network: the trained editor g_ℓ and steps α_ℓ: a name, looked up for the model first in the
-            user's cache (``default_cache_dir()/mend/<model>/<name>.safetensors``, written by
-            ``analyses/train_mend.py``) and then among the networks shipped with the package
-            (``"counterfact"``: trained on CounterFact's tune split; ``"zsre"``: on the zsRE training
-            records); or the path of a network file (``.safetensors``).
-        layers: the edited layers ℓ (their FFN output weights W_out); ``None``: the layers the network
-            was trained for (when given they must be exactly those).
-        batch_size: facts per forward and backward pass when computing the gradient factors (u_t, δ_t);
-            the edit is the same for any value, up to float rounding.
-    """
-
-    method: ClassVar[str] = "mend"
-
-    network: str = "counterfact"
-    layers: tuple[int, ...] | None = None
-    batch_size: int = 32
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.network, (str, Path)) or not str(self.network).strip():
-            raise ValueError(f"network must be a network name (e.g. 'counterfact', 'zsre') or a file path, got {self.network!r}")
-        object.__setattr__(self, "network", str(self.network))
-        given: Any = self.layers
-        if given is not None:
-            if isinstance(given, (str, bytes)) or not hasattr(given, "__iter__"):
-                raise TypeError(f"layers must be a sequence of ints or None, got {given!r}")
-            layers = tuple(given)
-            if not layers or any(not isinstance(l, int) or isinstance(l, bool) or l < 0 for l in layers):
-                raise ValueError(f"layers must be non-negative ints (at least one), got {self.layers!r}")
-            if list(layers) != sorted(set(layers)):
-                raise ValueError(f"layers must be ascending without repeats, got {self.layers!r}")
-            object.__setattr__(self, "layers", layers)
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict with the method name (``hparams_from_dict`` reads it back)."""
-        out = asdict(self)
-        out["method"] = self.method
-        if out["layers"] is not None:
-            out["layers"] = list(out["layers"])
-        return out
-
-    def with_(self, **changes: Any) -> "MENDHyperParams":
-        """A copy with some fields changed (validated again)."""
-        return replace(self, **changes)
 
 
 # ----------------------------------------------------------------------------- the network
@@ -342,31 +294,57 @@ def load_network(path: str | Path) -> tuple[MENDNetwork, dict[str, Any]]:
                      "config": config, "info": json.loads(meta.get("info", "{}"))}
 
 
+def network_for_name(model_name: str, network: str) -> tuple[Path, dict[str, Any]]:
+    """The file of network ``network`` for ``model_name`` (:func:`find_network`) and its metadata
+    (as :func:`load_network` returns it), without loading the network.
+
+    Raises:
+        FileNotFoundError: no such network for this model (the message gives the training command).
+        EditError: the file is unreadable or made for another model.
+    """
+    from safetensors import safe_open
+
+    path = find_network(model_name, network)
+    if path is None:
+        where = (f"the file {network}" if _is_path(network) else
+                 f"{user_network_dir(model_name)} or the package's {shipped_network_dir(model_name)}")
+        raise FileNotFoundError(
+            f"no trained MEND network {network!r} for model {model_name!r} (looked in {where}). MEND needs "
+            f"an editor network trained for each model; train one with:\n    {training_command(model_name, network)}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = dict(fh.metadata() or {})
+        if raw.get("format") != NETWORK_FORMAT:
+            raise ValueError(f"format {raw.get('format')!r}, expected {NETWORK_FORMAT!r}")
+        meta = {"model_name": raw.get("model_name", ""), "model_hash": raw.get("model_hash", ""),
+                "config": json.loads(raw["config"]), "info": json.loads(raw.get("info", "{}"))}
+    except Exception as exc:  # safetensors / json errors on a damaged or foreign file
+        raise EditError(f"cannot read the MEND network file {path}: it is corrupt or not a MEND network file ({exc}); "
+                        "train it again with analyses/train_mend.py or use an intact copy") from None
+    if meta["model_name"] and _model_dir_name(meta["model_name"]).lower() != _model_dir_name(model_name).lower():
+        raise EditError(f"MEND network {path} was trained for {meta['model_name']!r}, not {model_name!r}; train one "
+                        f"for this model with: {training_command(model_name, network)}")
+    return path, meta
+
+
 def network_for(model: HookedTransformer, hparams: MENDHyperParams) -> tuple[MENDNetwork, Path, dict[str, Any]]:
-    """The trained network ``hparams.network`` for ``model``, checked against its shapes.
+    """The trained network ``hparams.network`` for ``model`` (:func:`network_for_name`), loaded and checked
+    against the model's widths and ``hparams.layers``.
 
     Raises:
         FileNotFoundError: no such network for this model (the message gives the training command).
         EditError: the file is unreadable, or made for another model or other layers.
     """
     model_name = str(getattr(model.cfg, "model_name", "") or "model")
-    path = find_network(model_name, hparams.network)
-    if path is None:
-        where = (f"the file {hparams.network}" if _is_path(hparams.network) else
-                 f"{user_network_dir(model_name)} or the package's {shipped_network_dir(model_name)}")
-        raise FileNotFoundError(
-            f"no trained MEND network {hparams.network!r} for model {model_name!r} (looked in {where}). MEND needs "
-            f"an editor network trained for each model; train one with:\n    {training_command(model_name, hparams.network)}")
+    path, _ = network_for_name(model_name, hparams.network)
     network, meta = load_network(path)
-    if meta["model_name"] and _model_dir_name(meta["model_name"]).lower() != _model_dir_name(model_name).lower():
-        raise EditError(f"MEND network {path} was trained for {meta['model_name']!r}, not {model_name!r}; train one "
-                        f"for this model with: {training_command(model_name, hparams.network)}")
     if (network.d_key, network.d_model) != model_dims(model):
         raise EditError(f"MEND network {path} is for d_mlp={network.d_key}, d_model={network.d_model}; this model has "
                         f"d_mlp={model.cfg.d_mlp}, d_model={model.cfg.d_model}")
-    if hparams.layers is not None and tuple(hparams.layers) != network.layers:
+    if tuple(hparams.layers) != network.layers:
         raise EditError(f"MEND network {path} was trained to edit layers {list(network.layers)}, not "
-                        f"{list(hparams.layers)}; pass layers=None or train a network for those layers")
+                        f"{list(hparams.layers)}; pass layers={network.layers} (preset(model_name, 'mend') reads "
+                        "them from the file) or train a network for those layers")
     arch = architecture(model)
     for layer in network.layers:
         arch.check_layer(layer)
@@ -494,45 +472,60 @@ def mend_deltas(model: HookedTransformer, facts: Sequence[Fact], network: MENDNe
     return deltas, {"nll": nll}
 
 
-def mend_edit(model: HookedTransformer, facts: Sequence[Any], hparams: MENDHyperParams | None = None, *,
-              network: MENDNetwork | None = None, apply: bool = True) -> EditResult:
-    """Edit ``facts`` into ``model`` with MEND (MEND Alg. 2): one forward and backward pass of the edit
-    prompts p(s) ⊕ o*, the trained network on the gradient factors, ΔW = −α_ℓ Σ ũᵀδ̃ on W_out of each
-    edited layer.
-
-    Args:
-        model: any TransformerLens model the network was trained for.
-        facts: as :func:`pmet_lens.editing.edit` takes them (checked before any weight changes).
-        hparams: :class:`MENDHyperParams` (default: the ``"counterfact"`` network).
-        network: a network to use instead of ``hparams.network`` (e.g. one just trained).
-        apply: leave the edit written into the weights (else restored; apply it later with ``apply()``).
-
-    Returns:
-        The :class:`EditResult` (``targets`` is empty: MEND has no target vectors; ``stats["nll"]`` is
-        each fact's NLL of o* before the edit).
-
-    Raises:
-        FileNotFoundError: no trained network for this model (the message gives the training command).
-        pmet_lens.DataError / EditError: bad facts or a non-finite update; the weights are unchanged.
-    """
-    from pmet_lens.editing.validate import validate_requests
-
-    hparams = hparams if hparams is not None else MENDHyperParams()
+def _mend(hparams: MethodHyperParams) -> MENDHyperParams:
     if not isinstance(hparams, MENDHyperParams):
-        raise TypeError(f"hparams must be MENDHyperParams, got {type(hparams).__name__}")
-    if network is None:
-        network, path, _ = network_for(model, hparams)
-        source = str(path)
-    else:
-        if (network.d_key, network.d_model) != model_dims(model):
-            raise EditError(f"the MEND network is for d_mlp={network.d_key}, d_model={network.d_model}; this model "
-                            f"has d_mlp={model.cfg.d_mlp}, d_model={model.cfg.d_model}")
-        source = "given"
-    resolved = hparams.with_(layers=network.layers)
-    facts = validate_requests(model, facts, resolved)  # type: ignore[arg-type]
-    model_hash = weights_hash(model)
-    deltas, stats = mend_deltas(model, facts, network, hparams.batch_size)
-    info = {**resolved.to_dict(), "network_file": source}
-    result = EditResult(model=model, method="mend", deltas=deltas, targets={}, facts=list(facts), hparams=info,
-                        model_hash=model_hash, prefixes=(), stats=stats)
-    return result.apply() if apply else result
+        raise TypeError(f"MEND's editor takes MENDHyperParams, got {type(hparams).__name__}")
+    return hparams
+
+
+class MENDEditor:
+    """The :class:`~pmet_lens.editing.editor.Editor` of MEND (MEND Alg. 2): :meth:`prepare` loads the
+    trained network once, :meth:`run_batch` makes one forward and backward pass of the edit prompts
+    p(s) ⊕ o*, runs the network on the gradient factors and writes ΔW_ℓ = −α_ℓ Σ ũᵀδ̃ into W_out of
+    each edited layer."""
+
+    optimises_targets = False
+
+    def sites(self, model: HookedTransformer, hparams: MethodHyperParams) -> list[EditSite]:
+        arch = architecture(model)
+        return [edit_site(arch, FFN_OUT_WEIGHT, l) for l in _mend(hparams).layers]
+
+    def prepare(self, model: HookedTransformer, hparams: MethodHyperParams, *, cov_store: CovarianceStore | None = None,
+                progress: bool = False, layer_hashes: dict[int, str] | None = None) -> EditorState:
+        """Load and check the trained network (no prefixes, no covariance).
+
+        Raises:
+            FileNotFoundError: no trained network for this model (the message gives the training command).
+            EditError: a network made for another model or other layers.
+        """
+        network, path, _ = network_for(model, _mend(hparams))
+        return EditorState(extra={"network": network.to(model.cfg.device), "network_file": str(path)})
+
+    def run_batch(self, model: HookedTransformer, facts: Sequence[Fact], hparams: MethodHyperParams,
+                  state: EditorState, *, solve: Solve | None = None, progress: bool = False,
+                  targets: dict[str, torch.Tensor] | None = None, compile: bool = False,
+                  model_hash: str | None = None) -> EditResult:
+        """Edit validated ``facts`` with the prepared network; ``stats["nll"]`` is each fact's NLL of o*
+        before the edit, ``targets`` of the result is empty (MEND has none)."""
+        hp = _mend(hparams)
+        if solve is not None or targets is not None or compile:
+            raise ValueError("mend applies a trained network to the gradient: it takes no solve, targets or compile")
+        if model_hash is None:
+            model_hash, _ = weights_hashes(model, [])
+        deltas, stats = mend_deltas(model, facts, state.extra["network"], hp.batch_size)
+        written = WrittenWeights(model)
+        try:
+            with torch.no_grad():
+                for site in self.sites(model, hp):
+                    written.keep(site)
+                    site.param(model).add_(deltas[site.param_name])
+        except BaseException:
+            written.rollback()
+            raise
+        return EditResult(model=model, method=hp.method, deltas=deltas, targets={}, facts=list(facts),
+                          hparams={**hp.to_dict(), "network_file": state.extra["network_file"]}, model_hash=model_hash,
+                          stats=stats, _originals=dict(written.originals))
+
+
+MEND = MENDEditor()
+"""MEND's editor (stateless; :meth:`~pmet_lens.editing.hparams.MENDHyperParams.editor`)."""

@@ -10,15 +10,9 @@ from editing_helpers import FACT, FACT2, FACT3, no_hooks, same, snapshot
 
 from conftest import make_tiny_model
 from pmet_lens.data import DataError, Fact, load_counterfact
-from pmet_lens.editing.mend import (
-    MENDHyperParams,
-    MENDNetwork,
-    find_network,
-    load_network,
-    mend_deltas,
-    mend_edit,
-    save_network,
-)
+from pmet_lens.editing import edit, preset
+from pmet_lens.editing.hparams import MENDHyperParams, hparams_from_dict
+from pmet_lens.editing.mend import MENDNetwork, find_network, load_network, mend_deltas, save_network
 from pmet_lens.editing.mend_training import (
     MENDTrainingParams,
     counterfact_examples,
@@ -26,6 +20,7 @@ from pmet_lens.editing.mend_training import (
     prepare_edits,
     train_mend,
 )
+from pmet_lens.editing.session import EditSession
 from pmet_lens.editing.validate import EditError
 
 LAYERS = (1, 2, 3)
@@ -153,54 +148,81 @@ def test_network_file_round_trip(net_file, tmp_path):
         load_network(bad)
 
 
+def _hp(net_file, **kw):
+    return MENDHyperParams(network=str(net_file), layers=LAYERS, **kw)
+
+
 def test_edit_apply_restore_is_bit_exact(net_file):
     model = make_tiny_model(True, "RMS", True)
     before = snapshot(model)
-    hp = MENDHyperParams(network=str(net_file))
-    preview = mend_edit(model, [FACT, FACT2], hp, apply=False)
+    preview = edit(model, [FACT, FACT2], method="mend", hparams=_hp(net_file), apply=False, progress=False)
     assert same(before, snapshot(model)) and not preview.applied
     assert set(preview.deltas) == {f"blocks.{l}.mlp.W_out" for l in LAYERS}
     assert preview.method == "mend" and preview.targets == {} and preview.hparams["layers"] == list(LAYERS)
-    result = mend_edit(model, [FACT, FACT2], hp)
+    assert hparams_from_dict(preview.hparams) == _hp(net_file)
+    result = edit(model, [FACT, FACT2], hparams=_hp(net_file), progress=False)
     assert not same(before, snapshot(model))
+    params = dict(model.named_parameters())
     for name, delta in result.deltas.items():  # W + ΔW written, nothing else
-        assert torch.equal(result._originals[name] + delta, dict(model.named_parameters())[name].detach())
+        assert torch.equal(result._originals[name] + delta, params[name].detach())
+        assert torch.equal(delta, preview.deltas[name])
     result.restore()
     assert same(before, snapshot(model))
+    with pytest.raises(ValueError, match="no target vectors"):
+        edit(model, [FACT], hparams=_hp(net_file), targets={}, progress=False)
     assert no_hooks(model)
+
+
+def test_session_undo_is_bit_exact(net_file):
+    model = make_tiny_model(False, "LN", False)
+    states = [snapshot(model)]
+    session = EditSession(model, hparams=_hp(net_file), progress=False)
+    for facts in ([FACT], [FACT2, FACT3]):
+        result = session.edit(facts)
+        assert result.method == "mend" and not result.applied
+        states.append(snapshot(model))
+    assert not same(states[1], states[2])
+    session.undo()
+    assert same(states[1], snapshot(model))
+    session.undo(to=0)
+    assert same(states[0], snapshot(model)) and len(session) == 0
 
 
 def test_no_network_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PMET_LENS_CACHE", str(tmp_path))
     model = make_tiny_model(False, "LN", False)
     before = snapshot(model)
-    with pytest.raises(FileNotFoundError, match=r"analyses/train_mend\.py --model .* --dataset zsre"):
-        mend_edit(model, [FACT], MENDHyperParams(network="zsre"))
+    with pytest.raises(FileNotFoundError, match=r"analyses/train_mend\.py --model custom --dataset zsre"):
+        edit(model, [FACT], hparams=MENDHyperParams(network="zsre", layers=LAYERS), progress=False)
     with pytest.raises(FileNotFoundError, match="train_mend"):
-        mend_edit(model, [FACT], MENDHyperParams(network=str(tmp_path / "missing.safetensors")))
+        edit(model, [FACT], hparams=_hp(tmp_path / "missing.safetensors"), progress=False)
+    with pytest.raises(FileNotFoundError, match=r"train_mend\.py --model custom --dataset counterfact"):
+        edit(model, [FACT], method="mend", progress=False)  # preset(model name, "mend") finds no network
+    with pytest.raises(FileNotFoundError, match="no trained MEND network 'counterfact' for model 'another'"):
+        preset("another", "mend")
     assert same(before, snapshot(model))
 
 
 def test_network_for_another_model_or_layers(net_file):
     model = make_tiny_model(False, "RMS", True)
     with pytest.raises(EditError, match="layers"):
-        mend_edit(model, [FACT], MENDHyperParams(network=str(net_file), layers=(2, 3)))
+        edit(model, [FACT], hparams=MENDHyperParams(network=str(net_file), layers=(2, 3)), progress=False)
     other = make_tiny_model(False, "RMS", True)
     other.cfg.model_name = "another-model"
     with pytest.raises(EditError, match="trained for"):
-        mend_edit(other, [FACT], MENDHyperParams(network=str(net_file)))
+        edit(other, [FACT], hparams=_hp(net_file), progress=False)
 
 
 def test_bad_facts_change_nothing(net_file):
     model = make_tiny_model(False, "RMS", True)
     before = snapshot(model)
     with pytest.raises(DataError):
-        mend_edit(model, [{**FACT, "target_new": " "}], MENDHyperParams(network=str(net_file)))
+        edit(model, [{**FACT, "target_new": " "}], hparams=_hp(net_file), progress=False)
     assert same(before, snapshot(model))
 
 
 @pytest.mark.parametrize("kw", [dict(network=""), dict(layers=(3, 1)), dict(layers=(-1,)), dict(batch_size=0),
-                                dict(layers="12")])
+                                dict(layers=()), dict(network=3)])
 def test_hparams_are_validated(kw):
     with pytest.raises((ValueError, TypeError)):
         MENDHyperParams(**kw)
