@@ -94,19 +94,16 @@ def plot_curve(curve: pd.DataFrame, unedited: dict, path: Path, title: str) -> N
     ax = axes[1, 0]
     ax.plot(val["step"], val["val_efficacy"], "o-", label="validation efficacy (edit prompt)")
     ax.plot(val["step"], val["val_paraphrase"], "o-", label="validation paraphrase")
+    ax.plot(val["step"], val["val_loc_agree"], "s:", label="validation x_loc: top-1 token unchanged")
     ax.axhline(unedited["efficacy"], color="grey", ls="--", label="unedited (edit prompt)")
-    ax.set_ylabel("top-1 accuracy of the new object's tokens")
+    ax.set_ylabel("share of tokens")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend()
+    ax.legend(fontsize=8)
     ax = axes[1, 1]
     ax.plot(curve["step"], curve["train_loc_loss"], label="train L_loc")
     ax.plot(val["step"], val["val_loc_loss"], "o-", label="validation L_loc")
     ax.set_ylabel("KL(unedited ‖ edited) on x_loc")
-    ax2 = ax.twinx()
-    ax2.plot(val["step"], val["val_loc_agree"], "s:", color="tab:green", label="validation top-1 unchanged")
-    ax2.set_ylim(0, 1.02)
-    ax.legend(loc="upper left")
-    ax2.legend(loc="lower right")
+    ax.legend()
     for a in axes.flat:
         a.set_xlabel("training step")
     fig.suptitle(title, fontsize=10)
@@ -195,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     curve = pd.DataFrame(run.curve)
     curve.to_csv(figures / f"{name}_curve.csv", index=False)
     title = (f"MEND training for {model_name} on {args.dataset} ({len(train)} train / {len(val)} val edits, "
-             f"batch {params.batch_size}, rank {params.rank}); {cpu_name()}, {summary['train_seconds'] / 60:.0f} min")
+             f"batch {params.batch_size}, rank {params.rank}; step 0 = untrained); {cpu_name()}, "
+             f"{summary['train_seconds'] / 60:.0f} min of steps")
     plot_curve(curve, run.summary["val_unedited"], figures / f"{name}_curve.png", title)
     (figures / f"{name}_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     best = run.summary["val_best"]

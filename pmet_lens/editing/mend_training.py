@@ -17,7 +17,8 @@ forward hooks (k ΔW = −α (k ũᵀ) δ̃ at each edited FFN output), and back
 The normalisation statistics of g (MEND §3.2) are the per-dimension mean and standard deviation of u
 and δ over every token row of the training edits, fixed before the first step. Validation runs every
 ``val_every`` steps on held-out edits (batched like training); the network kept is the one with the
-lowest validation loss (MEND's early-stopping rule). A checkpoint (network, both Adam states, the
+lowest validation loss (MEND's early-stopping rule; the untrained network, validated at step 0, is
+one of the candidates). A checkpoint (network, both Adam states, the
 curve, the best network) is written atomically every ``checkpoint_every`` steps; a resumed run equals
 an uninterrupted one bit for bit (the batches and locality prompts of a step depend only on the seed
 and the step).
@@ -146,7 +147,7 @@ class MENDTrainingParams:
     c_edit: float = 0.1
     c_loc: float = 1.0
     batch_size: int = 8
-    steps: int = 2000
+    steps: int = 1200
     grad_clip: float = 100.0
     loc_per_edit: int = 2
     val_every: int = 100
@@ -451,15 +452,19 @@ class TrainedMEND:
     """The result of :func:`train_mend`.
 
     Attributes:
-        network: the network with the lowest validation loss (MEND's early stopping), in eval mode.
+        network: the network with the lowest validation loss (MEND's early stopping; the untrained
+            network of step 0 included), in eval mode.
         curve: one row per logged step: step, training losses (mean over the steps since the last row),
-            validation figures at validation steps, α_ℓ, seconds of training so far.
+            validation figures at validation steps (step 0: the untrained network), α_ℓ, seconds of
+            training so far.
         summary: the best step, its validation figures, the unedited model's, the settings, the time.
+        last: the network's state after the last step (whatever its validation loss).
     """
 
     network: MENDNetwork
     curve: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    last: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _training_params(network: MENDNetwork) -> list[torch.nn.Parameter]:
@@ -555,6 +560,18 @@ def _train(model: HookedTransformer, prep_train: PreparedEdits, prep_val: Prepar
                                          "opt_alpha": opt_alpha.state_dict(), "step": step, "seconds": seconds,
                                          "curve": curve, "best": best})
 
+    def validate() -> dict[str, float]:
+        network.eval()
+        val = evaluate_network(model, network, prep_val, params.batch_size, params.loc_per_edit)
+        network.train()
+        val["loss"] = params.c_edit * val["edit_loss"] + params.c_loc * val["loc_loss"]
+        return val
+
+    if step == 0:  # the untrained network (g = the normalisation, α at its start): the curve's first row
+        val0 = validate()
+        curve.append({"step": 0, "seconds": 0.0, **{f"alpha_{l}": float(a) for l, a in zip(layers, network.alpha.detach())},
+                      **{f"val_{k}": v for k, v in val0.items()}})
+        best = {"step": 0, "val": val0, "network": {k: v.detach().clone() for k, v in network.state_dict().items()}}
     running: dict[str, float] = {}
     n_running = 0
     bar = tqdm(total=params.steps, initial=step, desc="MEND training", disable=not progress)
@@ -586,17 +603,14 @@ def _train(model: HookedTransformer, prep_train: PreparedEdits, prep_val: Prepar
         n_running += 1
         bar.update(1)
         bar.set_postfix(loss=f"{figures['loss']:.3f}", edit=f"{figures['edit_loss']:.2f}", loc=f"{figures['loc_loss']:.4f}")
-        validate = step % params.val_every == 0 or step == params.steps
-        if validate or step % params.checkpoint_every == 0:
+        validating = step % params.val_every == 0 or step == params.steps
+        if validating or step % params.checkpoint_every == 0:
             row: dict[str, Any] = {"step": step, "seconds": seconds}
             row.update({f"train_{k}": v / n_running for k, v in running.items()})
             row.update({f"alpha_{l}": float(a) for l, a in zip(layers, network.alpha.detach())})
             running, n_running = {}, 0
-            if validate:
-                network.eval()
-                val = evaluate_network(model, network, prep_val, params.batch_size, params.loc_per_edit)
-                network.train()
-                val["loss"] = params.c_edit * val["edit_loss"] + params.c_loc * val["loc_loss"]
+            if validating:
+                val = validate()
                 row.update({f"val_{k}": v for k, v in val.items()})
                 if not best or val["loss"] < best["val"]["loss"]:
                     best = {"step": step, "val": val,
@@ -606,12 +620,11 @@ def _train(model: HookedTransformer, prep_train: PreparedEdits, prep_val: Prepar
             curve.append(row)
             checkpoint_now()
     bar.close()
-    if not best:  # resumed at the end: nothing was validated in this call
-        raise ValueError("no validation was run; steps must exceed the checkpoint's step")
+    last = {k: v.detach().clone() for k, v in network.state_dict().items()}
     network.load_state_dict(best["network"])
     network.eval()
     summary = {"best_step": best["step"], "val_best": best["val"], "val_unedited": baseline,
                "steps": step, "train_seconds": seconds, "params": params.to_dict(), "layers": list(layers),
                "n_train": len(prep_train), "n_val": len(prep_val), "model_hash": model_hash}
-    return TrainedMEND(network=network, curve=curve, summary=summary)
+    return TrainedMEND(network=network, curve=curve, summary=summary, last=last)
 

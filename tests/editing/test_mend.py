@@ -257,15 +257,18 @@ def test_training_lowers_the_training_loss(training):
     params = MENDTrainingParams(steps=6, val_every=6, checkpoint_every=6, **FAST)
     run = train_mend(model, train, val, params, progress=False, prepared=prepared)
     start = MENDNetwork(model.cfg.d_mlp, model.cfg.d_model, LAYERS, rank=4, alpha_init=1e-3)
-    start.load_state_dict({**run.network.state_dict(), **{k: v for k, v in start.state_dict().items()
-                                                           if not k.endswith(("_mean", "_std"))}})
+    start.load_state_dict({**run.last, **{k: v for k, v in start.state_dict().items() if not k.endswith(("_mean", "_std"))}})
+    trained = MENDNetwork(model.cfg.d_mlp, model.cfg.d_model, LAYERS, rank=4)
+    trained.load_state_dict(run.last)
 
     def objective(net):
         out = evaluate_network(model, net.eval(), prepared[0], 2, 1)
         return params.c_edit * out["edit_loss"] + params.c_loc * out["loc_loss"]
 
-    assert objective(run.network) < objective(start)
-    assert [r["step"] for r in run.curve] == [6] and run.summary["best_step"] == 6
+    assert objective(trained) < objective(start)
+    assert [r["step"] for r in run.curve] == [0, 6] and run.summary["best_step"] in (0, 6)
+    best = min(run.curve, key=lambda r: r["val_loss"])  # the network kept is the best validated one
+    assert best["step"] == run.summary["best_step"]
     assert all(p.requires_grad is False for p in model.parameters())  # restored as it was
 
 
@@ -276,6 +279,7 @@ def test_resume_equals_an_uninterrupted_run(training, tmp_path):
     train_mend(model, train, val, full.with_(steps=2), checkpoint=tmp_path / "b.pt", progress=False, prepared=prepared)
     b = train_mend(model, train, val, full, checkpoint=tmp_path / "b.pt", resume=True, progress=False, prepared=prepared)
     assert all(torch.equal(v, b.network.state_dict()[k]) for k, v in a.network.state_dict().items())
+    assert all(torch.equal(v, b.last[k]) for k, v in a.last.items())
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert drop(a.curve) == drop(b.curve)
     with pytest.raises(ValueError, match="other settings"):
