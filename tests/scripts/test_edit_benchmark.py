@@ -220,7 +220,7 @@ def test_methods_are_checked_before_the_model_loads(capsys):
     import pytest
 
     eb = load_analysis("edit_benchmark")
-    assert eb.available_methods()[:2] == ["ft-w", "rome"] and "memit" in eb.available_methods()
+    assert eb.available_methods()[:3] == ["ft-w", "mend", "rome"] and "memit" in eb.available_methods()
     with pytest.raises(SystemExit):
         eb.main(["--methods", "rome,serac"])
     assert "unknown method 'serac'" in capsys.readouterr().err
