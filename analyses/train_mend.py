@@ -112,6 +112,20 @@ def plot_curve(curve: pd.DataFrame, unedited: dict, path: Path, title: str) -> N
     plt.close(fig)
 
 
+def curve_title(summary: dict) -> str:
+    return (f"MEND training for {summary['model']} on {summary['dataset']} ({summary['n_train']} train / "
+            f"{summary['n_val']} validation edits, batch {summary['params']['batch_size']}, rank "
+            f"{summary['params']['rank']}; step 0 = the untrained network)\n{summary['cpu']}, {summary['threads']} "
+            f"thread(s), {summary['train_seconds'] / 60:.0f} min of training steps; kept: step {summary['best_step']}")
+
+
+def replot(figures: Path, name: str) -> None:
+    """Draw ``<name>_curve.png`` again from the run's CSV and summary (no model, no training)."""
+    summary = json.loads((figures / f"{name}_summary.json").read_text())
+    curve = pd.read_csv(figures / f"{name}_curve.csv")
+    plot_curve(curve, summary["val_unedited"], figures / f"{name}_curve.png", curve_title(summary))
+
+
 def main(argv: list[str] | None = None) -> int:
     defaults = MENDTrainingParams()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -138,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ship", action="store_true", help="also copy the network into pmet_lens/presets/mend/<model>/")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (on a CPU shared with other jobs, 1 is much faster than 2)")
+    p.add_argument("--replot", action="store_true", help="only draw the curve's PNG again from the saved CSV and summary")
     args = p.parse_args(argv)
+    if args.replot:
+        replot(Path(args.figures), args.name or args.dataset)
+        return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
@@ -191,11 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     figures.mkdir(parents=True, exist_ok=True)
     curve = pd.DataFrame(run.curve)
     curve.to_csv(figures / f"{name}_curve.csv", index=False)
-    title = (f"MEND training for {model_name} on {args.dataset} ({len(train)} train / {len(val)} val edits, "
-             f"batch {params.batch_size}, rank {params.rank}; step 0 = untrained); {cpu_name()}, "
-             f"{summary['train_seconds'] / 60:.0f} min of steps")
-    plot_curve(curve, run.summary["val_unedited"], figures / f"{name}_curve.png", title)
     (figures / f"{name}_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_curve(curve, run.summary["val_unedited"], figures / f"{name}_curve.png", curve_title(summary))
     best = run.summary["val_best"]
     print(f"best step {run.summary['best_step']}: validation L_e {best['edit_loss']:.3f} (unedited "
           f"{run.summary['val_unedited']['edit_loss']:.3f}), efficacy {best['efficacy']:.3f}, paraphrase "
