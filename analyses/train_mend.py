@@ -112,10 +112,11 @@ def plot_curve(curve: pd.DataFrame, unedited: dict, path: Path, title: str) -> N
     plt.close(fig)
 
 
-def curve_title(summary: dict) -> str:
+def curve_title(summary: dict, curve: pd.DataFrame) -> str:
+    step0 = "; step 0 = the untrained network" if 0 in set(curve["step"]) else ""
     return (f"MEND training for {summary['model']} on {summary['dataset']} ({summary['n_train']} train / "
             f"{summary['n_val']} validation edits, batch {summary['params']['batch_size']}, rank "
-            f"{summary['params']['rank']}; step 0 = the untrained network)\n{summary['cpu']}, {summary['threads']} "
+            f"{summary['params']['rank']}{step0})\n{summary['cpu']}, {summary['threads']} "
             f"thread(s), {summary['train_seconds'] / 60:.0f} min of training steps; kept: step {summary['best_step']}")
 
 
@@ -123,7 +124,7 @@ def replot(figures: Path, name: str) -> None:
     """Draw ``<name>_curve.png`` again from the run's CSV and summary (no model, no training)."""
     summary = json.loads((figures / f"{name}_summary.json").read_text())
     curve = pd.read_csv(figures / f"{name}_curve.csv")
-    plot_curve(curve, summary["val_unedited"], figures / f"{name}_curve.png", curve_title(summary))
+    plot_curve(curve, summary["val_unedited"], figures / f"{name}_curve.png", curve_title(summary, curve))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     curve = pd.DataFrame(run.curve)
     curve.to_csv(figures / f"{name}_curve.csv", index=False)
     (figures / f"{name}_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_curve(curve, run.summary["val_unedited"], figures / f"{name}_curve.png", curve_title(summary))
+    plot_curve(curve, run.summary["val_unedited"], figures / f"{name}_curve.png", curve_title(summary, curve))
     best = run.summary["val_best"]
     print(f"best step {run.summary['best_step']}: validation L_e {best['edit_loss']:.3f} (unedited "
           f"{run.summary['val_unedited']['edit_loss']:.3f}), efficacy {best['efficacy']:.3f}, paraphrase "
