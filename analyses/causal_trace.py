@@ -5,7 +5,8 @@ Writes into --out (default figures/):
   causal_trace_severed.csv      MEMIT Fig. 3 curves (plain / MLP severed / attn severed)
   causal_trace_{hidden,mlp,attn}.html/.png   token class x layer heat maps
   causal_trace_severed.html/.png             severed-path line plot, R shaded
-  causal_trace_summary.json     settings, facts used, R, L, per-layer gap
+  causal_trace_summary.json     settings, facts used, R, L, per-layer gap, ROME's layer (the MLP layer with
+                                the strongest effect at the last subject token)
   plotly.min.js                 plotly.js for the .html pages (they work offline)
 and stores R under the model's cfg.model_name in the user's critical_layers.json (the user preset directory,
 $PMET_LENS_CACHE/presets by default; --presets DIR for another; never the package's read-only presets),
@@ -28,7 +29,7 @@ import torch
 
 from pmet_lens import load_known_facts, load_model
 from pmet_lens.analysis.averaged import TOKEN_CLASSES, AverageTrace, average_traces
-from pmet_lens.analysis.layers import critical_layers, write_critical_layers
+from pmet_lens.analysis.layers import critical_layers, strongest_mlp_layer, write_critical_layers
 from pmet_lens.viz.html import write_figure
 from pmet_lens.viz.tracing import average_heatmap, save_average_png, save_severed_png, severed_plot
 
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
                          window=args.window, seed=args.seed)
     elapsed = time.time() - t0
     R, L = critical_layers(avg, size=args.size)
+    rome_layer = strongest_mlp_layer(avg) if "mlp" in avg.kinds else None
     gap = (avg.severed_mean["none"] - avg.severed_mean["mlp"]).tolist()
 
     avg.class_frame().to_csv(args.out / "causal_trace_classes.csv", index=False)
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": name, "facts_used": avg.n_facts, "facts_seen": avg.n_seen, "known_ids": avg.fact_ids,
         "samples": args.samples, "noise": args.noise, "window": args.window, "seed": args.seed,
         "mean_clean_prob": avg.high_score, "mean_corrupted_prob": avg.low_score,
-        "R": R, "L": L, "size": args.size, "gap_plain_minus_mlp_severed": gap,
+        "R": R, "L": L, "size": args.size, "rome_layer": rome_layer, "gap_plain_minus_mlp_severed": gap,
         "plain": avg.severed_mean["none"].tolist(), "mlp_severed": avg.severed_mean["mlp"].tolist(),
         "attn_severed": avg.severed_mean["attn"].tolist(), "seconds": round(elapsed, 1),
     }
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{l:5d}  {avg.severed_mean['none'][l]:.4f}  {avg.severed_mean['mlp'][l]:.4f}       "
               f"{avg.severed_mean['attn'][l]:.4f}        {gap[l]:+.4f}")
     print(f"R = {R}  (L = {L}; run of {args.size} layers with the largest plain - MLP-severed gap)")
+    print(f"ROME's layer = {rome_layer}  (the MLP layer with the strongest effect at the last subject token)")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,30 @@
-"""PMET Tables 1-3 and Figures 3-4 on the default model (SmolLM2-135M-Instruct), from one command.
+"""PMET Tables 1-3, PMET Figures 3-4 and MEMIT Figure 5 on the default model (SmolLM2-135M-Instruct),
+from one command.
 
 On the REPORT part of the fixed CounterFact split (``pmet_lens/data/files/counterfact_split.json``;
 the presets were tuned on the TUNE part only):
 
-* Table 1: the unedited model, MEMIT and PMET, all cases edited in ONE mass edit (the papers' 10K
-  setting), Score / Efficacy / Generalization (paraphrase) / Specificity (neighborhood) / Fluency /
-  consistency proxy, x100 with 95% CIs;
+* Table 1: the unedited model and every editor of ``--methods`` (the papers' rows FT-W, MEND, ROME,
+  MEMIT, PMET, and beyond them r-ROME, EMMET, AlphaEdit), all cases edited in ONE edit (the papers' 10K
+  setting; ROME and r-ROME edit them one after another, as MEMIT ran ROME), Score / Efficacy /
+  Generalization (paraphrase) / Specificity (neighborhood) / Fluency / consistency proxy, x100 with 95% CIs;
 * Table 3: PMET's ablations (w/o δ_a; + W_O^MHSA update; even spread) on the same cases;
-* Figure 3: metrics vs the number of simultaneous edits n_i = exp(ln(N)·i/(S-1)) (log scale, up to
-  all N cases; PMET uses 17 points up to 10K, here ``--scaling-points``);
-* Figure 4: per-layer ‖ΔW‖ of PMET and each ablation (W_out; and W_O for the W_O ablation);
-* Table 2: MEMIT / PMET mass edits on the shipped zsRE subset, top-1 token accuracy with the papers'
-  official procedure (``evaluate_zsre(metric="official")``; the teacher-forced metric is written beside it,
-  labelled, see ``docs/zsre-metrics.md``), and PMET's three ablations there too (beyond the paper, whose Table 3
-  is CounterFact only: the + W_O row writes δ_a into the MHSA output weights, so it tests whether the unwritten
-  δ_a is what PMET loses on zsRE).
+* Figure 3: PMET's and MEMIT's metrics vs the number of simultaneous edits n_i = exp(ln(N)·i/(S-1)) (log
+  scale, up to all N cases; PMET uses 17 points up to 10K, here ``--scaling-points``);
+* Figure 4: per-layer ‖ΔW‖ of every editor and each ablation (W_out; and W_O for the W_O ablation);
+* Figure 5 (MEMIT Fig. 5): every editor's probability metrics at n = ``--sweep-counts`` edits (1, 10,
+  32, 100, 320 and all cases): ROME and r-ROME sequential (one run through the cases, scored after the
+  first n; the targets of the Table 1 run are reused, the keys and updates recomputed), FT-W and MEND as
+  mass edits of the first n cases, the target-and-solve editors with the first n rows of their targets;
+* Table 2: every editor's edit of the shipped zsRE subset, top-1 token accuracy with the papers' official
+  procedure (``evaluate_zsre(metric="official")``; the teacher-forced metric is written beside it, labelled,
+  see ``docs/zsre-metrics.md``), and PMET's three ablations there too (beyond the paper, whose Table 3 is
+  CounterFact only: the + W_O row writes δ_a into the MHSA output weights, so it tests whether the unwritten
+  δ_a is what PMET loses on zsRE). The table beside the papers follows their protocol: the released ROME /
+  MEMIT / PMET loaders edit towards the recorded answer ``answers[0]`` (``load_zsre(target="answer")``;
+  MEMIT: zsRE "tests MEMIT's ability to add correct information"); the same records edited towards ``alt``
+  (EasyEdit's reading) make a second, labelled table (``_alt`` files), with the difference between the two
+  (``edit_benchmark_table2_protocols.csv``). ``--zsre-protocols`` picks them.
 
 Generation metrics (Fluency, consistency proxy) use every ``--gen-every``-th case (cases 0, k, 2k...
 of the report list) to keep the run within the CPU budget; the scaling curve uses probability metrics
@@ -36,6 +46,7 @@ optimises only the other cases' targets; each fact's targets are optimised indep
 same targets up to float rounding.
 
     python analyses/edit_benchmark.py --limit 50 --gen-every 10 --methods memit,pmet
+    python analyses/edit_benchmark.py --limit 8 --gen-every 0 --methods ft-w,rome,emmet --skip ablations,scaling
 """
 
 from __future__ import annotations
@@ -56,7 +67,8 @@ from pmet_lens import load_model, load_zsre
 from pmet_lens.data import as_facts
 from pmet_lens.data.splits import split_facts
 from pmet_lens.editing import CovarianceStore, EditResult, edit, preset
-from pmet_lens.editing.hparams import PMETHyperParams, hparams_from_dict
+from pmet_lens.editing.hparams import METHODS, PMETHyperParams, hparams_from_dict
+from pmet_lens.editing.session import EditSession
 from pmet_lens.evaluation import (
     PAPER_TABLE1_GPTJ,
     PAPER_TABLE2_GPTJ,
@@ -68,7 +80,7 @@ from pmet_lens.evaluation import (
     format_table,
 )
 from pmet_lens.parallel import ShardLog, Workers
-from pmet_lens.viz.html import write_page
+from pmet_lens.viz.html import write_figure, write_page
 
 logger = logging.getLogger("edit_benchmark")
 
@@ -81,7 +93,36 @@ ABLATION_SWITCHES = {"no_attn_delta": "PMET w/o δ_a", "update_attn": "PMET + W_
 """Command-line names of the ablations (``--ablations``)."""
 METRICS = ["score", "efficacy", "paraphrase", "neighborhood"]
 ZSRE_TABLE_FILES = {"official": "edit_benchmark_table2_zsre.csv", "teacher_forced": "edit_benchmark_table2_zsre_teacher_forced.csv"}
-"""Table 2 of this run under each zsRE metric (the official one under the file name the papers' table goes by)."""
+"""Table 2 of this run under each zsRE metric, papers' protocol (the official metric under the file name the
+papers' table goes by)."""
+ZSRE_ALT_TABLE_FILES = {"official": "edit_benchmark_table2_zsre_alt.csv",
+                        "teacher_forced": "edit_benchmark_table2_zsre_alt_teacher_forced.csv"}
+"""Table 2 under each zsRE metric with the second protocol (edits towards ``alt``)."""
+ZSRE_PROTOCOLS = {"answer": "the papers' protocol: edits towards the recorded answer answers[0]",
+                  "alt": "second protocol: edits towards alt (EasyEdit's reading)"}
+"""``--zsre-protocols``: the ``load_zsre(target=...)`` of each Table 2."""
+LABELS = {"ft-w": "FT-W", "mend": "MEND", "rome": "ROME", "memit": "MEMIT", "pmet": "PMET", "r-rome": "r-ROME",
+          "emmet": "EMMET", "alphaedit": "AlphaEdit"}
+"""Method -> row label, in the tables' order (the papers' rows FT-W, MEND, ROME, MEMIT, PMET, then r-ROME,
+EMMET and AlphaEdit). MEND's row runs once method ``"mend"`` is registered in ``METHODS``."""
+UNEDITED = "SmolLM2 (unedited)"
+SEQUENTIAL = ("rome", "r-rome")
+"""Editors that edit the cases one after another: Fig. 5 scores one run of them after the first n cases."""
+FIG3_METHODS = ("memit", "pmet")
+"""The editors of PMET's Fig. 3 (log-spaced counts); MEMIT's Fig. 5 has every editor."""
+SWEEP_COUNTS = "1,10,32,100,320,769"
+"""MEMIT Fig. 5's numbers of edits up to this split's 769 report cases (capped at ``--limit``)."""
+
+
+def available_methods() -> list[str]:
+    """The methods of :data:`LABELS` that are registered (MEND once its editor exists)."""
+    return [m for m in LABELS if m in METHODS]
+
+
+def has_targets(model_name: str, method: str) -> bool:
+    """Whether ``method`` optimises target vectors (that later runs can reuse)."""
+    hp = preset(model_name, method)
+    return bool(hp.editor().optimises_targets)
 
 
 def delta_norms(result, label: str) -> list[dict[str, Any]]:
@@ -102,6 +143,15 @@ def evaluate_cf(model, facts, args, generation=True, log: ShardLog | None = None
                                 gen_every=max(1, args.gen_every), workers=args.pool, checkpoint=log)
 
 
+def sharding(hparams, args, log: ShardLog, targets=None) -> dict[str, Any]:
+    """``edit``'s ``workers`` and ``checkpoint`` for ``hparams``: the pool and a sub-log of the target
+    shards for the methods that shard their targets (none when ``targets`` are given), nothing for the
+    others (ROME, FT, MEND run in this process)."""
+    if not hparams.editor().shards_facts:
+        return {}
+    return {"workers": args.pool, "checkpoint": log.child("targets") if targets is None else None}
+
+
 def run_edit(model, facts, hparams, label, store, args, generation=True, targets=None, save_to=None):
     """Edit ``facts`` (one mass edit), evaluate, restore. ``targets``: reuse optimised targets (exact:
     they do not depend on λ, the spread or which weights are updated). ``save_to``: write the edit
@@ -110,7 +160,7 @@ def run_edit(model, facts, hparams, label, store, args, generation=True, targets
     log = shard_log(args, f"{label}_{len(facts)}")
     t0 = time.perf_counter()
     result = edit(model, facts, hparams=hparams, cov_store=store, apply=True, progress=True, targets=targets,
-                  compile=args.compile, workers=args.pool, checkpoint=log.child("targets") if targets is None else None)
+                  compile=args.compile and hparams.editor().optimises_targets, **sharding(hparams, args, log, targets))
     t_edit = time.perf_counter() - t0
     if save_to is not None:
         result.save(save_to)
@@ -173,9 +223,11 @@ def prefix_targets(path: Path, model, facts, hparams) -> tuple[dict[str, torch.T
     return {s: v[:k] for s, v in found[0].items()}, k
 
 
-def save_progress(out: Path, meta, summaries, per_records, norms, scaling_rows, zsre_summaries) -> None:
+def save_progress(out: Path, meta, summaries, per_records, norms, scaling_rows, zsre_summaries, zsre_alt=None,
+                  sweep_rows=None) -> None:
     """Write every result so far (the files ``--resume`` reads), so an interrupted run loses at most
-    the editor it was working on."""
+    the editor it was working on. ``zsre_summaries``: Table 2 with the papers' protocol; ``zsre_alt``: with
+    the ``alt`` protocol; ``sweep_rows``: Fig. 5."""
     if summaries:
         format_table(summaries).to_csv(out / "edit_benchmark_table1_3.csv")
         pd.concat({k: v.assign(editor=k) for k, v in per_records.items()}).to_csv(out / "edit_benchmark_per_record.csv", index=False)
@@ -184,6 +236,17 @@ def save_progress(out: Path, meta, summaries, per_records, norms, scaling_rows, 
     # rows in them would otherwise be taken by --resume as this run's.
     norms_path, scaling_path = out / "edit_benchmark_fig4_delta_norms.csv", out / "edit_benchmark_fig3_scaling.csv"
     zsre_path = out / "edit_benchmark_zsre_summaries.json"
+    alt_path, sweep_path = out / "edit_benchmark_zsre_alt_summaries.json", out / "edit_benchmark_fig5_sweep.csv"
+    if sweep_rows:
+        pd.DataFrame(sweep_rows).sort_values(["editor", "n_edits"]).to_csv(sweep_path, index=False)
+    else:
+        sweep_path.unlink(missing_ok=True)
+    if zsre_alt:
+        for metric in ZSRE_METRICS:
+            format_table({e: s[metric] for e, s in zsre_alt.items()}).to_csv(out / ZSRE_ALT_TABLE_FILES[metric])
+        alt_path.write_text(json.dumps(zsre_alt, indent=1, default=float))
+    else:
+        alt_path.unlink(missing_ok=True)
     if norms:
         pd.DataFrame(norms).to_csv(norms_path, index=False)
     else:
@@ -195,7 +258,7 @@ def save_progress(out: Path, meta, summaries, per_records, norms, scaling_rows, 
     if zsre_summaries:
         for metric in ZSRE_METRICS:
             format_table({e: s[metric] for e, s in zsre_summaries.items()}).to_csv(out / ZSRE_TABLE_FILES[metric])
-        zsre_path.write_text(json.dumps(zsre_summaries, indent=1, default=float))
+        zsre_path.write_text(json.dumps({"_protocol": "answer", **zsre_summaries}, indent=1, default=float))
     else:
         zsre_path.unlink(missing_ok=True)
 
@@ -210,18 +273,37 @@ def evaluate_zsre_metrics(model, records, args=None, log: ShardLog | None = None
     return out
 
 
-def zsre_vs_paper(zsre_summaries: dict[str, dict[str, dict]], metric: str = "official") -> pd.DataFrame:
+def zsre_vs_paper(zsre_summaries: dict[str, dict[str, dict]], metric: str = "official",
+                  protocol: str = "answer") -> pd.DataFrame:
     """Table 2 of this run under ``metric`` (x100, 95% CI), with the papers' GPT-J rows when ``metric``
-    is the official procedure they were scored with; every row names its metric."""
+    is the official procedure they were scored with and ``protocol`` theirs (edits towards ``answers[0]``);
+    every row names its metric and protocol."""
     rows = []
     for editor, by_metric in zsre_summaries.items():
         s = by_metric[metric]
-        rows.append({"source": "SmolLM2-135M (this run)", "editor": editor, "metric": s["metric"],
+        rows.append({"source": "SmolLM2-135M (this run)", "editor": editor, "metric": s["metric"], "protocol": protocol,
                      **{c: f"{100 * s[c]:.1f} ({100 * s[c + '_ci95']:.1f})" for c in ZSRE_TESTS}})
-    if metric == "official":
+    if metric == "official" and protocol == "answer":
         for editor, paper in PAPER_TABLE2_GPTJ.items():
-            rows.append({"source": "GPT-J 6B (paper)", "editor": editor, "metric": "official",
+            rows.append({"source": "GPT-J 6B (paper)", "editor": editor, "metric": "official", "protocol": "answer",
                          **{c: f"{v:.1f}" for c, v in paper.items()}})
+    return pd.DataFrame(rows)
+
+
+def zsre_protocol_difference(answer: dict[str, dict[str, dict]], alt: dict[str, dict[str, dict]],
+                             metric: str = "official") -> pd.DataFrame:
+    """How far the two zsRE protocols differ: per editor in both, each test's accuracy x100 with the papers'
+    protocol (towards ``answers[0]``), with ``alt``, and the difference (answer − alt)."""
+    rows = []
+    for editor in answer:
+        if editor not in alt:
+            continue
+        a, b = answer[editor][metric], alt[editor][metric]
+        row: dict[str, Any] = {"editor": editor, "metric": metric}
+        for c in ZSRE_TESTS:
+            row.update({f"{c}_answer": round(100 * a[c], 1), f"{c}_alt": round(100 * b[c], 1),
+                        f"{c}_difference": round(100 * (a[c] - b[c]), 1)})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -254,13 +336,19 @@ def paper_side_by_side(ours: dict[str, dict], paper: dict[str, dict], columns: l
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, default=None, help="first N cases of the report split (default: all)")
-    parser.add_argument("--methods", default="memit,pmet", help="comma-separated editors for Tables 1-2 and Fig. 3")
+    parser.add_argument("--methods", default=",".join(available_methods()),
+                        help=f"comma-separated editors for Tables 1-2 and Figs. 3 (memit, pmet) and 5, of {','.join(LABELS)} "
+                             "(default: every registered one)")
+    parser.add_argument("--sweep-counts", default=SWEEP_COUNTS,
+                        help="Fig. 5: comma-separated numbers of edits (capped at the number of cases)")
+    parser.add_argument("--zsre-protocols", default="answer,alt",
+                        help="Table 2's zsRE protocols: answer (the papers', beside their numbers) and/or alt")
     parser.add_argument("--out", default="figures", help="output directory")
     parser.add_argument("--gen-every", type=int, default=10,
                         help="generation metrics (fluency, consistency proxy) on every k-th case; 0: none")
     parser.add_argument("--scaling-points", type=int, default=5, help="number of edit counts on the log scale")
     parser.add_argument("--zsre-limit", type=int, default=None, help="zsRE records (default: same as --limit)")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: table1,ablations,scaling,zsre")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: table1,ablations,scaling,sweep,zsre")
     parser.add_argument("--ablations", default=",".join(ABLATION_SWITCHES),
                         help=f"comma-separated PMET Table 3 ablations to run (default all: {','.join(ABLATION_SWITCHES)})")
     parser.add_argument("--compile", action="store_true",
@@ -294,8 +382,20 @@ def main(argv: list[str] | None = None) -> int:
     ablations = {ABLATION_SWITCHES[a]: ABLATIONS[ABLATION_SWITCHES[a]] for a in chosen}
     methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in ("pmet", "memit"):
-            parser.error(f"unknown method {m!r} (pmet, memit)")
+        if m not in LABELS:
+            parser.error(f"unknown method {m!r} (choose from {','.join(LABELS)})")
+        if m not in METHODS:
+            parser.error(f"method {m!r} is not available in this installation (registered: {','.join(METHODS)})")
+    methods = [m for m in LABELS if m in methods]  # the tables' order
+    protocols = [p.strip() for p in args.zsre_protocols.split(",") if p.strip()]
+    if not protocols or set(protocols) - set(ZSRE_PROTOCOLS):
+        parser.error(f"--zsre-protocols takes {','.join(ZSRE_PROTOCOLS)}, got {args.zsre_protocols!r}")
+    try:
+        sweep_counts = sorted({int(c) for c in args.sweep_counts.split(",") if c.strip()})
+    except ValueError:
+        parser.error(f"--sweep-counts takes comma-separated integers, got {args.sweep_counts!r}")
+    if not sweep_counts or sweep_counts[0] < 1:
+        parser.error(f"--sweep-counts takes integers >= 1, got {args.sweep_counts!r}")
     out = Path(args.out)
     if any(Path(d).resolve() == out.resolve() for d in args.targets_from):
         parser.error(f"--targets-from {args.out} is this run's own --out; use --resume to reuse its targets")
@@ -320,32 +420,36 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
     store = CovarianceStore(progress=True)
     facts = split_facts("report", limit=args.limit)
     logger.info("report split: %d cases; generation on every %d-th", len(facts), args.gen_every)
-    label = {"pmet": "PMET", "memit": "MEMIT"}
+    label = LABELS
     summaries: dict[str, dict] = {}
     per_records: dict[str, pd.DataFrame] = {}
     norms: list[dict] = []
     meta: dict[str, Any] = {"n_cases": len(facts), "gen_every": args.gen_every, "model": name, "compile": args.compile,
-                            "hparams": {m: preset(name, m).to_dict() for m in ("pmet", "memit")}}
+                            "hparams": {m: preset(name, m).to_dict() for m in sorted({*methods, "pmet", "memit"})}}
 
     scaling_rows: list[dict] = []
-    zsre_summaries: dict[str, dict] = {}
+    sweep_rows: list[dict] = []
+    zsre_summaries: dict[str, dict] = {}  # the papers' protocol (towards answers[0])
+    zsre_alt: dict[str, dict] = {}        # the second protocol (towards alt)
     if args.resume:
-        summaries, per_records, norms, scaling_rows, zsre_summaries = load_previous(out, meta)
+        summaries, per_records, norms, scaling_rows, zsre_summaries, zsre_alt, sweep_rows = load_previous(out, meta)
         for other in args.merge:
-            s2, p2, n2, sc2, z2 = load_previous(Path(other), meta)
+            s2, p2, n2, sc2, z2, a2, sw2 = load_previous(Path(other), meta)
             new = [k for k in s2 if k not in summaries]
             summaries.update({k: s2[k] for k in new})
             per_records.update({k: p2[k] for k in new if k in p2})
             norms += [r for r in n2 if r["editor"] in new]
-            have = {(r["n_edits"], r["editor"]) for r in scaling_rows}
-            scaling_rows += [r for r in sc2 if (r["n_edits"], r["editor"]) not in have]
+            for rows, more in ((scaling_rows, sc2), (sweep_rows, sw2)):
+                have = {(r["n_edits"], r["editor"]) for r in rows}
+                rows += [r for r in more if (r["n_edits"], r["editor"]) not in have]
             zsre_summaries.update({k: v for k, v in z2.items() if k not in zsre_summaries})
-        logger.info("resuming: kept %s, %d scaling rows, zsRE %s", sorted(summaries), len(scaling_rows),
-                    sorted(zsre_summaries))
+            zsre_alt.update({k: v for k, v in a2.items() if k not in zsre_alt})
+        logger.info("resuming: kept %s, %d scaling rows, %d Fig. 5 rows, zsRE %s, zsRE alt %s", sorted(summaries),
+                    len(scaling_rows), len(sweep_rows), sorted(zsre_summaries), sorted(zsre_alt))
     edits_dir = out / "edit_benchmark_edits"  # optimised edits (deltas + targets), reused by --resume
 
     def progress() -> None:
-        save_progress(out, meta, summaries, per_records, norms, scaling_rows, zsre_summaries)
+        save_progress(out, meta, summaries, per_records, norms, scaling_rows, zsre_summaries, zsre_alt, sweep_rows)
 
     # (kind, stem) -> optimised targets of all report cases ("cf") or zsRE records ("zsre"). The stem is the
     # method ("pmet", "memit") or an ablation that optimises its own loss ("pmet_no_attn_delta"). Reused by the
@@ -408,9 +512,9 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
             log.remove()
         return targets[(kind, m)]
 
-    if ("table1" not in skip or "ablations" not in skip) and "SmolLM2 (unedited)" not in summaries:
+    if ("table1" not in skip or "ablations" not in skip) and UNEDITED not in summaries:
         log = shard_log(args, "unedited")
-        per_records["SmolLM2 (unedited)"], summaries["SmolLM2 (unedited)"] = evaluate_cf(model, facts, args, log=log)
+        per_records[UNEDITED], summaries[UNEDITED] = evaluate_cf(model, facts, args, log=log)
         log.remove()
         progress()
     table1 = methods if "table1" not in skip else []
@@ -419,13 +523,20 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
     for m in table1:
         if label[m] in summaries:
             continue
-        given = saved(m, facts, "cf", preset(name, m))
-        pr, s, nm, targets[("cf", m)] = run_edit(model, facts, preset(name, m), label[m], store, args, targets=given,
-                                                 save_to=save_path(m, "cf"))
-        unsaved.discard(("cf", m))
+        if has_targets(name, m):
+            given = saved(m, facts, "cf", preset(name, m))
+            pr, s, nm, targets[("cf", m)] = run_edit(model, facts, preset(name, m), label[m], store, args,
+                                                     targets=given, save_to=save_path(m, "cf"))
+            unsaved.discard(("cf", m))
+        else:  # FT-W, MEND: nothing to reuse
+            pr, s, nm, _ = run_edit(model, facts, preset(name, m), label[m], store, args)
         per_records[label[m]], summaries[label[m]] = pr, s
         norms += nm
         progress()
+
+    def scaling_row(n: int, editor: str, s: dict[str, Any]) -> dict[str, Any]:
+        return {"n_edits": n, "editor": editor, **{k: s[k] for k in METRICS},
+                **{f"{k}_ci95": s.get(f"{k}_ci95") for k in METRICS[1:]}}
 
     # Fig. 3 and the ablations that reuse PMET's targets come before the one that optimises anew (w/o δ_a),
     # so an interrupted run has the most results per CPU hour.
@@ -434,7 +545,7 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
         counts = sorted({max(1, round(math.exp(math.log(n_max) * i / (args.scaling_points - 1)))) for i in range(args.scaling_points)})
         done = {(r["n_edits"], r["editor"]) for r in scaling_rows}
         for n in counts:
-            for m in methods:
+            for m in [m for m in methods if m in FIG3_METHODS]:
                 if (n, label[m]) in done:
                     continue
                 if n == n_max and label[m] in summaries:
@@ -443,8 +554,35 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
                     given = {k: v[:n] for k, v in targets_of(m, facts).items()}
                     _, s, _, _ = run_edit(model, facts[:n], preset(name, m), label[m], store, args,
                                           generation=False, targets=given)
-                scaling_rows.append({"n_edits": n, "editor": label[m], **{k: s[k] for k in METRICS},
-                                     **{f"{k}_ci95": s.get(f"{k}_ci95") for k in METRICS[1:]}})
+                scaling_rows.append(scaling_row(n, label[m], s))
+                progress()
+
+    if "sweep" not in skip:
+        counts = sorted({min(c, len(facts)) for c in sweep_counts})
+        done = {(r["n_edits"], r["editor"]) for r in sweep_rows}
+        for m in methods:
+            todo = [n for n in counts if (n, label[m]) not in done]
+            if not todo:
+                continue
+            logger.info("Fig. 5: %s at n = %s", label[m], todo)
+            if m in SEQUENTIAL:  # one run through the cases, scored after the first n
+                def record(n: int, s: dict[str, Any], _editor: str = label[m]) -> None:
+                    sweep_rows.append(scaling_row(n, _editor, s))
+                    progress()
+
+                sequential_sweep(model, facts, preset(name, m), todo, store,
+                                 targets.get(("cf", m)) or saved(m, facts, "cf", preset(name, m)), record)
+                continue
+            for n in todo:
+                if n == len(facts) and label[m] in summaries:
+                    s = summaries[label[m]]  # the Table 1 edit of all cases
+                elif has_targets(name, m):  # the first n rows of the targets are the first n facts' targets
+                    given = {k: v[:n] for k, v in targets_of(m, facts).items()}
+                    _, s, _, _ = run_edit(model, facts[:n], preset(name, m), label[m], store, args,
+                                          generation=False, targets=given)
+                else:  # FT-W, MEND: a mass edit of the first n cases
+                    _, s, _, _ = run_edit(model, facts[:n], preset(name, m), label[m], store, args, generation=False)
+                sweep_rows.append(scaling_row(n, label[m], s))
                 progress()
 
     if "ablations" not in skip:
@@ -465,43 +603,74 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
 
     cons_key = "consistency_proxy"
     if "zsre" not in skip:
-        records = load_zsre(limit=args.zsre_limit if args.zsre_limit is not None else args.limit)
-        if "SmolLM2 (unedited)" not in zsre_summaries:
-            zsre_summaries["SmolLM2 (unedited)"] = evaluate_zsre_metrics(model, records, args, shard_log(args, "zsre_unedited"))
-            progress()
-        # MEMIT, PMET and (unless skipped) PMET's ablations: Table 3 is on CounterFact only in the paper;
-        # on zsRE the + W_O row tests whether writing δ_a into the weights closes PMET's gap to MEMIT.
-        runs = [(label[m], preset(name, m), m) for m in methods]
-        if "pmet" in methods and "ablations" not in skip:
-            runs += [(abl, preset(name, "pmet").with_(**change), stem_of[abl]) for abl, change in ablations.items()]
-        for editor, hp, stem in runs:
-            if editor in zsre_summaries:
-                continue
-            if editor in ablations and reuses_pmet_targets(ablations[editor]):
-                given, to = targets_of("pmet", records, kind="zsre"), None
-            else:  # MEMIT, PMET, w/o δ_a: optimise here (one update), unless saved earlier
-                given, to = saved(stem, records, "zsre", hp), save_path(stem, "zsre")
-            log = shard_log(args, f"zsre_{editor}")
-            result = edit(model, records, hparams=hp, cov_store=store, apply=True, progress=True, targets=given,
-                          compile=args.compile, workers=args.pool, checkpoint=log.child("targets") if given is None else None)
-            if to is not None:
-                keep(stem, "zsre", result)
-            try:
-                zsre_summaries[editor] = evaluate_zsre_metrics(model, records, args, log.child("evaluation"))
-            finally:
-                result.restore()
-            log.remove()
-            progress()
+        for protocol in protocols:
+            # the papers' protocol's targets are saved as "zsre_answer"; "zsre" are alt's, as before it existed
+            kind, table = ("zsre_answer", zsre_summaries) if protocol == "answer" else ("zsre", zsre_alt)
+            records = load_zsre(limit=args.zsre_limit if args.zsre_limit is not None else args.limit, target=protocol)
+            if UNEDITED not in table:
+                table[UNEDITED] = evaluate_zsre_metrics(model, records, args, shard_log(args, f"{kind}_unedited"))
+                progress()
+            # every editor and (unless skipped) PMET's ablations: Table 3 is on CounterFact only in the paper; on
+            # zsRE the + W_O row tests whether writing δ_a into the weights closes PMET's gap to MEMIT.
+            # MEND edits zsRE with the network trained on zsRE's training records (CounterFact's on Table 1)
+            runs = [(label[m], preset(name, m).with_(network="zsre") if m == "mend" else preset(name, m), m)
+                    for m in methods]
+            if "pmet" in methods and "ablations" not in skip:
+                runs += [(abl, preset(name, "pmet").with_(**change), stem_of[abl]) for abl, change in ablations.items()]
+            for editor, hp, stem in runs:
+                if editor in table:
+                    continue
+                if not hp.editor().optimises_targets:  # FT-W, MEND
+                    given, to = None, None
+                elif editor in ablations and reuses_pmet_targets(ablations[editor]):
+                    given, to = targets_of("pmet", records, kind=kind), None
+                else:  # the methods and w/o δ_a: optimise here (one update), unless saved earlier
+                    given, to = saved(stem, records, kind, hp), save_path(stem, kind)
+                log = shard_log(args, f"{kind}_{editor}")
+                result = edit(model, records, hparams=hp, cov_store=store, apply=True, progress=True, targets=given,
+                              compile=args.compile and hp.editor().optimises_targets, **sharding(hp, args, log, given))
+                if to is not None:
+                    keep(stem, kind, result)
+                try:
+                    table[editor] = evaluate_zsre_metrics(model, records, args, log.child("evaluation"))
+                finally:
+                    result.restore()
+                log.remove()
+                progress()
 
-    write_report(out, summaries, norms, scaling_rows, zsre_summaries, meta, cons_key)
+    write_report(out, summaries, norms, scaling_rows, zsre_summaries, meta, cons_key, zsre_alt, sweep_rows)
     return 0
 
 
+def sequential_sweep(model, facts, hparams, counts: list[int], store, targets, record) -> None:
+    """Fig. 5 for an editor that edits the cases one after another (ROME, r-ROME): one
+    :class:`~pmet_lens.editing.session.EditSession` through the first ``max(counts)`` cases, each batch the
+    cases up to the next count, scored on the cases edited so far (probability metrics, passed to
+    ``record(n, summary)``); undone at the end. ``targets`` (the Table 1 run's, ``{"mlp_out": [cases, d]}``)
+    replace the optimisation: they were optimised in the same order from the same model states, so only
+    the keys and updates are recomputed (the same edits up to float rounding)."""
+    session = EditSession(model, hparams=hparams, cov_store=store, progress=True)
+    done = 0
+    try:
+        for n in counts:
+            given = None if targets is None else {k: v[done:n] for k, v in targets.items()}
+            session.edit(facts[done:n], targets=given)
+            done = n
+            _, s = evaluate_counterfact(model, facts[:n], generation=False)
+            logger.info("Fig. 5: %s after %d cases: efficacy %.3f specificity %.3f", hparams.method, n,
+                        s["efficacy"], s["neighborhood"])
+            record(n, s)
+    finally:
+        session.undo(to=0)
+
+
 def load_previous(out: Path, meta: dict[str, Any]):
-    """Results of an earlier run in ``out`` (for ``--resume``); refuses a run on other cases."""
+    """Results of an earlier run in ``out`` (for ``--resume``): summaries, per-record rows, ‖ΔW‖ rows, Fig. 3
+    rows, Table 2 with the papers' zsRE protocol and with ``alt``, Fig. 5 rows; refuses a run on other cases.
+    A zsRE file without a protocol is an older run's, which edited towards ``alt``."""
     path = out / "edit_benchmark_summaries.json"
     if not path.is_file():
-        return {}, {}, [], [], {}
+        return {}, {}, [], [], {}, {}, []
     saved = json.loads(path.read_text())
     if saved["meta"]["n_cases"] != meta["n_cases"] or saved["meta"]["gen_every"] != meta["gen_every"]:
         raise SystemExit(f"--resume: {path} holds a run on {saved['meta']['n_cases']} cases (gen every "
@@ -512,13 +681,24 @@ def load_previous(out: Path, meta: dict[str, Any]):
     norms_path, scaling_path = out / "edit_benchmark_fig4_delta_norms.csv", out / "edit_benchmark_fig3_scaling.csv"
     norms = pd.read_csv(norms_path).to_dict("records") if norms_path.is_file() else []
     scaling = pd.read_csv(scaling_path).to_dict("records") if scaling_path.is_file() else []
-    zsre_path = out / "edit_benchmark_zsre_summaries.json"
+    sweep_path = out / "edit_benchmark_fig5_sweep.csv"
+    sweep = pd.read_csv(sweep_path).to_dict("records") if sweep_path.is_file() else []
+    zsre_path, alt_path = out / "edit_benchmark_zsre_summaries.json", out / "edit_benchmark_zsre_alt_summaries.json"
     zsre = json.loads(zsre_path.read_text()) if zsre_path.is_file() else {}
-    unlabelled = sorted(k for k, v in zsre.items() if not all(isinstance(v.get(m), dict) for m in ZSRE_METRICS))
-    if unlabelled:
-        logger.warning("--resume: zsRE results of %s lack a metric (scored before the official metric); "
-                       "recomputing them", unlabelled)
-        zsre = {k: v for k, v in zsre.items() if k not in unlabelled}
+    alt = json.loads(alt_path.read_text()) if alt_path.is_file() else {}
+    if zsre and zsre.pop("_protocol", None) != "answer":
+        logger.warning("--resume: %s edited towards alt (before the papers' protocol was the main one): kept as the "
+                       "alt table", zsre_path)
+        alt, zsre = {**zsre, **alt}, {}
+
+    def labelled(table: dict[str, Any]) -> dict[str, Any]:
+        unlabelled = sorted(k for k, v in table.items() if not all(isinstance(v.get(m), dict) for m in ZSRE_METRICS))
+        if unlabelled:
+            logger.warning("--resume: zsRE results of %s lack a metric (scored before the official metric); "
+                           "recomputing them", unlabelled)
+        return {k: v for k, v in table.items() if k not in unlabelled}
+
+    zsre, alt = labelled(zsre), labelled(alt)
     stale = stale_editors(saved["meta"].get("hparams", {}), meta["hparams"])
     if stale:
         logger.warning("--resume: %s were made with other hyper-parameters than the current presets; "
@@ -527,23 +707,29 @@ def load_previous(out: Path, meta: dict[str, Any]):
         per_records = {k: v for k, v in per_records.items() if k not in stale}
         norms = [r for r in norms if r["editor"] not in stale]
         scaling = [r for r in scaling if r["editor"] not in stale]
+        sweep = [r for r in sweep if r["editor"] not in stale]
         zsre = {k: v for k, v in zsre.items() if k not in stale}
-    return summaries, per_records, norms, scaling, zsre
+        alt = {k: v for k, v in alt.items() if k not in stale}
+    return summaries, per_records, norms, scaling, zsre, alt, sweep
 
 
 def stale_editors(saved: dict[str, dict], current: dict[str, dict]) -> set[str]:
     """Editor labels whose saved results used other hyper-parameters than ``current`` (method ->
     preset dict): PMET's change also makes its ablations stale; a run without a record of its
     hyper-parameters makes every editor stale. Fields the edit ignores (τ and α without the
-    projection, :meth:`~pmet_lens.editing.EditHyperParams.effective_settings`) do not count."""
+    projection, :meth:`~pmet_lens.editing.EditHyperParams.effective_settings`) do not count. A method
+    ``current`` does not list is left as it is."""
     def settings(table: dict[str, dict], method: str) -> dict[str, Any] | None:
         return hparams_from_dict(table[method]).effective_settings() if method in table else None
 
-    editors = {"memit": {"MEMIT"}, "pmet": {"PMET", *ABLATIONS}}
-    return {e for m, labels in editors.items() if settings(saved, m) != settings(current, m) for e in labels}
+    editors = {m: {label} for m, label in LABELS.items()}
+    editors["pmet"] = {"PMET", *ABLATIONS}
+    return {e for m, labels in editors.items() if m in current and settings(saved, m) != settings(current, m)
+            for e in labels}
 
 
-def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta, cons_key) -> None:
+def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta, cons_key, zsre_alt=None,
+                 sweep_rows=None) -> None:
     """Markdown tables beside the papers' numbers, interactive HTML and PNG figures."""
     import plotly.express as px
 
@@ -552,11 +738,13 @@ def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta
     gen_note = (f"Generation metrics on every case i with i % {meta['gen_every']} == 0; `{cons_key}` is the offline proxy "
                 "(attribute prompts + WikiText-2 paragraphs, TF-IDF fitted on WikiText-2), not the papers' Consistency.\n"
                 if meta["gen_every"] > 0 else "Generation metrics (fluency, consistency) were not run (`--gen-every 0`).\n")
-    md = [f"# Edit benchmark on {meta['model']} ({meta['n_cases']} report-split cases, one mass edit each)\n", gen_note]
+    md = [f"# Edit benchmark on {meta['model']} ({meta['n_cases']} report-split cases, one edit each; ROME and r-ROME "
+          "edit them one after another)\n", gen_note]
     html_parts = []
     cols = ["score", "efficacy", "paraphrase", "neighborhood", "fluency", "consistency"]
     tables: dict[str, pd.DataFrame] = {}  # the tables beside the papers this run has, in the report's order
-    main_rows = {k: v for k, v in summaries.items() if k in ("SmolLM2 (unedited)", "MEMIT", "PMET")}
+    order = [UNEDITED, *LABELS.values()]
+    main_rows = {k: summaries[k] for k in order if k in summaries}
     if main_rows:
         tables["table1_vs_paper"] = paper_side_by_side(main_rows, PAPER_TABLE1_GPTJ, cols, cons_key)
         md += ["## Table 1 (CounterFact, x100, 95% CI)\n", to_markdown(tables["table1_vs_paper"]), ""]
@@ -572,6 +760,23 @@ def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta
         t2_tf.to_csv(out / "edit_benchmark_table2_teacher_forced.csv", index=False)
         md += ["## Table 2, teacher-forced metric (x100; not the papers' procedure, see docs/zsre-metrics.md)\n",
                to_markdown(t2_tf), ""]
+    frames: list[pd.DataFrame] = []
+    alt_files = ("edit_benchmark_table2_alt.csv", "edit_benchmark_table2_alt_teacher_forced.csv",
+                 "edit_benchmark_table2_protocols.csv")
+    if zsre_alt:
+        t2_alt = [zsre_vs_paper(zsre_alt, metric, protocol="alt") for metric in ("official", "teacher_forced")]
+        md += [f"## Table 2, second protocol ({ZSRE_PROTOCOLS['alt']}; official metric, x100)\n", to_markdown(t2_alt[0]), "",
+               "## Table 2, second protocol, teacher-forced metric (x100)\n", to_markdown(t2_alt[1]), ""]
+        frames += t2_alt
+        if zsre_summaries:
+            diff = zsre_protocol_difference(zsre_summaries, zsre_alt)
+            md += ["## Table 2: the two protocols side by side (official metric, x100; difference = answer − alt)\n",
+                   to_markdown(diff), ""]
+            frames.append(diff)
+        for path_name, frame in zip(alt_files, frames):
+            frame.to_csv(out / path_name, index=False)
+    for path_name in alt_files[len(frames) if zsre_alt else 0:]:  # an older run's tables must not stay beside this one's
+        (out / path_name).unlink(missing_ok=True)
     for table_name in ("table1_vs_paper", "table3_vs_paper", "table2_vs_paper"):
         path = out / f"edit_benchmark_{table_name}.csv"
         if table_name in tables:
@@ -580,22 +785,20 @@ def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta
             path.unlink(missing_ok=True)
 
     if scaling_rows:
-        df = pd.DataFrame(scaling_rows).sort_values(["editor", "n_edits"])  # a resumed run appends out of order
-        long = df.melt(id_vars=["n_edits", "editor"], value_vars=METRICS, var_name="metric", value_name="value")
-        fig = px.line(long, x="n_edits", y="value", color="editor", facet_col="metric", markers=True, log_x=True,
-                      title="Fig. 3: metrics vs number of simultaneous edits")
+        fig = scaling_figure(scaling_rows, "Fig. 3: metrics vs number of simultaneous edits",
+                             out / "edit_benchmark_fig3_scaling.png")
         html_parts.append(fig)
-        fig_m, axes = png_figure(1, len(METRICS), figsize=(4 * len(METRICS), 3.2), sharex=True)
-        for ax, metric in zip(axes, METRICS):
-            for editor, g in df.groupby("editor"):
-                ax.plot(g["n_edits"], g[metric], marker="o", label=editor)
-                if f"{metric}_ci95" in g and g[f"{metric}_ci95"].notna().all():
-                    ax.fill_between(g["n_edits"], g[metric] - g[f"{metric}_ci95"], g[metric] + g[f"{metric}_ci95"], alpha=0.2)
-            ax.set_xscale("log")
-            ax.set_title(metric)
-            ax.set_xlabel("number of edits")
-        axes[0].legend()
-        save_png(fig_m, out / "edit_benchmark_fig3_scaling.png")
+    if sweep_rows:
+        sweep = pd.DataFrame(sweep_rows).pivot_table(index="editor", columns="n_edits", values="score")
+        md += ["## Fig. 5 (MEMIT): Score x100 vs the number of edits (probability metrics only; CSV: "
+               "edit_benchmark_fig5_sweep.csv)\n", to_markdown((100 * sweep).round(1).reset_index()), ""]
+        fig = scaling_figure(sweep_rows, "Fig. 5 (MEMIT): metrics vs number of edits (ROME, r-ROME sequential; the "
+                             "others one edit)", out / "edit_benchmark_fig5_sweep.png")
+        write_figure(fig, out / "edit_benchmark_fig5_sweep.html", plotlyjs="directory")
+        html_parts.append(fig)
+    else:
+        for suffix in ("html", "png"):
+            (out / f"edit_benchmark_fig5_sweep.{suffix}").unlink(missing_ok=True)
     if norms:
         nd = pd.DataFrame(norms)
         nd["series"] = nd["editor"] + " (" + nd["weight"] + ")"
@@ -625,9 +828,32 @@ def replot(out: Path) -> None:
     norms_path, scaling_path = out / "edit_benchmark_fig4_delta_norms.csv", out / "edit_benchmark_fig3_scaling.csv"
     norms = pd.read_csv(norms_path).to_dict("records") if norms_path.is_file() else []
     scaling = pd.read_csv(scaling_path).to_dict("records") if scaling_path.is_file() else []
-    zsre_path = out / "edit_benchmark_zsre_summaries.json"
-    zsre = json.loads(zsre_path.read_text()) if zsre_path.is_file() else {}
-    write_report(out, saved["summaries"], norms, scaling, zsre, saved["meta"], "consistency_proxy")
+    *_, zsre, alt, sweep = load_previous(out, {**saved["meta"], "hparams": saved["meta"].get("hparams", {})})
+    write_report(out, saved["summaries"], norms, scaling, zsre, saved["meta"], "consistency_proxy", alt, sweep)
+
+
+def scaling_figure(rows: list[dict], title: str, png_path: Path):
+    """Metrics vs the number of edits (log x, one line per editor, 95% CI bands in the PNG): writes the
+    matplotlib PNG to ``png_path`` and returns the plotly figure."""
+    import plotly.express as px
+
+    from pmet_lens.viz.png import png_figure, save_png
+
+    df = pd.DataFrame(rows).sort_values(["editor", "n_edits"])  # a resumed run appends out of order
+    long = df.melt(id_vars=["n_edits", "editor"], value_vars=METRICS, var_name="metric", value_name="value")
+    fig = px.line(long, x="n_edits", y="value", color="editor", facet_col="metric", markers=True, log_x=True, title=title)
+    fig_m, axes = png_figure(1, len(METRICS), figsize=(4 * len(METRICS), 3.2), sharex=True)
+    for ax, metric in zip(axes, METRICS):
+        for editor, g in df.groupby("editor"):
+            ax.plot(g["n_edits"], g[metric], marker="o", label=editor)
+            if f"{metric}_ci95" in g and g[f"{metric}_ci95"].notna().all():
+                ax.fill_between(g["n_edits"], g[metric] - g[f"{metric}_ci95"], g[metric] + g[f"{metric}_ci95"], alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_title(metric)
+        ax.set_xlabel("number of edits")
+    axes[0].legend(fontsize=7)
+    save_png(fig_m, png_path)
+    return fig
 
 
 def to_markdown(df: pd.DataFrame) -> str:

@@ -20,8 +20,18 @@ benchmark (PMET Table 1).
     python analyses/tune_editing.py --limit 48 --cov-tokens 100000,200000,400000 --lams 30,300 --out figures/tune_cov_tokens
     python analyses/tune_editing.py --methods pmet --start 48 --limit 52 --clamps 1.5,3 --lams 30 --out figures/tune_pmet_confirm
 
-Writes ``<out>/tune_editing.csv`` (one row per method, c, steps, lr, C's token count and λ) and ``<out>/tune_editing.json``
-(the best row per method). ``analyses/tune_presets.sh`` runs the search that chose the presets.
+The baseline editors have no λ to sweep: ``ft-w`` / ``ft-l`` (FT-W's weight decay, ``--wds``, FT-L's ε,
+``--eps``, and the fine-tuned layer, ``--layers``) and ``rome`` / ``r-rome`` (the layer, ``--layers``) are
+edited once per grid point and scored the same way (ROME and r-ROME one fact after another, as they edit).
+``emmet`` takes the λ grid as its α (C ← αC; the targets are reused as for MEMIT) and ``--layers`` too.
+Without a preset for the model (FT-W on a new model), a method starts from its class defaults.
+
+    python analyses/tune_editing.py --methods ft-w --limit 48 --layers 2,4,8,12,16,20,24 --wds 0,5e-4,5e-2 --out figures/tune_ft_w
+    python analyses/tune_editing.py --methods emmet --limit 48 --lams 1000,10000,100000 --out figures/tune_emmet
+
+Writes ``<out>/tune_editing.csv`` (one row per method and grid point: c, steps, lr, C's token count and λ;
+the layer, weight decay and ε of the one-layer methods) and ``<out>/tune_editing.json`` (the best row per
+method). ``analyses/tune_presets.sh`` runs the search that chose the PMET and MEMIT presets.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ import pandas as pd
 from pmet_lens import load_model
 from pmet_lens.core.presets import find_entry, write_entry
 from pmet_lens.data.splits import split_facts
-from pmet_lens.editing import CovarianceStore, edit, preset
+from pmet_lens.editing import METHODS, CovarianceStore, EditHyperParams, FTHyperParams, edit, preset
 from pmet_lens.evaluation import evaluate_counterfact
 from pmet_lens.parallel import Workers, run_shards
 
@@ -50,6 +60,11 @@ DEFAULT_GRID = (100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0)
 TUNED = (("clamp", "clamp_norm_factor", float), ("steps", "steps", int), ("lr", "lr", float),
          ("cov_tokens", "cov_tokens", int), ("lam", "lam", float))
 """The searched settings: (column of tune_editing.csv, hyper-parameter field, type)."""
+
+TUNED_DIRECT = (("layer", "layers", int), ("weight_decay", "weight_decay", float),
+                ("norm_constraint", "norm_constraint", float))
+"""The searched settings of the methods edited once per grid point (ROME, r-ROME, FT-W, FT-L): the layer
+(stored as ``layers=[l]``), FT's weight decay and FT-L's ε; a method uses those its class has."""
 
 
 def sweep(model, facts, hparams, lams, store, cov_tokens=None) -> list[dict]:
@@ -77,14 +92,71 @@ def sweep(model, facts, hparams, lams, store, cov_tokens=None) -> list[dict]:
     return rows
 
 
+def sweep_direct(model, facts, hparams, store) -> dict:
+    """One edit with ``hparams`` (ROME / r-ROME one fact after another, FT-W / FT-L all at once), the
+    evaluation, and the exact restore on exiting it."""
+    t0 = time.perf_counter()
+    with edit(model, facts, hparams=hparams, cov_store=store, progress=False) as result:
+        seconds = time.perf_counter() - t0
+        _, summary = evaluate_counterfact(model, facts, generation=False, progress=False)
+    row = {"method": hparams.method, "layer": hparams.layers[0], "n_facts": len(facts),
+           "weight_decay": getattr(hparams, "weight_decay", None), "norm_constraint": getattr(hparams, "norm_constraint", None),
+           "edit_seconds": round(seconds, 1), "delta_norm": float(sum(d.double().norm() ** 2 for d in result.deltas.values()) ** 0.5)}
+    row.update({k: summary[k] for k in ("score", "efficacy", "paraphrase", "neighborhood")})
+    logger.info("%s layer %d wd %s ε %s: score %.3f efficacy %.3f paraphrase %.3f neighborhood %.3f (%.0f s)",
+                hparams.method, row["layer"], row["weight_decay"], row["norm_constraint"], row["score"],
+                row["efficacy"], row["paraphrase"], row["neighborhood"], seconds)
+    return row
+
+
+def grid_point(model, kind, facts, hparams, lams, store, cov_tokens=None) -> list[dict]:
+    """One grid point (a shard of the search): :func:`sweep` over λ of a target-and-solve method
+    (``kind`` "sweep"), or :func:`sweep_direct`'s one edit (``kind`` "direct")."""
+    if kind == "sweep":
+        return [{**r, "layer": hparams.layers[-1]} for r in sweep(model, facts, hparams, lams, store, cov_tokens)]
+    return [sweep_direct(model, facts, hparams, store)]
+
+
+def _distance(values: pd.Series, reference: float, column: str) -> pd.Series:
+    """How far a searched setting is from the preset's: |Δ| for a layer, |log ratio| otherwise (a 0 weight
+    decay counts as 1e-6)."""
+    v = values.astype(float)
+    if column == "layer":
+        return (v - reference).abs()
+    return np.abs(np.log(np.maximum(v, 1e-6) / max(reference, 1e-6)))
+
+
+def tuned_columns(base) -> tuple[tuple[str, str, type], ...]:
+    """The searched settings of ``base``'s method: :data:`TUNED` for the target-and-solve methods,
+    the fields of :data:`TUNED_DIRECT` its class has otherwise."""
+    if isinstance(base, EditHyperParams) and base.method not in ("rome", "r-rome"):
+        return TUNED
+    return tuple(t for t in TUNED_DIRECT if hasattr(base, t[1]) and (t[0] != "norm_constraint" or base.norm_constraint is not None))
+
+
+def _reference(base, attr: str) -> float:
+    value = getattr(base, attr)
+    return float(value[0] if attr == "layers" else value)
+
+
 def pick_best(rows: pd.DataFrame, base) -> dict:
     """The row with the best Score; among rows with the same Score (few tune facts make ties common),
     the one closest to the preset ``base`` (summed |log ratio| of c, steps, lr, covariance tokens and
-    λ), so a tie never moves a setting away from the preset."""
-    distance = sum(np.abs(np.log(rows[col].astype(float) / float(getattr(base, attr)))) for col, attr, _ in TUNED)
+    λ; of the one-layer methods the layer's distance plus the |log ratio| of the weight decay and ε),
+    so a tie never moves a setting away from the preset."""
+    distance = sum(_distance(rows[col], _reference(base, attr), col) for col, attr, _ in tuned_columns(base))
     ranked = rows.assign(_score=rows["score"].round(9), _distance=distance)
     ranked = ranked.sort_values(["_score", "_distance"], ascending=[False, True], kind="stable")
     return ranked.drop(columns=["_score", "_distance"]).iloc[0].to_dict()
+
+
+def starting_point(name: str, method: str):
+    """The method's preset for ``name``, or its class defaults when it has none (FT-W on a new model)."""
+    try:
+        return preset(name, method)
+    except ValueError as err:
+        logger.warning("%s; searching from %s's defaults", err, METHODS[method].__name__)
+        return METHODS[method]()
 
 
 def grid(text: str | None, cast, default) -> list | None:
@@ -100,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--start", type=int, default=0,
                         help="skip the first START tune facts, e.g. --start 48 --limit 52 to confirm a search made "
                              "on the first 48 on the tune facts it did not use")
-    parser.add_argument("--methods", default="pmet,memit")
+    parser.add_argument("--methods", default="pmet,memit", help=f"comma-separated, of {','.join(METHODS)}")
     parser.add_argument("--lams", default=",".join(str(x) for x in DEFAULT_GRID), help="comma-separated λ grid")
     parser.add_argument("--clamps", default=None,
                         help="comma-separated clamp factors c (targets are re-optimised per c); default: the preset's")
@@ -110,6 +182,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated learning rates (targets are re-optimised per value); default: the preset's")
     parser.add_argument("--cov-tokens", default=None,
                         help="comma-separated corpus token counts for C (the targets are reused); default: the preset's")
+    parser.add_argument("--layers", default=None,
+                        help="rome, r-rome, ft-w, ft-l, emmet: comma-separated layers, each edited alone; default: the preset's")
+    parser.add_argument("--wds", default=None, help="ft-w, ft-l: comma-separated weight decays on ΔW; default: the preset's")
+    parser.add_argument("--eps", default=None, help="ft-l: comma-separated L∞ bounds ε; default: the preset's")
     parser.add_argument("--out", type=Path, default=Path("figures"))
     parser.add_argument("--write", action="store_true",
                         help="store the best (c, steps, lr, cov_tokens, λ) in the user's editing.json (read before the shipped presets)")
@@ -131,18 +207,37 @@ def main(argv: list[str] | None = None) -> None:
     lams = grid(args.lams, float, None)
     cov_tokens = grid(args.cov_tokens, int, None)
     store = CovarianceStore()
-    points = []  # one shard per grid point of the target settings; its λ (and C size) sweep runs inside it
+    points = []  # one shard per grid point; a target-and-solve point's λ (and C size) sweep runs inside it
+    bases = {}
     for method in args.methods.split(","):
-        base = preset(name, method)
-        clamps = grid(args.clamps, float, base.clamp_norm_factor)
-        steps = grid(args.steps, int, base.steps)
-        lrs = grid(args.lrs, float, base.lr)
-        assert clamps is not None and steps is not None and lrs is not None  # each has the preset's default
-        for c, n_steps, lr in itertools.product(clamps, steps, lrs):
-            points.append((facts, base.with_(clamp_norm_factor=c, steps=n_steps, lr=lr), lams))
+        if method not in METHODS:
+            parser.error(f"unknown method {method!r}; choose from {','.join(METHODS)}")
+        bases[method] = base = starting_point(name, method)
+        layer_grid = grid(args.layers, int, None)
+        layer_sets = [(l,) for l in layer_grid] if layer_grid else [base.layers]
+        if isinstance(base, EditHyperParams) and method not in ("rome", "r-rome"):
+            clamps = grid(args.clamps, float, base.clamp_norm_factor)
+            steps = grid(args.steps, int, base.steps)
+            lrs = grid(args.lrs, float, base.lr)
+            assert clamps is not None and steps is not None and lrs is not None  # each has the preset's default
+            if layer_grid and method != "emmet":
+                parser.error("--layers applies to rome, r-rome, ft-w, ft-l and emmet (the others use R)")
+            for layers, c, n_steps, lr in itertools.product(layer_sets, clamps, steps, lrs):
+                hp = base.with_(layers=layers, clamp_norm_factor=c, steps=n_steps, lr=lr)
+                points.append(("sweep", facts, hp, lams))
+        else:
+            ft = isinstance(base, FTHyperParams)
+            wds = (grid(args.wds, float, base.weight_decay) if ft else None) or [None]
+            eps = (grid(args.eps, float, base.norm_constraint) if ft else None) or [None]
+            if not ft and (args.wds or args.eps):
+                parser.error("--wds and --eps apply to ft-w and ft-l")
+            for layers, wd, e in itertools.product(layer_sets, wds, eps):
+                changes = {"layers": layers, **({} if wd is None else {"weight_decay": wd}),
+                           **({} if e is None else {"norm_constraint": e})}
+                points.append(("direct", facts, base.with_(**changes), None))
     pool = Workers(args.workers, address=args.address) if args.workers else None
     try:
-        parts = run_shards(model, sweep, points, common={"store": store, "cov_tokens": cov_tokens}, workers=pool,
+        parts = run_shards(model, grid_point, points, common={"store": store, "cov_tokens": cov_tokens}, workers=pool,
                            desc="grid points", progress=True)
     finally:
         if pool is not None:
@@ -151,16 +246,19 @@ def main(argv: list[str] | None = None) -> None:
     df = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "tune_editing.csv", index=False)
-    best = {m: pick_best(df[df.method == m], preset(name, m)) for m in df.method.unique()}
+    best = {m: pick_best(df[df.method == m], bases[m]) for m in df.method.unique()}
     (args.out / "tune_editing.json").write_text(json.dumps(best, indent=2, default=str) + "\n")
     for m, row in best.items():
-        logger.info("best %s: c=%g steps=%d lr=%g λ=%g (score %.3f on %d tune facts)", m, row["clamp"], row["steps"],
-                    row["lr"], row["lam"], row["score"], row["n_facts"])
+        logger.info("best %s: %s (score %.3f on %d tune facts)", m,
+                    ", ".join(f"{col} {row[col]}" for col, _, _ in tuned_columns(bases[m])), row["score"], row["n_facts"])
     if args.write:
         found = find_entry("editing.json", name, args.presets)
         entry = json.loads(json.dumps(found[1])) if found is not None else {}
         for m, row in best.items():
-            entry.setdefault(m, {}).update({attr: cast(row[col]) for col, attr, cast in TUNED})
+            entry.setdefault(m, {}).update({attr: [cast(row[col])] if attr == "layers" else cast(row[col])
+                                            for col, attr, cast in tuned_columns(bases[m])})
+            if m == "emmet":
+                entry[m]["layers"] = [int(row["layer"])]
         path = write_entry("editing.json", name, entry, args.presets)
         logger.info("wrote %s", path)
     print(df.to_string(index=False))

@@ -40,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "PMETHyperParams": "pmet_lens.editing",
     "MEMITHyperParams": "pmet_lens.editing",
     "AlphaEditHyperParams": "pmet_lens.editing.hparams",
+    "MENDHyperParams": "pmet_lens.editing.hparams",
     "EditSession": "pmet_lens.editing.session",
     # transformers checkpoints and GGUF out, saved edits onto transformers models
     "export_hf": "pmet_lens.export",

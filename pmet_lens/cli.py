@@ -194,7 +194,7 @@ def _hparams_overrides(value: str | None, method: str) -> tuple[dict[str, Any], 
         return {}, ""
     from dataclasses import fields
 
-    from pmet_lens.editing.hparams import MEMITHyperParams, PMETHyperParams
+    from pmet_lens.editing.hparams import METHODS
 
     if value.lstrip().startswith("{"):
         source, text = "--hparams", value
@@ -209,7 +209,7 @@ def _hparams_overrides(value: str | None, method: str) -> tuple[dict[str, Any], 
         raise CLIError(f"{source} must hold a JSON object of hyper-parameters, got {type(overrides).__name__}")
     if overrides.get("method", method) != method:
         raise CLIError(f"{source} names method {overrides['method']!r} but --method is {method!r}")
-    cls = PMETHyperParams if method == "pmet" else MEMITHyperParams
+    cls = METHODS[method]
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(overrides) - names - {"method"})
     if unknown:
@@ -268,7 +268,9 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- session
-SESSION_METHODS = ("alphaedit", "memit", "pmet", "pmet+ns")
+EDIT_METHODS = ("pmet", "memit", "alphaedit", "emmet", "rome", "r-rome", "ft-w", "ft-l", "mend")
+"""The ``--method`` choices of ``edit``: every method of :data:`pmet_lens.editing.hparams.METHODS` (a test checks)."""
+SESSION_METHODS = (*EDIT_METHODS, "pmet+ns")
 
 
 def _cmd_session(args: argparse.Namespace) -> int:
@@ -571,12 +573,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("edit", help="edit facts from a JSON file; writes a delta file",
-                       description="Mass-edit facts (CounterFact records or {subject, prompt, target_new} dicts) "
-                                   "with PMET, MEMIT or AlphaEdit and save the weight deltas (safetensors).")
+                       description="Edit facts (CounterFact records or {subject, prompt, target_new} dicts) "
+                                   "with PMET, MEMIT, AlphaEdit, EMMET, ROME, r-ROME, FT-W, FT-L or MEND and save the weight "
+                                   "deltas (safetensors).")
     common(p)
     p.add_argument("--facts", required=True, help="JSON list (or .jsonl) of records")
-    p.add_argument("--method", choices=["pmet", "memit", "alphaedit"], default="pmet",
-                   help="editor (alphaedit: MEMIT's targets with AlphaEdit's null-space projected update; default pmet)")
+    p.add_argument("--method", choices=EDIT_METHODS, default="pmet",
+                   help="editor (default pmet; alphaedit: MEMIT's targets with AlphaEdit's null-space projected "
+                        "update; rome / r-rome: one fact after another; ft-w / ft-l: fine-tuning; mend: a trained "
+                        "editor network, e.g. --hparams '{\"network\": \"zsre\"}'; see docs/editing.md)")
     p.add_argument("--preset", help="hyper-parameter preset (SmolLM2-135M-Instruct, gpt-j-6B, gpt-neox-20b; default: the model's)")
     p.add_argument("--hparams", help="hyper-parameter overrides: a JSON object, inline (e.g. '{\"lam\": 600}') or "
                                      "in a file")

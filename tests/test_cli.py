@@ -57,7 +57,7 @@ def test_main_module_and_no_command():
     (("edit", "--facts", "broken.json", "--out", "d.safetensors"), "not valid JSON"),
     (("edit", "--facts", "bad_record.json", "--out", "d.safetensors"), "case_id=7"),
     (("edit", "--facts", "facts.json", "--preset", "gpt-5", "--out", "d.safetensors"), "unknown preset 'gpt-5'"),
-    (("edit", "--facts", "facts.json", "--method", "rome", "--out", "d.safetensors"), "invalid choice: 'rome'"),
+    (("edit", "--facts", "facts.json", "--method", "serac", "--out", "d.safetensors"), "invalid choice: 'serac'"),
     (("edit", "--facts", "facts.json", "--corpus", "missing.txt", "--out", "d.safetensors"), "corpus file not found"),
     (("evaluate", "--records", "missing.json"), "records file not found"),
     (("evaluate", "--records", "broken.json"), "not valid JSON"),
@@ -91,6 +91,9 @@ EDIT = ("edit", "--facts", "facts.json", "--out", "never.safetensors")
     ((*EDIT, "--hparams", '{"lamb": 600}'), "unknown hyper-parameter(s) in --hparams: ['lamb']"),
     ((*EDIT, "--hparams", '{lam: 600}'), "--hparams is not valid JSON"),
     ((*EDIT, "--method", "memit", "--hparams", '{"method": "pmet"}'), "names method 'pmet' but --method is 'memit'"),
+    # each method's own fields: FT-W has no λ, ROME takes one layer
+    ((*EDIT, "--method", "ft-w", "--hparams", '{"lam": 600}'), "unknown hyper-parameter(s) in --hparams: ['lam']"),
+    ((*EDIT, "--method", "rome", "--hparams", '{"layers": [3, 4]}'), "rome edits one layer"),
     # --hparams as a file
     ((*EDIT, "--hparams", "bad_hp.json"), "bad hyper-parameters in bad_hp.json: steps must be an int >= 1"),
     ((*EDIT, "--hparams", "missing.json"), "hparams file not found"),

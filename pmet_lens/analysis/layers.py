@@ -1,5 +1,6 @@
 """The critical layer range R: the rule that picks it from causal traces (MEMIT section 3,
-Appendix A, Fig. 3) and the stored ranges that the editors' presets read.
+Appendix A, Fig. 3) and the stored ranges that the editors' presets read; and ROME's single edited
+layer (ROME section 2: the MLP layer with the strongest effect at the subject's last token).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from jaxtyping import Float
 from pmet_lens.core.presets import find_entry, user_presets_dir, write_entry
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from pmet_lens.analysis.averaged import AverageTrace
 
-__all__ = ["critical_layers", "critical_layers_path", "default_critical_layers", "write_critical_layers"]
+__all__ = ["critical_layers", "critical_layers_path", "default_critical_layers", "strongest_mlp_layer",
+           "write_critical_layers"]
 
 
 def critical_layers_path(user_dir: str | Path | None = None) -> Path:
@@ -85,3 +89,34 @@ def critical_layers(
     start = int(torch.argmax(sums))  # first maximum
     layers = list(range(start, start + size))
     return layers, max(layers)
+
+
+def strongest_mlp_layer(trace: "AverageTrace | pd.DataFrame") -> int:
+    """ROME's edited layer: the layer l whose MLP restoration at the subject's last token has the largest
+    mean indirect effect (ROME section 2 and Fig. 1; GPT-J's is 5, GPT2-XL's 17).
+
+    The effect is the averaged MLP trace (a window of MLP outputs centred on l restored in the
+    corrupted run, DESIGN section 2) of the token class "last subject token"; the earliest layer wins
+    ties.
+
+    Args:
+        trace: an :class:`AverageTrace` with the ``"mlp"`` kind, or its
+            :meth:`~pmet_lens.analysis.averaged.AverageTrace.class_frame` (e.g. read back from
+            ``causal_trace_classes.csv``: columns ``kind``, ``token_class``, ``layer``, ``mean``).
+
+    Raises:
+        ValueError: no MLP trace of the last subject token in ``trace``.
+    """
+    import pandas as pd
+
+    from pmet_lens.analysis.averaged import AverageTrace
+
+    frame = trace.class_frame() if isinstance(trace, AverageTrace) else pd.DataFrame(trace)
+    missing = {"kind", "token_class", "layer", "mean"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"the trace table lacks the column(s) {sorted(missing)} (expected AverageTrace.class_frame())")
+    rows = frame[(frame["kind"] == "mlp") & (frame["token_class"] == "last subject token")].sort_values("layer")
+    if rows.empty:
+        raise ValueError("no MLP trace of the last subject token: trace with kind 'mlp' (average_traces(kinds=...))")
+    effect = torch.tensor(rows["mean"].to_numpy(dtype="float64"))
+    return int(rows["layer"].iloc[int(torch.argmax(effect))])  # first maximum

@@ -14,6 +14,7 @@ from pmet_lens.data.records import (
     load_counterfact,
     load_known_facts,
     load_zsre,
+    load_zsre_train,
     read_records,
     wikitext_path,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "load_counterfact",
     "load_known_facts",
     "load_zsre",
+    "load_zsre_train",
     "read_records",
     "wikitext_path",
 ]

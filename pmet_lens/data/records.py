@@ -24,6 +24,7 @@ __all__ = [
     "load_counterfact",
     "load_known_facts",
     "load_zsre",
+    "load_zsre_train",
     "read_records",
     "wikitext_path",
 ]
@@ -361,15 +362,34 @@ def load_zsre(path: str | Path | None = None, limit: int | None = None,
     if target not in ZSRE_TARGETS:
         raise ValueError(f"unknown zsRE target {target!r}; choose one of {list(ZSRE_TARGETS)}")
     records = read_records(path or data_path("zsre_mend_eval_subset.json"), "zsRE")
+    return [_zsre_record(rec, i, target) for i, rec in enumerate(_take(records, limit))]
+
+
+def _zsre_record(rec: Any, i: int, target: str) -> ZsreRecord:
+    """Record ``i`` of a zsRE file as a :class:`ZsreRecord` editing towards ``target`` ("alt" / "answer")."""
+    _require_fields(rec, ("subject", "src", "rephrase", "alt", "answers", "loc", "loc_ans"), f"zsRE record #{i}")
+    if target == "answer" and not rec["answers"]:
+        raise DataError(f"zsRE record #{i} has an empty 'answers' list, so target='answer' has nothing to "
+                        "edit towards; drop the record or load with target='alt'")
+    return ZsreRecord(subject=rec["subject"], src=rec["src"], rephrase=rec["rephrase"],
+                      target_new=rec["alt"] if target == "alt" else rec["answers"][0],
+                      answers=tuple(rec["answers"]), loc=rec["loc"], loc_ans=rec["loc_ans"], case_id=i)
+
+
+def load_zsre_train(limit: int | None = None, target: Literal["alt", "answer"] = "alt") -> list[ZsreRecord]:
+    """The shipped zsRE **training**-split records (``zsre_mend_train_1k.json``, 1000 records of
+    ``zsre_mend_train.json``, none in the eval subset), which train MEND's editor network; never report
+    them as the zsRE benchmark. Records without the chosen answer (two of the file's ``alt`` are empty)
+    are left out; ``case_id`` stays the position in the file. ``limit`` (of the file's records) and
+    ``target`` as in :func:`load_zsre`."""
+    if target not in ZSRE_TARGETS:
+        raise ValueError(f"unknown zsRE target {target!r}; choose one of {list(ZSRE_TARGETS)}")
+    records = read_records(data_path("zsre_mend_train_1k.json"), "zsRE")
     out = []
     for i, rec in enumerate(_take(records, limit)):
-        _require_fields(rec, ("subject", "src", "rephrase", "alt", "answers", "loc", "loc_ans"), f"zsRE record #{i}")
-        if target == "answer" and not rec["answers"]:
-            raise DataError(f"zsRE record #{i} has an empty 'answers' list, so target='answer' has nothing to "
-                            "edit towards; drop the record or load with target='alt'")
-        out.append(ZsreRecord(subject=rec["subject"], src=rec["src"], rephrase=rec["rephrase"],
-                              target_new=rec["alt"] if target == "alt" else rec["answers"][0],
-                              answers=tuple(rec["answers"]), loc=rec["loc"], loc_ans=rec["loc_ans"], case_id=i))
+        answer = rec.get("alt") if target == "alt" else next(iter(rec.get("answers") or []), None)
+        if isinstance(answer, str) and answer.strip():
+            out.append(_zsre_record(rec, i, target))
     return out
 
 

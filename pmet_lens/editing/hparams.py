@@ -1,8 +1,14 @@
-"""Typed hyper-parameters of the PMET and MEMIT editors, and their per-model presets.
+"""Typed hyper-parameters of every editor, and their per-model presets.
 
-PMET and MEMIT are one pipeline (:mod:`pmet_lens.editing.targets`, :mod:`pmet_lens.editing.update`); the two
-dataclasses below only choose its settings (:func:`settings_for`). Symbols follow PMET "PMET
-Method" (eqs. 9-11) and Appendix D, and MEMIT section 4 (eqs. 14-16) and Appendix B.
+:data:`METHODS` is the one registry: method name -> hyper-parameter class; each class names the
+:class:`~pmet_lens.editing.editor.Editor` that runs it (:meth:`MethodHyperParams.editor`).
+
+PMET, MEMIT, AlphaEdit, ROME, r-ROME and EMMET are one pipeline (:mod:`pmet_lens.editing.targets`,
+:mod:`pmet_lens.editing.keys`, :mod:`pmet_lens.editing.update`); their dataclasses only choose its
+settings (:func:`settings_for`) and its solve. FT-W and FT-L (:mod:`pmet_lens.editing.finetune`)
+fine-tune one weight and share only the base class. Symbols follow PMET "PMET Method" (eqs. 9-11)
+and Appendix D, MEMIT section 4 (eqs. 14-16) and Appendix B, ROME section 3 (eq. 2), r-ROME
+(Gupta et al. 2024, arXiv 2403.07175) and EMMET (Gupta et al. 2024, arXiv 2403.14236).
 """
 
 from __future__ import annotations
@@ -12,19 +18,31 @@ import logging
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pmet_lens.analysis.layers import default_critical_layers
 from pmet_lens.core.presets import find_entry, merged_table
+
+if TYPE_CHECKING:
+    from pmet_lens.editing.editor import Editor
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "AlphaEditHyperParams",
+    "EMMETHyperParams",
     "EditHyperParams",
+    "FTHyperParams",
+    "FTLHyperParams",
     "MEMITHyperParams",
+    "MENDHyperParams",
+    "METHODS",
+    "MethodHyperParams",
     "PMETHyperParams",
+    "RROMEHyperParams",
+    "ROMEHyperParams",
     "SMOLLM2_LAYERS",
+    "SMOLLM2_MEND_LAYERS",
     "Settings",
     "critical_layers_for",
     "hparams_from_dict",
@@ -39,9 +57,85 @@ SMOLLM2_LAYERS: tuple[int, ...] = (3, 4, 5, 6, 7)
 found by causal tracing (``presets/critical_layers.json``). :func:`preset` reads R from that file."""
 
 
+def _check_layers(layers: Any) -> tuple[int, ...]:
+    """``layers`` as a tuple of ints, strictly ascending, non-negative, non-empty (else an error)."""
+    layers = tuple(layers)
+    if not layers:
+        raise ValueError("layers must name at least one layer")
+    if any(not isinstance(l, int) or isinstance(l, bool) for l in layers):
+        raise TypeError(f"layers must be ints, got {layers!r}")
+    if list(layers) != sorted(set(layers)):
+        raise ValueError(f"layers must be strictly ascending without repeats, got {layers!r}")
+    if min(layers) < 0:
+        raise ValueError(f"layers must be >= 0, got {layers!r}")
+    return layers
+
+
+def _check_number(obj: Any, name: str, *, positive: bool) -> None:
+    """Field ``name`` of ``obj`` must be a finite real number, > 0 (``positive``) or >= 0."""
+    value = getattr(obj, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
+
+
+def _check_count(obj: Any, name: str, minimum: int = 1) -> None:
+    """Field ``name`` of ``obj`` must be an int >= ``minimum``."""
+    value = getattr(obj, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 @dataclass(frozen=True)
-class EditHyperParams:
-    """Settings shared by PMET and MEMIT (validated in ``__post_init__``).
+class MethodHyperParams:
+    """What every method's hyper-parameters share (validated in ``__post_init__``).
+
+    Attributes:
+        layers: the blocks whose weights the method writes (ascending).
+    """
+
+    method: ClassVar[str]
+    """The method name (a key of :data:`METHODS`) these hyper-parameters belong to."""
+
+    layers: tuple[int, ...] = SMOLLM2_LAYERS
+
+    #: Fields that only enter the weight update, not the optimisation of target vectors.
+    update_only_fields: ClassVar[frozenset[str]] = frozenset()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", _check_layers(self.layers))
+
+    def editor(self) -> "Editor":
+        """The :class:`~pmet_lens.editing.editor.Editor` that runs this method. Each method's class
+        defines it, importing the editor's module inside (the editors' modules import this one)."""
+        raise NotImplementedError(f"{type(self).__name__} names no editor: define editor() on it")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (with the method name), inverse of :func:`hparams_from_dict`."""
+        out = asdict(self)
+        out["method"] = self.method
+        return json.loads(json.dumps(out))
+
+    def effective_settings(self) -> dict[str, Any]:
+        """The JSON-ready settings an edit depends on. Two hyper-parameter sets with equal
+        ``effective_settings()`` make the same edit of the same facts."""
+        return self.to_dict()
+
+    def with_(self, **changes: Any) -> "MethodHyperParams":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def target_settings(self) -> dict[str, Any]:
+        """The JSON-ready settings the optimised targets depend on: :meth:`to_dict` without
+        ``update_only_fields``. Two hyper-parameter sets with equal ``target_settings()`` give
+        the same targets for the same facts, so saved targets may be reused across them."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.update_only_fields}
+
+
+@dataclass(frozen=True)
+class EditHyperParams(MethodHyperParams):
+    """Settings of the target-and-solve pipeline shared by PMET, MEMIT, AlphaEdit, ROME, r-ROME and
+    EMMET (validated in ``__post_init__``).
 
     Attributes:
         layers: the critical layers R (ascending); L = max(R) is where the targets are optimised.
@@ -60,11 +154,17 @@ class EditHyperParams:
             ``mom2_n_samples × n_ctx`` tokens; the GPT-J / GPT-NeoX presets use that bound.
         cov_seq_len: tokens per corpus chunk fed to the model when estimating C.
         cov_dtype: dtype name C is accumulated/stored in ("float32" or "float64").
-        prefix_starts: words the context prefixes are sampled from (official: 5 words).
-        prefix_len: tokens per sampled context prefix (official: 10).
-        prefixes_per_start: prefixes sampled per start word (official: 1).
+        prefix_starts: words the context prefixes are sampled from (official: 5 words); ``""`` starts
+            from the model's BOS token alone (ROME samples after ``<|endoftext|>``).
+        prefix_len: tokens per sampled context prefix (official: 10), or several lengths (ROME: 5
+            and 10), each length one group of prefixes with ``prefixes_per_start`` per start word.
+        prefixes_per_start: prefixes sampled per start word and length (official: 1; ROME: 10).
         context_prefixes: explicit context prefix texts (each followed by ". " and the prompt);
             ``None`` samples them from the model (seeded). The bare prompt is always included.
+        key_average: how a key is averaged over the context templates: ``"groups"`` (MEMIT's and
+            PMET's ``compute_ks``: the mean within each group, the bare prompt one group and each
+            prefix length one, then the mean over the groups) or ``"uniform"`` (ROME's
+            ``compute_u``: every template equally).
         seed: seed of the prefix sampling generator.
         batch_size: facts optimised together in one forward/backward.
         nullspace: replace the update's λC term by AlphaEdit's null-space projection (AlphaEdit
@@ -77,10 +177,6 @@ class EditHyperParams:
         l2: α, the ridge weight of the projected solve (official "L2": 10).
     """
 
-    method: ClassVar[str]
-    """The method name ("pmet" or "memit") these hyper-parameters belong to."""
-
-    layers: tuple[int, ...] = SMOLLM2_LAYERS
     lam: float = 600.0
     steps: int = 30
     lr: float = 0.2
@@ -93,9 +189,10 @@ class EditHyperParams:
     cov_seq_len: int = 256
     cov_dtype: str = "float32"
     prefix_starts: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
-    prefix_len: int = 10
+    prefix_len: int | tuple[int, ...] = 10
     prefixes_per_start: int = 1
     context_prefixes: tuple[str, ...] | None = None
+    key_average: str = "groups"
     seed: int = 0
     batch_size: int = 8
     nullspace: bool = False
@@ -103,30 +200,20 @@ class EditHyperParams:
     l2: float = 10.0
 
     def __post_init__(self) -> None:
-        layers = tuple(self.layers)
-        object.__setattr__(self, "layers", layers)
-        if not layers:
-            raise ValueError("layers (R) must name at least one layer")
-        if any(not isinstance(l, int) or isinstance(l, bool) for l in layers):
-            raise TypeError(f"layers must be ints, got {layers!r}")
-        if list(layers) != sorted(set(layers)):
-            raise ValueError(f"layers must be strictly ascending without repeats, got {layers!r}")
-        if min(layers) < 0:
-            raise ValueError(f"layers must be >= 0, got {layers!r}")
+        super().__post_init__()
         for name in ("lam", "lr", "clamp_norm_factor"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            _check_number(self, name, positive=True)
         for name in ("weight_decay", "kl_factor", "nll_factor", "loss_stop"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name in ("steps", "cov_tokens", "cov_seq_len", "prefix_len", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not isinstance(self.prefixes_per_start, int) or self.prefixes_per_start < 0:
-            raise ValueError(f"prefixes_per_start must be an int >= 0, got {self.prefixes_per_start!r}")
+            _check_number(self, name, positive=False)
+        for name in ("steps", "cov_tokens", "cov_seq_len", "batch_size"):
+            _check_count(self, name)
+        _check_count(self, "prefixes_per_start", 0)
+        lengths = tuple(self.prefix_len) if isinstance(self.prefix_len, (tuple, list)) else (self.prefix_len,)
+        if not lengths or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in lengths):
+            raise ValueError(f"prefix_len must be an int >= 1 or a tuple of them, got {self.prefix_len!r}")
+        object.__setattr__(self, "prefix_len", lengths if len(lengths) > 1 else lengths[0])
+        if self.key_average not in ("groups", "uniform"):
+            raise ValueError(f"key_average must be 'groups' or 'uniform', got {self.key_average!r}")
         if not isinstance(self.nullspace, bool):
             raise TypeError(f"nullspace must be True or False, got {self.nullspace!r}")
         tau = self.nullspace_threshold
@@ -144,11 +231,17 @@ class EditHyperParams:
                 raise ValueError("context_prefixes must be strings without braces")
             object.__setattr__(self, "context_prefixes", prefixes)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (with the method name), inverse of :func:`hparams_from_dict`."""
-        out = asdict(self)
-        out["method"] = self.method
-        return json.loads(json.dumps(out))
+    def editor(self) -> "Editor":
+        """The target-and-solve pipeline (:data:`pmet_lens.editing.engine.LEAST_SQUARES`), whose solve
+        :func:`pmet_lens.editing.engine.method_solve` picks from the hyper-parameters' class."""
+        from pmet_lens.editing.engine import LEAST_SQUARES
+
+        return LEAST_SQUARES
+
+    @property
+    def prefix_lengths(self) -> tuple[int, ...]:
+        """``prefix_len`` as a tuple: one entry per group of sampled prefixes."""
+        return self.prefix_len if isinstance(self.prefix_len, tuple) else (self.prefix_len,)
 
     def effective_settings(self) -> dict[str, Any]:
         """The JSON-ready settings an edit depends on: :meth:`to_dict` without τ and α when
@@ -167,13 +260,7 @@ class EditHyperParams:
     #: Fields that only enter the weight update (λ, C, the spread, which weights are written), not
     #: the optimisation of the target vectors (PMET eq. 9, MEMIT eq. 16).
     update_only_fields: ClassVar[frozenset[str]] = frozenset(
-        {"lam", "cov_tokens", "cov_seq_len", "cov_dtype", "nullspace"}) | nullspace_fields
-
-    def target_settings(self) -> dict[str, Any]:
-        """The JSON-ready settings the optimised targets depend on: :meth:`to_dict` without
-        ``update_only_fields``. Two hyper-parameter sets with equal ``target_settings()`` give
-        the same targets for the same facts, so saved targets may be reused across them."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.update_only_fields}
+        {"lam", "cov_tokens", "cov_seq_len", "cov_dtype", "nullspace", "key_average"}) | nullspace_fields
 
 
 @dataclass(frozen=True)
@@ -258,6 +345,8 @@ class Settings:
 
 def settings_for(hparams: EditHyperParams) -> Settings:
     """Pipeline settings of a method's hyper-parameters (ablation switches included)."""
+    if isinstance(hparams, ROMEHyperParams):
+        return Settings(("mlp_out",), ("mlp_out",), "even", None)  # one layer: the spread is 1
     if isinstance(hparams, PMETHyperParams):
         sites = ("attn_out", "mlp_out") if hparams.use_attn_delta else ("mlp_out",)
         kept = ("mlp_out", "attn_out") if hparams.update_attn else ("mlp_out",)
@@ -282,15 +371,265 @@ class AlphaEditHyperParams(MEMITHyperParams):
             raise ValueError("AlphaEditHyperParams needs nullspace=True (use MEMITHyperParams for MEMIT's update)")
 
 
-METHODS: dict[str, type[EditHyperParams]] = {
-    "pmet": PMETHyperParams, "memit": MEMITHyperParams, "alphaedit": AlphaEditHyperParams}
-"""Method name -> its hyper-parameter class."""
+SMOLLM2_ROME_LAYER: tuple[int, ...] = (4,)
+"""Default layer of :class:`ROMEHyperParams`: the MLP layer of the default model with the strongest
+indirect effect at the subject's last token in the causal trace (ROME's rule;
+:func:`pmet_lens.analysis.layers.strongest_mlp_layer`). :func:`preset` reads it from
+``presets/editing.json``."""
 
 
-def hparams_from_dict(data: dict[str, Any]) -> EditHyperParams:
-    """Rebuild hyper-parameters from :meth:`EditHyperParams.to_dict` output."""
+@dataclass(frozen=True)
+class ROMEHyperParams(EditHyperParams):
+    """ROME (Meng et al. 2022, arXiv 2202.05262, section 3 and eq. 2; official ``rome/compute_u.py``,
+    ``compute_v.py``): a rank-one update of one layer's FFN output weight W_out, one fact at a time.
+
+    In TransformerLens orientation (keys as rows, m = k W + b), for each fact, on the model the
+    previous facts left (MEMIT's "sequential ROME"):
+
+        ΔW = (C⁻¹ k̄ᵀ)(v* − k_s W − b) / (k_s C⁻¹ k̄ᵀ)
+
+    with k̄ the key averaged uniformly over the context templates (``key_average="uniform"``: the
+    bare prompt, 10 prefixes of 5 tokens and 10 of 10 sampled after the BOS token), k_s the bare
+    prompt's key, C = E[kᵀk] (no λ) and v* = m_init + δ, δ optimised at ``hook_mlp_out`` of the layer
+    (PMET's ``mlp_out`` site without δ_a). Then k_s (W + ΔW) + b = v* exactly, and a key k with
+    k C⁻¹ k̄ᵀ = 0 keeps its output.
+
+    What differs from MEMIT: one layer; δ on the FFN output, not the residual stream; a hard
+    equality for the fact's key instead of MEMIT's least squares with λC; keys averaged uniformly
+    over 21 templates instead of half bare / half prefixed; several facts are edited one after
+    another, each with targets optimised on the model the previous ones left. λ (``lam``),
+    ``spread`` and the null-space fields are unused.
+
+    The fields keep their :class:`EditHyperParams` meaning; the defaults are the official GPT-J
+    settings (MEMIT Appendix B.2 and the ROME code): 20 steps, lr 0.5, weight decay 0.5, KL factor
+    μ 0.0625, clamp c = 4, early stop 0.05; the layer is the default model's from its causal trace
+    (:data:`SMOLLM2_ROME_LAYER`; GPT-J's is 5).
+    """
+
+    method: ClassVar[str] = "rome"
+    residual_key: ClassVar[str] = "bare"
+    """Which key ROME's residual and denominator use: the bare prompt's k_s (ROME) or k̄ (r-ROME)."""
+
+    layers: tuple[int, ...] = SMOLLM2_ROME_LAYER
+    steps: int = 20
+    lr: float = 0.5
+    weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 4.0
+    prefix_starts: tuple[str, ...] = ("",)
+    prefix_len: int | tuple[int, ...] = (5, 10)
+    prefixes_per_start: int = 10
+    key_average: str = "uniform"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.layers) != 1:
+            raise ValueError(f"{self.method} edits one layer; got layers={self.layers!r}: pass layers=(l,)")
+        if self.nullspace:
+            raise ValueError(f"{self.method} has no null-space projected update: leave nullspace=False")
+
+    def editor(self) -> "Editor":
+        """The sequential rank-one editor (:data:`pmet_lens.editing.rome.ROME`)."""
+        from pmet_lens.editing.rome import ROME
+
+        return ROME
+
+
+@dataclass(frozen=True)
+class RROMEHyperParams(ROMEHyperParams):
+    """r-ROME (Gupta et al. 2024, arXiv 2403.07175, section 4): ROME with the averaged key k̄ in the
+    numerator, the denominator and the residual:
+
+        ΔW = (C⁻¹ k̄ᵀ)(v* − mean_j(k_j W + b)) / (k̄ C⁻¹ k̄ᵀ)
+
+    so k̄ (W + ΔW) + b = v* (the bare prompt's key maps to v* only approximately). ROME's k_s in two
+    places inflates ‖ΔW‖ and makes long sequences of edits collapse; this removes that. Same fields and
+    defaults as :class:`ROMEHyperParams` (what differs from MEMIT: see there).
+    """
+
+    method: ClassVar[str] = "r-rome"
+    residual_key: ClassVar[str] = "mean"
+
+
+@dataclass(frozen=True)
+class EMMETHyperParams(MEMITHyperParams):
+    """EMMET (Gupta et al. 2024, arXiv 2403.14236, eq. 9; official ``emmet/emmet_main.py``): MEMIT's
+    targets z (``hook_resid_post`` of L), keys (½ bare + ½ prefixes) and residual spread, with the
+    equality-constrained batch update instead of MEMIT's least squares:
+
+        C ← α·C,   ΔW = C⁻¹ Kᵀ (K C⁻¹ Kᵀ + λ_E I)⁻¹ R
+
+    (K [n, d_k] keys as rows, R [n, d_model] spread residuals; λ_E only for n > 1, as the official
+    code). Every key maps to its residual up to the λ_E term (K ΔW = R − λ_E (K C⁻¹ Kᵀ + λ_E I)⁻¹ R).
+
+    Attributes:
+        lam: α, the covariance's scale before the solve (official ``mom2_update_weight``, the same name
+            MEMIT's λ has; it matters only through α·λ_E).
+        emmet_lambda: λ_E, the ridge added to K C⁻¹ Kᵀ for batches of more than one fact (official
+            ``emmet_lambda``: 0.1).
+
+    The other fields keep their :class:`MEMITHyperParams` meaning; the defaults are the official GPT-J
+    settings (``hparams/EMMET/EleutherAI_gpt-j-6B.json``): one layer (GPT-J 5; here the default
+    model's ROME layer), α 10000, 25 steps, lr 0.5, weight decay 0.5, KL factor 0.0625, clamp 0.75.
+    """
+
+    method: ClassVar[str] = "emmet"
+
+    layers: tuple[int, ...] = SMOLLM2_ROME_LAYER
+    lam: float = 10000.0
+    kl_factor: float = 0.0625
+    emmet_lambda: float = 0.1
+
+    update_only_fields: ClassVar[frozenset[str]] = MEMITHyperParams.update_only_fields | {"emmet_lambda"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_number(self, "emmet_lambda", positive=False)
+        if self.nullspace:
+            raise ValueError("EMMET's equality-constrained solve does not take the null-space projection: "
+                             "leave nullspace=False (or use method 'alphaedit')")
+
+
+@dataclass(frozen=True)
+class FTHyperParams(MethodHyperParams):
+    """FT-W (MEMIT Appendix B.1): fine-tune the FFN output weight W_out of each layer in ``layers``
+    (one layer in the papers) on the edit prompts' target NLL, with a soft weight decay on the change.
+
+    Loss per step: the mean over the chunk's facts of the mean token NLL of o* after the bare prompt
+    p(s) (teacher-forced), with Adam on ΔW and L2 weight decay on ΔW (the gradient gets wd·ΔW). One
+    step is an epoch over the facts in chunks of ``batch_size``, one Adam step per chunk whose loss
+    is ≥ ``loss_stop``; it stops when an epoch's mean loss is below ``loss_stop``. FT-L (ROME's
+    constrained fine-tuning, :class:`FTLHyperParams`) clamps ΔW to [−ε, ε] after each Adam step.
+
+    What differs from MEMIT: no targets, keys or covariance; the weight is moved by gradient
+    descent on the NLL of all facts at once (a mass edit). What differs from the official
+    ``baselines/ft``: the weight decay acts on the change ΔW (MEMIT's "soft weight decay
+    regularizer" in place of ROME's hard L∞ bound), where the official passes it to
+    ``torch.optim.Adam``, which decays the whole weight towards zero; only W_out is trained (the
+    official GPT-J template names the whole block); the NLL is the teacher-forced mean over o*'s
+    tokens (the official scores all of o*'s tokens at the prompt's last position).
+
+    Attributes:
+        layers: the blocks whose W_out is fine-tuned (GPT-J: 21).
+        steps: at most this many epochs (official ``num_steps``: 25).
+        lr: Adam learning rate (official: 5e-4).
+        weight_decay: wd, the L2 weight decay on ΔW (MEMIT Fig. 9 tuned it at 10,000 edits: 5e-4
+            on GPT-J).
+        loss_stop: early stop when an epoch's mean loss is below this (official: 1e-2).
+        batch_size: facts per Adam step (official: 64).
+        norm_constraint: ε of FT-L, the L∞ bound |ΔW_ij| ≤ ε applied after each step; ``None``
+            (FT-W) for none.
+    """
+
+    method: ClassVar[str] = "ft-w"
+
+    layers: tuple[int, ...] = SMOLLM2_ROME_LAYER
+    steps: int = 25
+    lr: float = 5e-4
+    weight_decay: float = 5e-4
+    loss_stop: float = 1e-2
+    batch_size: int = 64
+    norm_constraint: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_count(self, "steps")
+        _check_count(self, "batch_size")
+        _check_number(self, "lr", positive=True)
+        _check_number(self, "weight_decay", positive=False)
+        _check_number(self, "loss_stop", positive=False)
+        if self.norm_constraint is not None:
+            _check_number(self, "norm_constraint", positive=True)
+
+    def editor(self) -> "Editor":
+        """The fine-tuning editor (:data:`pmet_lens.editing.finetune.FINETUNE`)."""
+        from pmet_lens.editing.finetune import FINETUNE
+
+        return FINETUNE
+
+
+@dataclass(frozen=True)
+class FTLHyperParams(FTHyperParams):
+    """FT-L (ROME, arXiv 2202.05262, section 4 baselines; official ``hparams/FT/*_constr.json``): FT-W's
+    loop with the L∞ constraint |ΔW_ij| ≤ ε = ``norm_constraint`` after every step and no weight decay
+    by default (official GPT-J: ε 5e-5, weight decay 0). Fields as :class:`FTHyperParams`.
+    """
+
+    method: ClassVar[str] = "ft-l"
+
+    weight_decay: float = 0.0
+    norm_constraint: float | None = 5e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.norm_constraint is None:
+            raise ValueError("ft-l needs norm_constraint (ε of the L∞ bound); use method 'ft-w' for none")
+
+
+SMOLLM2_MEND_LAYERS: tuple[int, ...] = (27, 28, 29)
+"""MEND's edited layers on the default model: its last 3 blocks (MEND edits the last 3 MLP layers)."""
+
+
+@dataclass(frozen=True)
+class MENDHyperParams(MethodHyperParams):
+    """MEND (Mitchell et al. 2022, arXiv 2110.11309; official code ``eric-mitchell/mend``): a trained
+    editor network g_ℓ per edited layer turns the rank-one factors (u_t, δ_t) of the fine-tuning
+    gradient of W_out into (ũ_t, δ̃_t), and ΔW_ℓ = −α_ℓ Σ_t ũ_tᵀ δ̃_t (MEND §3, Alg. 2;
+    :mod:`pmet_lens.editing.mend`). The network's shape and training settings are in its file
+    (:class:`~pmet_lens.editing.mend_training.MENDTrainingParams`).
+
+    What differs from MEMIT: no targets, keys or covariance; the edit is one forward and backward pass
+    of the edit prompts p(s) ⊕ o* through a network trained beforehand for the model
+    (``analyses/train_mend.py``), so it is fast but only as good as that training; several facts in
+    one call sum their updates.
+
+    Attributes:
+        layers: the edited layers ℓ (their W_out); they must be the layers the network was trained
+            for (:func:`preset` reads them from the network file; SmolLM2: its last 3 blocks).
+        network: the trained g_ℓ and α_ℓ: a name, looked up for the model first in the user's cache
+            (``default_cache_dir()/mend/<model>/<name>.safetensors``, written by
+            ``analyses/train_mend.py``), then among the networks shipped with the package
+            (SmolLM2: ``"counterfact"``, trained on CounterFact's tune split, and ``"zsre"``, on the
+            zsRE training records); or the path of a network file (``.safetensors``).
+        batch_size: facts per forward and backward pass for the gradient factors (u_t, δ_t); the
+            edit is the same for any value, up to float rounding.
+    """
+
+    method: ClassVar[str] = "mend"
+
+    layers: tuple[int, ...] = SMOLLM2_MEND_LAYERS
+    network: str = "counterfact"
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.network, (str, Path)) or not str(self.network).strip():
+            raise ValueError(f"network must be a network name (e.g. 'counterfact', 'zsre') or a file path, "
+                             f"got {self.network!r}")
+        object.__setattr__(self, "network", str(self.network))
+        _check_count(self, "batch_size")
+
+    def editor(self) -> "Editor":
+        """MEND's editor (:data:`pmet_lens.editing.mend.MEND`)."""
+        from pmet_lens.editing.mend import MEND
+
+        return MEND
+
+
+METHODS: dict[str, type[MethodHyperParams]] = {
+    "pmet": PMETHyperParams, "memit": MEMITHyperParams, "alphaedit": AlphaEditHyperParams,
+    "rome": ROMEHyperParams, "r-rome": RROMEHyperParams, "emmet": EMMETHyperParams,
+    "ft-w": FTHyperParams, "ft-l": FTLHyperParams, "mend": MENDHyperParams}
+"""Method name -> its hyper-parameter class: the one registry of methods (each class's
+:meth:`~MethodHyperParams.editor` runs it)."""
+
+
+def hparams_from_dict(data: dict[str, Any]) -> MethodHyperParams:
+    """Rebuild hyper-parameters from :meth:`MethodHyperParams.to_dict` output."""
     data = dict(data)
     method = data.pop("method", "pmet")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} in saved hyper-parameters (known: {', '.join(METHODS)})")
     cls = METHODS[method]
     names = {f.name for f in fields(cls)}
     kwargs: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
@@ -312,7 +651,7 @@ def preset_names(user_dir: str | Path | None = None) -> list[str]:
     return [k for k in merged_table("editing.json", user_dir) if not k.startswith("_")]
 
 
-def preset(model_name: str, method: str = "pmet", user_dir: str | Path | None = None) -> EditHyperParams:
+def preset(model_name: str, method: str = "pmet", user_dir: str | Path | None = None) -> MethodHyperParams:
     """Hyper-parameters for ``model_name`` (exact names, no substring guessing).
 
     The user's presets (``user_presets_dir()``, or ``user_dir``: written by ``pmet_lens.calibrate``,
@@ -333,24 +672,45 @@ def preset(model_name: str, method: str = "pmet", user_dir: str | Path | None = 
       method's hyper-parameters carry their own τ and α from that block, so
       ``preset(name, "pmet").with_(nullspace=True)`` is PMET with the projection at the τ and α chosen
       with PMET's targets.
+    * ``rome`` / ``r-rome`` (both read the ``rome`` entry), ``emmet``, ``ft-w`` and ``ft-l``: the
+      model's entry of that name. SmolLM2's ROME / r-ROME / EMMET layer is its causal trace's
+      (ROME's rule, :func:`pmet_lens.analysis.layers.strongest_mlp_layer`), the other settings the
+      official ones; FT-W's layer and weight decay were chosen on the tune split. GPT-J's are the
+      papers' (ROME and EMMET layer 5; FT-W layer 21, weight decay 5e-4; FT-L ε 5e-5).
+    * ``mend``: the model's ``mend`` entry if it has one, with the layers of its trained network
+      (``network`` "counterfact" unless the entry names another), read from the network file; without
+      such a network a ``FileNotFoundError`` names the training command.
     * any other model whose R is stored in ``presets/critical_layers.json``: the class defaults
-      with that R (and a warning: λ and the optimisation settings were not tuned for it).
+      with that R (and a warning: λ and the optimisation settings were not tuned for it). The
+      one-layer methods (ROME, r-ROME, FT-W, FT-L) need an entry: their layer is not R.
 
     Raises:
         ValueError: unknown ``method``, or a model with neither a preset nor stored critical
             layers (the message says how to find R or pass it).
+        FileNotFoundError: ``mend`` for a model without a trained network (the message gives the
+            training command).
     """
     method = method.lower()
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     cls = METHODS[method]
     found = find_entry("editing.json", model_name, user_dir)
-    stored = "memit" if method == "alphaedit" else method
+    stored = _PRESET_OF.get(method, method)
     key = found[0] if found is not None and stored in found[1] else None
     values: dict[str, Any] = {}
     if found is not None and key is not None:
         values = _tuplify(found[1][stored])
-        values.update(nullspace_values(found[1].get("nullspace", {}), stored))  # τ, α (used when nullspace=True)
+        if stored in _STORED:  # τ, α (used when nullspace=True)
+            values.update(nullspace_values(found[1].get("nullspace", {}), stored))
+    if issubclass(cls, MENDHyperParams):
+        return _mend_preset(model_name, values)
+    if "layers" not in values and issubclass(cls, (ROMEHyperParams, FTHyperParams)):
+        raise ValueError(
+            f"no {method} preset is known for model {model_name!r}: its layer is not the critical range R. Pass "
+            f"hparams={cls.__name__}(layers=(l,), ...)" + (
+                " with l the MLP layer of the strongest causal effect at the subject's last token "
+                "(pmet_lens.analysis.layers.strongest_mlp_layer on a `pmet-lens trace --kind mlp --average N` run)"
+                if issubclass(cls, ROMEHyperParams) else " with l chosen on held-out facts (analyses/tune_editing.py)"))
     if "layers" not in values:
         layers = critical_layers_for(key or model_name, user_dir)
         if layers is None:
@@ -365,8 +725,28 @@ def preset(model_name: str, method: str = "pmet", user_dir: str | Path | None = 
     return cls(**values)
 
 
+def _mend_preset(model_name: str, values: dict[str, Any]) -> "MENDHyperParams":
+    """MEND's hyper-parameters for ``model_name``: the model's ``mend`` entry (if any) with the layers
+    the trained network was trained for, read from its file.
+
+    Raises:
+        FileNotFoundError: no trained network of that name for the model (the message gives the
+            training command).
+    """
+    from pmet_lens.editing.mend import network_for_name
+
+    network = str(values.get("network", MENDHyperParams.network))
+    if "layers" not in values:
+        _, meta = network_for_name(model_name, network)
+        values = {**values, "layers": tuple(meta["config"]["layers"])}
+    return MENDHyperParams(**values)
+
+
 _STORED = ("memit", "pmet")
-"""The methods whose preset entries :func:`preset` reads (``alphaedit`` reads ``memit``'s)."""
+"""The methods whose nullspace values :func:`preset` reads (``alphaedit`` reads ``memit``'s)."""
+
+_PRESET_OF = {"alphaedit": "memit", "r-rome": "rome"}
+"""Methods that read another method's preset entry: AlphaEdit uses MEMIT's targets, r-ROME ROME's settings."""
 
 
 def nullspace_values(block: dict[str, Any], method: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ the edited keys (e.g. K_p K_pᵀ of earlier batches) read keys from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -74,10 +74,15 @@ class LayerReading:
         keys: site -> ``[facts, d_k]`` keys (W_O's flattened over the heads), averaged over the
             context templates by :func:`prefix_mean` (group-weighted).
         outputs: hook name -> ``[facts, d]`` activation at the bare prompt's lookup position.
+        bare_keys: site -> ``[facts, d_k]`` keys of the bare prompt alone (ROME's k_s).
+        mean_outputs: hook name -> ``[facts, d]`` activation averaged over the templates as the keys
+            are (:func:`prefix_mean`; r-ROME's mean_j(k_j W + b) at the weight's own output).
     """
 
     keys: dict[EditSite, torch.Tensor]
     outputs: dict[str, torch.Tensor]
+    bare_keys: dict[EditSite, torch.Tensor] = field(default_factory=dict)
+    mean_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def prefix_mean(per_row: torch.Tensor, requests: PreparedRequests) -> torch.Tensor:
@@ -134,5 +139,8 @@ def request_keys(
     if missing:
         raise ValueError(f"hooks {sorted(missing)} did not run before block {stop_layer}: raise stop_layer")
     values = {h: torch.cat(parts) for h, parts in got.items()}  # chunks in row order -> [rows, d]
+    bare = {h: run.rows.bare.to(v.device) for h, v in values.items()}
     return LayerReading(keys={site: prefix_mean(values[site.key_hook], requests) for site in sites},
-                        outputs={h: values[h][run.rows.bare.to(values[h].device)] for h in outputs})
+                        outputs={h: values[h][bare[h]] for h in outputs},
+                        bare_keys={site: values[site.key_hook][bare[site.key_hook]] for site in sites},
+                        mean_outputs={h: prefix_mean(values[h], requests) for h in outputs})

@@ -63,6 +63,9 @@ class PreparedRequests:
         target_ids: ``[fact]`` token ids of o* (with the leading space, :func:`~pmet_lens.core.tokens.target_ids`).
         kl_ids: ``[fact]`` token ids of the KL prompt ``"{s} is a"``.
         kl_lookup: ``[fact]`` position of the subject's last token in the KL prompt.
+        groups: template indices per group a key is averaged over
+            (:func:`~pmet_lens.editing.context.template_groups`); empty: the bare prompt, then every
+            prefixed template (:attr:`template_groups`).
     """
 
     facts: tuple[Fact, ...]
@@ -73,6 +76,7 @@ class PreparedRequests:
     target_ids: tuple[tuple[int, ...], ...]
     kl_ids: tuple[tuple[int, ...], ...]
     kl_lookup: tuple[int, ...]
+    groups: tuple[tuple[int, ...], ...] = ()
 
     def __len__(self) -> int:
         return len(self.facts)
@@ -83,12 +87,15 @@ class PreparedRequests:
         return PreparedRequests(facts=pick(self.facts), prefixes=self.prefixes, templates=self.templates,
                                 prompt_ids=pick(self.prompt_ids), lookup=pick(self.lookup),
                                 target_ids=pick(self.target_ids), kl_ids=pick(self.kl_ids),
-                                kl_lookup=pick(self.kl_lookup))
+                                kl_lookup=pick(self.kl_lookup), groups=self.groups)
 
     @property
     def template_groups(self) -> tuple[tuple[int, ...], ...]:
-        """Indices of the context templates per group: the bare prompt alone, then every prefixed
-        template (the official ``[["{}"], [prefixed ...]]``); only the first without prefixes."""
+        """Indices of the context templates per group: :attr:`groups` if given, else the bare prompt
+        alone, then every prefixed template (the official ``[["{}"], [prefixed ...]]``); only the first
+        without prefixes."""
+        if self.groups:
+            return self.groups
         rest = tuple(range(1, len(self.templates)))
         return ((0,), rest) if rest else ((0,),)
 
@@ -125,15 +132,19 @@ class PreparedRequests:
                           kl=as_long(kl_rows))
 
 
-def prepare_requests(model: HookedTransformer, facts: Sequence[Fact], prefixes: tuple[str, ...]) -> PreparedRequests:
+def prepare_requests(model: HookedTransformer, facts: Sequence[Fact], prefixes: tuple[str, ...],
+                     groups: tuple[tuple[int, ...], ...] = ()) -> PreparedRequests:
     """Tokenise validated ``facts`` (:func:`~pmet_lens.editing.validate.validate_requests`) once, for
-    every context template of ``prefixes``.
+    every context template of ``prefixes``; ``groups``: the key-averaging groups of the templates
+    (:func:`~pmet_lens.editing.context.template_groups`; default the bare prompt, then every prefix).
 
     Raises:
         DataError: a prompt or target cannot be tokenised (the subject covers no token, the target
             tokenises to nothing), naming the record.
     """
     templates = tuple(context_templates(tuple(prefixes)))
+    if groups and sorted(i for g in groups for i in g) != list(range(len(templates))):
+        raise ValueError(f"groups {groups!r} must split the template indices 0..{len(templates) - 1} exactly once")
     prompt_ids, lookup, targets, kl_ids, kl_lookup = [], [], [], [], []
     for fact in facts:
         try:
@@ -153,4 +164,4 @@ def prepare_requests(model: HookedTransformer, facts: Sequence[Fact], prefixes: 
         lookup.append(tuple(looks))
     return PreparedRequests(facts=tuple(facts), prefixes=tuple(prefixes), templates=templates,
                             prompt_ids=tuple(prompt_ids), lookup=tuple(lookup), target_ids=tuple(targets),
-                            kl_ids=tuple(kl_ids), kl_lookup=tuple(kl_lookup))
+                            kl_ids=tuple(kl_ids), kl_lookup=tuple(kl_lookup), groups=tuple(map(tuple, groups)))

@@ -1,10 +1,12 @@
 """Lifelong (sequential) editing: batches of requests edited one after another into one model.
 
-An :class:`EditSession` runs one method of the shared pipeline per batch: ``memit`` / ``pmet``
-(each batch a plain mass edit of the current model, as the papers would do) or any
-hyper-parameters with ``nullspace=True`` (``alphaedit`` = MEMIT's targets with AlphaEdit's
-projected update, and PMET with the projection). For the projected methods it keeps, per edited
-weight (key hook),
+An :class:`EditSession` runs any method of :data:`~pmet_lens.editing.hparams.METHODS` per batch
+through its :class:`~pmet_lens.editing.editor.Editor`: ``memit`` / ``pmet`` / ``emmet`` / ``ft-w`` /
+``ft-l`` (each batch a plain mass edit of the current model, as the papers would do), ``rome`` /
+``r-rome`` (each batch's facts one after another), or any hyper-parameters with ``nullspace=True``
+(``alphaedit`` = MEMIT's targets with AlphaEdit's projected update, and PMET with the projection).
+What the editor prepares (prefixes, C) is taken once, on the unedited model. For the projected
+methods it keeps, per edited weight (key hook),
 
 * ``P = Û Ûᵀ`` from the covariance C of the *unedited* model (AlphaEdit eq. 7-8; computed once,
   cached by a :class:`~pmet_lens.editing.nullspace.NullspaceStore`), and
@@ -43,10 +45,10 @@ from transformer_lens import HookedTransformer
 from pmet_lens.core.models import require_model
 from pmet_lens.core.paths import atomic_path
 from pmet_lens.data import DataError, Fact, as_facts
-from pmet_lens.editing.context import context_prefixes
 from pmet_lens.editing.covariance import CovarianceStore
 from pmet_lens.editing.delta import add_delta
-from pmet_lens.editing.hparams import EditHyperParams, hparams_from_dict, preset
+from pmet_lens.editing.editor import EditorState, edited_params
+from pmet_lens.editing.hparams import EditHyperParams, MethodHyperParams, hparams_from_dict, preset
 from pmet_lens.editing.identity import HASH_SCHEME, weights_hash
 from pmet_lens.editing.linsolve import SolveOptions
 from pmet_lens.editing.nullspace import NullspaceStore, Projection, projected_gram
@@ -88,7 +90,7 @@ class EditSession:
 
     Args:
         model: the model to edit (unedited when the session starts; it is edited in place).
-        method: "pmet", "memit" or "alphaedit" (ignored when ``hparams`` is given).
+        method: a method of :data:`~pmet_lens.editing.hparams.METHODS` (ignored when ``hparams`` is given).
         hparams: hyper-parameters (default :func:`preset` of the model and method). With
             ``nullspace=True`` the update is AlphaEdit's projected solve.
         cov_store: covariance cache (default: one under the user's cache directory).
@@ -106,7 +108,7 @@ class EditSession:
         self,
         model: HookedTransformer,
         method: str = "alphaedit",
-        hparams: EditHyperParams | None = None,
+        hparams: MethodHyperParams | None = None,
         *,
         cov_store: CovarianceStore | None = None,
         nullspace_store: NullspaceStore | None = None,
@@ -118,8 +120,8 @@ class EditSession:
         require_model(model, "EditSession")
         if hparams is None:
             hparams = preset(str(getattr(model.cfg, "model_name", "")), method)
-        elif not isinstance(hparams, EditHyperParams):
-            raise TypeError(f"hparams must be an EditHyperParams instance, got {type(hparams).__name__}")
+        elif not isinstance(hparams, MethodHyperParams):
+            raise TypeError(f"hparams must be a method's hyper-parameters (MethodHyperParams), got {type(hparams).__name__}")
         self._bind(model, cov_store, nullspace_store, perplexity_sample, perplexity_fn, progress, solve_options)
         self.base_hash = weights_hash(model)
         self._start(hparams)
@@ -141,31 +143,37 @@ class EditSession:
         self.history: list[BatchRecord] = []
         self.baseline: dict[str, Any] = {}
 
-    def _start(self, hparams: EditHyperParams, prefixes: tuple[str, ...] | None = None) -> None:
-        """Sample the prefixes, fetch C and P on the unedited model, keep the original weights."""
-        from pmet_lens.editing import engine
-
-        if prefixes is None:
-            prefixes = context_prefixes(self.model, hparams)
-        self.hparams = hparams.with_(context_prefixes=tuple(prefixes))
-        self.prefixes = tuple(prefixes)
-        self.covs, self._cov_keys = engine.covariances(self.model, self.hparams, self.cov_store)
+    def _start(self, hparams: MethodHyperParams, prefixes: tuple[str, ...] | None = None) -> None:
+        """Prepare the editor on the unedited model (sample the prefixes, fetch C), fetch P, keep the
+        original weights."""
+        if prefixes is not None and isinstance(hparams, EditHyperParams):
+            hparams = hparams.with_(context_prefixes=tuple(prefixes))
+        self.state: EditorState = hparams.editor().prepare(self.model, hparams, cov_store=self.cov_store,
+                                                           progress=self.progress)
+        if isinstance(hparams, EditHyperParams):  # every batch uses the prefixes sampled here
+            hparams = hparams.with_(context_prefixes=self.state.prefixes)
+        self.hparams = hparams
+        self.prefixes = self.state.prefixes
+        self.covs, self._cov_keys = self.state.covs, self.state.cov_keys
         self.projections: dict[str, Projection] = {}
-        if self.hparams.nullspace:
+        if isinstance(hparams, EditHyperParams) and hparams.nullspace:
             for hook, cov in self.covs.items():
-                self.projections[hook] = self.nullspace_store.get(self._cov_keys[hook], cov,
-                                                                  self.hparams.nullspace_threshold)
+                self.projections[hook] = self.nullspace_store.get(self._cov_keys[hook], cov, hparams.nullspace_threshold)
         self.null_dims = {hook: p.dim for hook, p in self.projections.items()}
         self.prev: dict[str, torch.Tensor] = {}
-        self.originals = {name: p.detach().to("cpu", copy=True)
-                          for name, p in engine.edited_params(self.model, self.hparams).items()}
+        self.originals = {name: p.detach().to("cpu", copy=True) for name, p in edited_params(self.model, self.hparams).items()}
         if self.perplexity_fn is not None and not self.baseline:
             self.baseline["perplexity"] = float(self.perplexity_fn(self.model, self.perplexity_sample))
 
     @property
     def method(self) -> str:
-        """The hyper-parameters' method ("pmet", "memit", "alphaedit"; PMET with the projection is "pmet")."""
+        """The hyper-parameters' method (a key of ``METHODS``; PMET with the projection is "pmet")."""
         return self.hparams.method
+
+    @property
+    def projected(self) -> bool:
+        """Whether the batches use AlphaEdit's projected update (hyper-parameters with ``nullspace``)."""
+        return isinstance(self.hparams, EditHyperParams) and self.hparams.nullspace
 
     def __len__(self) -> int:
         return len(self.history)
@@ -182,7 +190,8 @@ class EditSession:
         Args:
             facts: the batch's requests (as :func:`~pmet_lens.editing.edit` accepts).
             overwrite: allow requests with the subject and prompt of an earlier batch's request.
-            targets: precomputed target vectors (site -> [facts, d_model], ``EditResult.targets``);
+            targets: precomputed target vectors (site -> [facts, d_model], ``EditResult.targets``; not
+                for methods without targets);
                 they depend on the model they were optimised on, so targets from the unedited model
                 reused here are an approximation (used by the hyper-parameter search only).
             workers: ``None`` (this process), an int (a local pool for this batch) or a
@@ -201,13 +210,16 @@ class EditSession:
         if not overwrite:
             self._check_against_history(facts)
         n = len(self.history)
-        solve = self._solver() if self.hparams.nullspace else None
+        hp = self.hparams
+        solve = None
+        if isinstance(hp, EditHyperParams) and hp.nullspace:  # AlphaEdit eq. 12 with this session's P and KpKp
+            solve = engine.projected_solver(self.projections, hp.l2, self.prev, self.solve_options)
         start = time.perf_counter()
         try:
-            result = engine.run_batch(self.model, facts, self.hparams, self.covs, solve, progress=self.progress,
-                                      targets=targets, solve_options=self.solve_options, workers=workers)
-            keys = engine.batch_keys(self.model, facts, self.hparams, sorted(self.projections)) \
-                if self.hparams.nullspace else {}
+            result = hp.editor().run_batch(self.model, facts, hp, self.state, solve=solve, progress=self.progress,
+                                           targets=targets, solve_options=self.solve_options, workers=workers)
+            keys = engine.batch_keys(self.model, facts, hp, sorted(self.projections)) \
+                if isinstance(hp, EditHyperParams) and hp.nullspace else {}
             record = BatchRecord(facts=list(facts),
                                  deltas={k: v.detach().to("cpu", copy=True) for k, v in result.deltas.items()},
                                  keys={k: v.to("cpu") for k, v in keys.items()}, stats=dict(result.stats))
@@ -238,12 +250,6 @@ class EditSession:
                     f"{fact.where} ({fact.text!r} -> {fact.target_new!r}) {kind} batch {b}'s {old.where} "
                     f"({old.text!r} -> {old.target_new!r}); drop it, or pass overwrite=True to edit it again")
 
-    def _solver(self) -> Callable[..., torch.Tensor]:
-        """The per-layer projected solve with this session's P and KpKp (AlphaEdit eq. 12)."""
-        from pmet_lens.editing import engine
-
-        return engine.projected_solver(self.projections, self.hparams.l2, self.prev, self.solve_options)
-
     def _accumulate(self, record: BatchRecord) -> None:
         """Add a batch's ``(P Kᵀ)(P Kᵀ)ᵀ`` to ``prev`` (P·KpKp·P per key hook, on P's device: the CPU)."""
         for hook, K in record.keys.items():
@@ -254,9 +260,7 @@ class EditSession:
                 self.prev[hook] = gram
 
     def _metrics(self, record: BatchRecord, seconds: float) -> dict[str, Any]:
-        from pmet_lens.editing import engine
-
-        params = engine.edited_params(self.model, self.hparams)
+        params = edited_params(self.model, self.hparams)
         metrics: dict[str, Any] = {
             "seconds": seconds,
             "delta_norm": {n: float(d.double().norm()) for n, d in record.deltas.items()},
@@ -271,9 +275,7 @@ class EditSession:
     def _write_state(self, k: int) -> None:
         """Set the edited weights to their values after batch ``k`` (0 = unedited), bit for bit:
         the originals plus batches 1..k's ΔW added in order, exactly as they were written."""
-        from pmet_lens.editing import engine
-
-        params = engine.edited_params(self.model, self.hparams)
+        params = edited_params(self.model, self.hparams)
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(self.originals[name])
@@ -317,7 +319,7 @@ class EditSession:
                             "metrics": record.metrics})
         from pmet_lens.editing import engine
 
-        dtypes = {dtype_name(p.dtype) for p in engine.edited_params(self.model, self.hparams).values()}
+        dtypes = {dtype_name(p.dtype) for p in edited_params(self.model, self.hparams).values()}
         meta = {
             "format": _FORMAT,
             "model_hash": self.base_hash,
@@ -381,7 +383,7 @@ class EditSession:
         require_model(model, "EditSession.load")
         meta, tensors = cls.read(path)
         hparams = hparams_from_dict(json.loads(meta["hparams"]))
-        check_dtype(path, meta.get("dtype"), engine.edited_params(model, hparams),
+        check_dtype(path, meta.get("dtype"), edited_params(model, hparams),
                     "resume the session on the model loaded in the dtype it was started in")
         current = file_weights_hash(meta, model)
         if current != meta["model_hash"]:

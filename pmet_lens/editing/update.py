@@ -118,6 +118,9 @@ def compute_and_apply_updates(
     covs: Mapping[str, torch.Tensor],
     solve: Solve,
     on_write: Callable[[EditSite, torch.Tensor], None] = lambda site, delta: None,
+    *,
+    residual_from: str = "bare",
+    pass_bare_keys: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Compute Δ^l for each l in ``layers`` (ascending) and each target site, and write it into the weights.
 
@@ -129,6 +132,11 @@ def compute_and_apply_updates(
         covs: key hook name (``EditSite.key_hook``) -> C of that hook.
         solve: the per-site update rule (:data:`Solve`), e.g. ``partial(least_squares_solve, lam=λ)``.
         on_write: called with ``(site, Δ)`` just before Δ is added, so the caller can keep the original.
+        residual_from: the current output the residual is taken against: ``"bare"`` (MEMIT, PMET,
+            ROME: the bare prompt's output at L) or ``"mean"`` (r-ROME: the output averaged over the
+            templates with the keys' weights, :attr:`~pmet_lens.editing.keys.LayerReading.mean_outputs`).
+        pass_bare_keys: also pass the bare prompt's keys to ``solve`` as ``bare_keys=`` (ROME's k_s,
+            :func:`pmet_lens.editing.solvers.rank_one_solve`).
 
     The residuals are formed in float32 whatever the model's dtype, and each Δ is added once with
     :func:`~pmet_lens.editing.delta.write_update` (W ← round(W + Δ)).
@@ -137,6 +145,8 @@ def compute_and_apply_updates(
         ``{site.param_name: d}``: the change applied, W_new − W_old, in the parameter's shape and in
         float32 (float64 for a float64 weight), see :mod:`pmet_lens.editing.delta`.
     """
+    if residual_from not in ("bare", "mean"):
+        raise ValueError(f"residual_from must be 'bare' or 'mean', got {residual_from!r}")
     arch = architecture(model)
     L = max(layers)
     out_hooks = {target: arch.delta_hook(target, L) for target in targets}
@@ -148,12 +158,16 @@ def compute_and_apply_updates(
             reading = request_keys(model, requests, list(sites.values()), outputs=list(out_hooks.values()),
                                    stop_layer=L + 1, run=run)
             for target, site in sites.items():
-                current = reading.outputs[out_hooks[target]]  # [facts, d_model]
-                current = current.to(torch.promote_types(current.dtype, torch.float32))  # float32 at least
+                current = (reading.outputs if residual_from == "bare" else reading.mean_outputs)[out_hooks[target]]
+                current = current.to(torch.promote_types(current.dtype, torch.float32))  # [facts, d_model], float32 at least
                 keys = reading.keys[site]
                 resid = (targets[target].to(current.device, current.dtype) - current) * spread(L, layer, spread_kind)
                 resid = resid.to(keys.device)  # layer l's keys live on l's device, the output at L on L's
-                delta64 = solve(site, keys, resid, covs[site.key_hook])
+                if pass_bare_keys:
+                    delta64 = solve(site, keys, resid, covs[site.key_hook],
+                                    bare_keys=reading.bare_keys[site])  # type: ignore[call-arg]
+                else:
+                    delta64 = solve(site, keys, resid, covs[site.key_hook])
                 param = site.param(model)
                 update = delta64.reshape(param.shape)  # [d_k, d_model] -> the parameter's shape (W_O: [heads, d_head, d_model])
                 on_write(site, update)

@@ -9,7 +9,7 @@ from transformer_lens import HookedTransformer
 
 from pmet_lens.core.arch import architecture
 from pmet_lens.data import DataError, Fact, as_facts
-from pmet_lens.editing.hparams import EditHyperParams
+from pmet_lens.editing.hparams import MethodHyperParams
 
 __all__ = ["EditError", "validate_requests"]
 
@@ -18,7 +18,7 @@ class EditError(ValueError):
     """An edit could not be made (bad request, NaN/inf during optimisation or solve)."""
 
 
-def validate_requests(model: HookedTransformer, facts: Sequence[Any], hparams: EditHyperParams) -> list[Fact]:
+def validate_requests(model: HookedTransformer, facts: Sequence[Any], hparams: MethodHyperParams) -> list[Fact]:
     """Normalise ``facts`` and reject bad input with a clear message (without tokenising: what only
     the tokenizer can reject is checked by :func:`~pmet_lens.editing.prepared.prepare_requests`).
 

@@ -13,6 +13,7 @@ from pmet_lens.data import (
     load_counterfact,
     load_known_facts,
     load_zsre,
+    load_zsre_train,
     read_records,
     wikitext_path,
 )
@@ -60,6 +61,15 @@ def test_zsre_record_whose_alt_repeats_its_answer_is_an_edit_without_a_true_targ
     facts = [r.to_fact() for r in same]
     # no true target, so the editors' "target_new equals the true target" check has nothing to reject
     assert all(f.target_true is None and f.target_new == r.target_new for f, r in zip(facts, same))
+
+
+def test_zsre_training_records_are_apart_from_the_eval_subset():
+    """The shipped training split (MEND's editor network trains on it) loads without its two records whose
+    alt is empty, keeps file positions as case ids, and shares no question with the eval subset."""
+    train = load_zsre_train()
+    assert len(train) == 998 and {534, 723}.isdisjoint(r.case_id for r in train) and train[-1].case_id == 999
+    assert len(load_zsre_train(target="answer")) == 1000 and len(load_zsre_train(limit=10)) == 10
+    assert {(r.subject, r.src) for r in train}.isdisjoint((r.subject, r.src) for r in load_zsre())
 
 
 def test_known_fact_to_fact_keeps_prompt():

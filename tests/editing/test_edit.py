@@ -136,7 +136,7 @@ def test_method_and_hparams_must_agree(tiny_model, store):
         with pytest.raises(ValueError, match="contradicts"):
             edit(tiny_model, [FACT], method=method, hparams=hp_(cls), cov_store=store, progress=False)
     with pytest.raises(ValueError, match="method must be one of"):
-        edit(tiny_model, [FACT], method="rome", hparams=hp_(), cov_store=store, progress=False)
+        edit(tiny_model, [FACT], method="serac", hparams=hp_(), cov_store=store, progress=False)
     assert same(before, snapshot(tiny_model))
     agreed = edit(tiny_model, [FACT], method="MEMIT", hparams=hp_(MEMITHyperParams, steps=2), cov_store=store,
                   progress=False, apply=False)

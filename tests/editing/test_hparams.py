@@ -34,7 +34,7 @@ def test_preset_lookup_is_by_exact_name():
         with pytest.raises(ValueError, match="no critical layers R are known"):
             preset(name, "pmet")
     with pytest.raises(ValueError, match="method must be"):
-        preset("gpt-j-6B", "rome")
+        preset("gpt-j-6B", "serac")
 
 
 def test_nullspace_block_per_target_method(tmp_path):
@@ -72,7 +72,7 @@ def test_update_only_fields_do_not_change_the_targets(tiny_model, cls):
     from pmet_lens.editing.targets import optimise_targets
 
     hp = hp_(cls, steps=4)
-    changes = {"lam": 7.0, "cov_tokens": 900, "cov_seq_len": 32, "cov_dtype": "float64",
+    changes = {"lam": 7.0, "cov_tokens": 900, "cov_seq_len": 32, "cov_dtype": "float64", "key_average": "uniform",
                "spread": "sqrt" if hp.spread == "even" else "even",
                "nullspace": True, "nullspace_threshold": 0.5, "l2": 3.0}
     if cls is PMETHyperParams:
@@ -85,3 +85,47 @@ def test_update_only_fields_do_not_change_the_targets(tiny_model, cls):
     a = optimise_targets(tiny_model, prepare_requests(tiny_model, facts, hp.context_prefixes), hp)
     b = optimise_targets(tiny_model, prepare_requests(tiny_model, facts, other.context_prefixes), other)
     assert all(torch.equal(a.delta[s], b.delta[s]) for s in a.delta) and torch.equal(a.steps, b.steps)
+
+
+def test_presets_of_the_baseline_editors(tmp_path):
+    """ROME / r-ROME / EMMET on SmolLM2: the layer of ROME's rule from the shipped causal trace with the
+    official settings; GPT-J: the papers'; a one-layer method without a preset is an error naming the rule."""
+    import pandas as pd
+
+    from pmet_lens.analysis.layers import strongest_mlp_layer
+    from pmet_lens.editing import EMMETHyperParams, ROMEHyperParams, RROMEHyperParams, preset
+    from pmet_lens.editing.hparams import SMOLLM2_ROME_LAYER
+
+    figures = __import__("pathlib").Path(__file__).resolve().parents[2] / "figures" / "causal_trace_classes.csv"
+    name = "SmolLM2-135M-Instruct"
+    rome, rrome, emmet = preset(name, "rome"), preset(name, "r-rome"), preset(name, "emmet")
+    assert (strongest_mlp_layer(pd.read_csv(figures)),) == rome.layers == SMOLLM2_ROME_LAYER == emmet.layers
+    assert isinstance(rome, ROMEHyperParams) and type(rrome) is RROMEHyperParams and isinstance(emmet, EMMETHyperParams)
+    assert (rome.steps, rome.lr, rome.weight_decay, rome.kl_factor, rome.clamp_norm_factor) == (20, 0.5, 0.5, 0.0625, 4.0)
+    assert rrome.to_dict() == {**rome.to_dict(), "method": "r-rome"} and rome.key_average == "uniform"
+    assert (emmet.lam, emmet.emmet_lambda, emmet.spread) == (10000.0, 0.1, "even")
+    gptj = preset("gpt-j-6B", "rome"), preset("gpt-j-6B", "ft-w"), preset("gpt-j-6B", "ft-l")
+    assert [h.layers for h in gptj] == [(5,), (21,), (21,)] and gptj[1].weight_decay == 5e-4
+    assert gptj[2].norm_constraint == 5e-5
+    from pmet_lens.core.presets import write_entry
+
+    write_entry("critical_layers.json", "tiny-y", {"layers": [1, 2]}, tmp_path)
+    assert preset("tiny-y", "emmet", tmp_path).layers == (1, 2)  # EMMET takes R like MEMIT
+    for method in ("rome", "ft-w"):
+        with pytest.raises(ValueError, match="its layer is not the critical range"):
+            preset("tiny-y", method, tmp_path)
+
+
+def test_strongest_mlp_layer_is_the_first_maximum():
+    import pandas as pd
+
+    from pmet_lens.analysis.layers import strongest_mlp_layer
+
+    rows = [{"kind": k, "token_class": c, "layer": l, "mean": m}
+            for k, c, means in (("mlp", "last subject token", [0.1, 0.4, 0.4, 0.2]),
+                                ("mlp", "last token", [0.9, 0.9, 0.9, 0.9]),
+                                ("hidden", "last subject token", [0.0, 0.0, 0.0, 1.0]))
+            for l, m in enumerate(means)]
+    assert strongest_mlp_layer(pd.DataFrame(rows)) == 1
+    with pytest.raises(ValueError, match="no MLP trace"):
+        strongest_mlp_layer(pd.DataFrame(rows[4:]))

@@ -125,7 +125,9 @@ def test_zsre_tables_use_the_official_metric_and_label_both(tmp_path):
     t2 = eb.zsre_vs_paper(zsre)
     ours = t2[t2["source"].str.contains("this run")]
     assert list(ours["metric"]) == ["official"] and ours["efficacy"].iloc[0] == "50.0 (1.0)"
-    assert (t2["source"] == "GPT-J 6B (paper)").sum() == 3 and set(t2["metric"]) == {"official"}
+    assert list(t2[t2["source"] == "GPT-J 6B (paper)"]["editor"]) == ["GPT-J", "FT-W", "MEND", "ROME", "MEMIT", "PMET"]
+    assert set(t2["metric"]) == {"official"} and set(t2["protocol"]) == {"answer"}
+    assert (eb.zsre_vs_paper(zsre, protocol="alt")["source"] == "GPT-J 6B (paper)").sum() == 0  # not the papers' protocol
     tf = eb.zsre_vs_paper(zsre, "teacher_forced")
     assert list(tf["metric"]) == ["teacher_forced"] and tf["efficacy"].iloc[0] == "60.0 (1.0)"  # no paper rows
 
@@ -135,9 +137,15 @@ def test_zsre_tables_use_the_official_metric_and_label_both(tmp_path):
     for metric, name in eb.ZSRE_TABLE_FILES.items():
         assert set(pd.read_csv(tmp_path / name, index_col=0)["metric"]) == {metric}
     path = tmp_path / "edit_benchmark_zsre_summaries.json"
-    path.write_text(json.dumps({**zsre, "PMET": _zsre_summary("teacher_forced", 0.4)}))  # an older run's flat summary
-    *_, kept = eb.load_previous(tmp_path, meta)
-    assert set(kept) == {"MEMIT"} and kept["MEMIT"]["official"]["efficacy"] == 0.5
+    saved = json.loads(path.read_text())
+    assert saved["_protocol"] == "answer"
+    path.write_text(json.dumps({**saved, "PMET": _zsre_summary("teacher_forced", 0.4)}))  # an older run's flat summary
+    *_, kept, alt, _ = eb.load_previous(tmp_path, meta)
+    assert set(kept) == {"MEMIT"} and kept["MEMIT"]["official"]["efficacy"] == 0.5 and alt == {}
+    # a file from before the papers' protocol existed (no _protocol) edited towards alt: it becomes the alt table
+    path.write_text(json.dumps(zsre))
+    *_, kept, alt, _ = eb.load_previous(tmp_path, meta)
+    assert kept == {} and set(alt) == {"MEMIT"}
 
 
 def test_a_new_run_does_not_inherit_an_older_runs_rows(tmp_path):
@@ -155,8 +163,9 @@ def test_a_new_run_does_not_inherit_an_older_runs_rows(tmp_path):
     eb.save_progress(tmp_path, meta, cf, per, older_norms, older_scaling, older_zsre)  # the earlier run, complete
     unedited = {"SmolLM2 (unedited)": cf["MEMIT"]}
     eb.save_progress(tmp_path, meta, unedited, {"SmolLM2 (unedited)": per["MEMIT"]}, [], [], {})  # a new run's first row
-    summaries, _, norms, scaling, zsre = eb.load_previous(tmp_path, meta)
+    summaries, _, norms, scaling, zsre, alt, sweep = eb.load_previous(tmp_path, meta)
     assert list(summaries) == ["SmolLM2 (unedited)"] and norms == [] and scaling == [] and zsre == {}
+    assert alt == {} and sweep == []
 
 
 def test_report_drops_an_older_runs_table3(tmp_path):
@@ -170,3 +179,51 @@ def test_report_drops_an_older_runs_table3(tmp_path):
     assert not (tmp_path / "edit_benchmark_table3_vs_paper.csv").exists()
     html = (tmp_path / "edit_benchmark.html").read_text()
     assert "table1_vs_paper" in html and "table3_vs_paper" not in html and "PMET even spread" not in html
+
+
+def test_every_editor_has_a_row_and_the_sweep_and_protocols_are_written(tmp_path):
+    """Table 1 lists the unedited model and every editor in the papers' order; Fig. 5 is written as CSV,
+    HTML and PNG; the alt protocol's Table 2 and its difference from the papers' protocol are written
+    beside Table 2; a method that a preset change does not touch stays valid on --resume."""
+    import pandas as pd
+
+    eb = load_analysis("edit_benchmark")
+    row = {"score": 0.5, "efficacy": 0.5, "paraphrase": 0.5, "neighborhood": 0.5, "efficacy_ci95": 0.1,
+           "paraphrase_ci95": 0.1, "neighborhood_ci95": 0.1}
+    summaries = {"PMET": row, "SmolLM2 (unedited)": row, "ROME": row, "FT-W": row, "r-ROME": row}
+    sweep = [{"n_edits": n, "editor": e, **{k: row[k] for k in eb.METRICS}} for n in (1, 10) for e in ("ROME", "FT-W")]
+    answer = {"ROME": {"official": _zsre_summary("official", 0.5), "teacher_forced": _zsre_summary("teacher_forced", 0.6)}}
+    alt = {"ROME": {"official": _zsre_summary("official", 0.2), "teacher_forced": _zsre_summary("teacher_forced", 0.3)}}
+    meta = {"n_cases": 10, "gen_every": 0, "model": "m", "hparams": {}}
+    eb.save_progress(tmp_path, meta, summaries, {k: pd.DataFrame({"case_id": [0]}) for k in summaries}, [], [], answer,
+                     alt, sweep)
+    eb.write_report(tmp_path, summaries, [], [], answer, meta, "consistency_proxy", alt, sweep)
+    t1 = pd.read_csv(tmp_path / "edit_benchmark_table1_vs_paper.csv")
+    assert list(t1[t1["source"].str.contains("this run")]["editor"]) == ["SmolLM2 (unedited)", "FT-W", "ROME", "PMET",
+                                                                         "r-ROME"]
+    for suffix in ("csv", "html", "png"):
+        assert (tmp_path / f"edit_benchmark_fig5_sweep.{suffix}").is_file()
+    diff = pd.read_csv(tmp_path / "edit_benchmark_table2_protocols.csv")
+    assert diff["efficacy_difference"].iloc[0] == 30.0
+    assert set(pd.read_csv(tmp_path / "edit_benchmark_table2_alt.csv")["protocol"]) == {"alt"}
+    *_, kept, kept_alt, kept_sweep = eb.load_previous(tmp_path, meta)
+    assert set(kept) == set(kept_alt) == {"ROME"} and len(kept_sweep) == 4
+    current = {m: preset("SmolLM2-135M-Instruct", m).to_dict() for m in ("pmet", "memit", "rome")}
+    assert eb.stale_editors(current, {k: v for k, v in current.items() if k != "rome"}) == set()
+    assert eb.stale_editors({**current, "rome": {**current["rome"], "steps": 5}}, current) == {"ROME"}
+    eb.write_report(tmp_path, summaries, [], [], answer, meta, "consistency_proxy")  # a run without them drops them
+    assert not (tmp_path / "edit_benchmark_fig5_sweep.png").exists()
+    assert not (tmp_path / "edit_benchmark_table2_protocols.csv").exists()
+
+
+def test_methods_are_checked_before_the_model_loads(capsys):
+    import pytest
+
+    eb = load_analysis("edit_benchmark")
+    assert eb.available_methods()[:3] == ["ft-w", "mend", "rome"] and "memit" in eb.available_methods()
+    with pytest.raises(SystemExit):
+        eb.main(["--methods", "rome,serac"])
+    assert "unknown method 'serac'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eb.main(["--zsre-protocols", "both"])
+    assert "--zsre-protocols takes" in capsys.readouterr().err

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The SmolLM2 presets of the baseline editors, on the TUNE part of the CounterFact split only (never the
+# report part), every grid point one edit of the first N tune facts scored with the probability metrics:
+#   FT-W  stage 1: the fine-tuned layer (2, 4, 8, 14, 20, 24) at GPT-J's weight decay 5e-4;
+#         stage 2: the weight decay on ΔW (0, 5e-2, 5, 500) at stage 1's layer (figures/tune_ft_w_*/);
+#   FT-L  ε (1e-4, 1e-3, 5e-3) at FT-W's layer, no weight decay (figures/tune_ft_l/);
+#   EMMET α (C ← αC; 1e3, 1e4 = official, 1e5), the only setting besides the traced layer whose scale is the
+#         model's: α·λ_E competes with K C⁻¹ Kᵀ, whose diagonal grows with d_mlp (figures/tune_emmet/);
+#   ROME, r-ROME at their presets (the traced layer, official settings): a check, nothing chosen (figures/tune_rome/).
+# Nothing is written to a preset directory (the user's is shared by every run on the machine): the best row of
+# each stage is in its tune_editing.json, and the shipped presets/editing.json takes it by hand, with the grid
+# in its _source.
+#
+#   bash analyses/tune_baselines.sh [N=24] > logs/tune_baselines.log 2>&1
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N="${1:-24}"
+best() {  # best() DIR FIELD: a field of the best row that tune_editing.py stored
+    python3 -c "import json,sys; r=next(iter(json.load(open(sys.argv[1]+'/tune_editing.json')).values())); print(r[sys.argv[2]])" "$1" "$2"
+}
+tune() { python3 analyses/tune_editing.py --limit "$N" "$@"; }
+tune --methods ft-w --layers 2,4,8,14,20,24 --wds 5e-4 --out figures/tune_ft_w_layer
+LAYER="$(best figures/tune_ft_w_layer layer)"
+tune --methods ft-w --layers "$LAYER" --wds 0,5e-2,5,500 --out figures/tune_ft_w_wd
+tune --methods ft-l --layers "$LAYER" --wds 0 --eps 1e-4,1e-3,5e-3 --out figures/tune_ft_l
+tune --methods emmet --lams 1000,10000,100000 --out figures/tune_emmet
+tune --methods rome,r-rome --out figures/tune_rome
