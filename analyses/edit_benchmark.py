@@ -681,15 +681,7 @@ def load_previous(out: Path, meta: dict[str, Any]):
     norms_path, scaling_path = out / "edit_benchmark_fig4_delta_norms.csv", out / "edit_benchmark_fig3_scaling.csv"
     norms = pd.read_csv(norms_path).to_dict("records") if norms_path.is_file() else []
     scaling = pd.read_csv(scaling_path).to_dict("records") if scaling_path.is_file() else []
-    sweep_path = out / "edit_benchmark_fig5_sweep.csv"
-    sweep = pd.read_csv(sweep_path).to_dict("records") if sweep_path.is_file() else []
-    zsre_path, alt_path = out / "edit_benchmark_zsre_summaries.json", out / "edit_benchmark_zsre_alt_summaries.json"
-    zsre = json.loads(zsre_path.read_text()) if zsre_path.is_file() else {}
-    alt = json.loads(alt_path.read_text()) if alt_path.is_file() else {}
-    if zsre and zsre.pop("_protocol", None) != "answer":
-        logger.warning("--resume: %s edited towards alt (before the papers' protocol was the main one): kept as the "
-                       "alt table", zsre_path)
-        alt, zsre = {**zsre, **alt}, {}
+    zsre, alt, sweep = read_zsre_and_sweep(out)
 
     def labelled(table: dict[str, Any]) -> dict[str, Any]:
         unlabelled = sorted(k for k, v in table.items() if not all(isinstance(v.get(m), dict) for m in ZSRE_METRICS))
@@ -711,6 +703,22 @@ def load_previous(out: Path, meta: dict[str, Any]):
         zsre = {k: v for k, v in zsre.items() if k not in stale}
         alt = {k: v for k, v in alt.items() if k not in stale}
     return summaries, per_records, norms, scaling, zsre, alt, sweep
+
+
+def read_zsre_and_sweep(out: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict]]:
+    """The zsRE summaries a run saved in ``out`` under the papers' protocol and under ``alt``, and its Fig. 5
+    rows. A zsRE file without a protocol is an older run's, which edited towards ``alt``: it is read as the
+    ``alt`` table."""
+    sweep_path = out / "edit_benchmark_fig5_sweep.csv"
+    sweep = pd.read_csv(sweep_path).to_dict("records") if sweep_path.is_file() else []
+    zsre_path, alt_path = out / "edit_benchmark_zsre_summaries.json", out / "edit_benchmark_zsre_alt_summaries.json"
+    zsre = json.loads(zsre_path.read_text()) if zsre_path.is_file() else {}
+    alt = json.loads(alt_path.read_text()) if alt_path.is_file() else {}
+    if zsre and zsre.pop("_protocol", None) != "answer":
+        logger.warning("%s edited towards alt (before the papers' protocol was the main one): read as the alt table",
+                       zsre_path)
+        alt, zsre = {**zsre, **alt}, {}
+    return zsre, alt, sweep
 
 
 def stale_editors(saved: dict[str, dict], current: dict[str, dict]) -> set[str]:
@@ -828,7 +836,7 @@ def replot(out: Path) -> None:
     norms_path, scaling_path = out / "edit_benchmark_fig4_delta_norms.csv", out / "edit_benchmark_fig3_scaling.csv"
     norms = pd.read_csv(norms_path).to_dict("records") if norms_path.is_file() else []
     scaling = pd.read_csv(scaling_path).to_dict("records") if scaling_path.is_file() else []
-    *_, zsre, alt, sweep = load_previous(out, {**saved["meta"], "hparams": saved["meta"].get("hparams", {})})
+    zsre, alt, sweep = read_zsre_and_sweep(out)
     write_report(out, saved["summaries"], norms, scaling, zsre, saved["meta"], "consistency_proxy", alt, sweep)
 
 
