@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                      "of an earlier edit_benchmark.py run")
     out.mkdir(parents=True, exist_ok=True)
 
+    args.protocols, args.sweep_count_list = protocols, sweep_counts  # read by run()
     model = load_model()
     args.pool = Workers(args.workers, address=args.address) if args.workers else None
     try:
@@ -417,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[str, Any]], skip: set[str]) -> int:
     """The benchmark on ``model`` (``args.pool``: the worker pool or ``None``)."""
     name = str(model.cfg.model_name)
+    protocols, sweep_counts = args.protocols, args.sweep_count_list
     store = CovarianceStore(progress=True)
     facts = split_facts("report", limit=args.limit)
     logger.info("report split: %d cases; generation on every %d-th", len(facts), args.gen_every)

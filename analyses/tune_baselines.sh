@@ -11,7 +11,7 @@
 # each stage is in its tune_editing.json, and the shipped presets/editing.json takes it by hand, with the grid
 # in its _source.
 #
-#   bash analyses/tune_baselines.sh [N=24] > logs/tune_baselines.log 2>&1
+#   bash analyses/tune_baselines.sh [N=24] > logs/tune_baselines.log 2>&1    # FRESH=1 redoes finished stages
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-24}"
@@ -19,9 +19,13 @@ best() {  # best() DIR FIELD: a field of the best row that tune_editing.py store
     python3 -c "import json,sys; r=next(iter(json.load(open(sys.argv[1]+'/tune_editing.json')).values())); print(r[sys.argv[2]])" "$1" "$2"
 }
 tune() { python3 analyses/tune_editing.py --limit "$N" "$@"; }
-tune --methods ft-w --layers 2,4,8,14,20,24 --wds 5e-4 --out figures/tune_ft_w_layer
+stage() {  # stage() OUT ARGS...: one search into OUT; a stage whose OUT/tune_editing.json exists is kept (FRESH=1 redoes it)
+    local out="$1"; shift
+    if [[ -f "$out/tune_editing.json" && -z "${FRESH:-}" ]]; then echo "kept $out (FRESH=1 to redo)"; else tune "$@" --out "$out"; fi
+}
+stage figures/tune_ft_w_layer --methods ft-w --layers 2,4,8,14,20,24 --wds 5e-4
 LAYER="$(best figures/tune_ft_w_layer layer)"
-tune --methods ft-w --layers "$LAYER" --wds 0,5e-2,5,500 --out figures/tune_ft_w_wd
-tune --methods ft-l --layers "$LAYER" --wds 0 --eps 1e-4,1e-3,5e-3 --out figures/tune_ft_l
-tune --methods emmet --lams 1000,10000,100000 --out figures/tune_emmet
-tune --methods rome,r-rome --out figures/tune_rome
+stage figures/tune_ft_w_wd --methods ft-w --layers "$LAYER" --wds 0,5e-2,5,500
+stage figures/tune_ft_l --methods ft-l --layers "$LAYER" --wds 0 --eps 1e-4,1e-3,5e-3
+stage figures/tune_emmet --methods emmet --lams 1000,10000,100000
+stage figures/tune_rome --methods rome,r-rome

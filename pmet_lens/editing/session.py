@@ -317,7 +317,6 @@ class EditSession:
                 tensors[f"batch{b}/keys/{hook}"] = K.detach().cpu().contiguous()
             batches.append({"facts": [f.to_counterfact() for f in record.facts], "stats": record.stats,
                             "metrics": record.metrics})
-        from pmet_lens.editing import engine
 
         dtypes = {dtype_name(p.dtype) for p in edited_params(self.model, self.hparams).values()}
         meta = {
@@ -378,7 +377,6 @@ class EditSession:
                 names both); a model already edited (same name as the session's model, other weights:
                 the message says how to load it fresh); another model.
         """
-        from pmet_lens.editing import engine
 
         require_model(model, "EditSession.load")
         meta, tensors = cls.read(path)
