@@ -167,6 +167,15 @@ EDIT_WEIGHTS: tuple[str, ...] = (FFN_OUT_WEIGHT, ATTN_OUT_WEIGHT)
 """The output weights an editor updates: the FFN's W_out and the MHSA's W_O."""
 
 
+INPUT_MODULES: tuple[str, ...] = ("embed", "hook_embed", "pos_embed", "hook_pos_embed")
+"""The model's modules before block 0 (those it has), which sit on block 0's device."""
+
+
+def block_prefix(layer: int) -> str:
+    """The state-dict prefix of block ``layer``'s parameters (``"blocks.{layer}."``)."""
+    return f"blocks.{layer}."
+
+
 def _check_weight(weight: str) -> str:
     if weight not in EDIT_WEIGHTS:
         raise ValueError(f"weight must be one of {EDIT_WEIGHTS}, got {weight!r}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from transformer_lens import HookedTransformer
 
+from pmet_lens.core.arch import INPUT_MODULES
+
 __all__ = ["block_device", "split_blocks"]
 
 
@@ -40,7 +42,7 @@ def split_blocks(model: HookedTransformer, n_devices: int) -> HookedTransformer:
     model.cfg.n_devices = n_devices
     first = get_device_for_block_index(0, model.cfg)
     last = get_device_for_block_index(model.cfg.n_layers - 1, model.cfg)
-    for name in ("embed", "hook_embed", "pos_embed", "hook_pos_embed"):
+    for name in INPUT_MODULES:
         if hasattr(model, name):
             getattr(model, name).to(first)
     for i, block in enumerate(model.blocks):

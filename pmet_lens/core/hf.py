@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from pmet_lens.core.arch import buffer_state_key
+from pmet_lens.core.arch import block_prefix, buffer_state_key
 
 logger = logging.getLogger(__name__)
 
@@ -484,10 +484,10 @@ def hf_layout(hf_config: Any, cfg: HookedTransformerConfig) -> HFLayout:
     tl_params: dict[str, tuple[int, ...]] = {}
     probe_shapes = {name: (starts[p.hf_name][1]) for name, p in probe_places.items()}
     for name, place in probe_places.items():
-        if name.startswith("blocks.0."):
+        if name.startswith(block_prefix(0)):
             parts, at = _layer_template(place.hf_name)
             for layer in range(n_layers):
-                tl_name = f"blocks.{layer}.{name[len('blocks.0.'):]}"
+                tl_name = block_prefix(layer) + name[len(block_prefix(0)):]
                 hf_name = ".".join(parts[:at] + [str(layer)] + parts[at + 1:])
                 if full_hf.get(hf_name) != probe_shapes[name] or tl_name not in full_tl:
                     raise ValueError(f"the layout of {name} does not carry over to block {layer} ({hf_name})")
@@ -498,12 +498,13 @@ def hf_layout(hf_config: Any, cfg: HookedTransformerConfig) -> HFLayout:
             places[name] = place
             tl_params[name] = full_tl[name]
     for name in zeros + computed:
-        names = [f"blocks.{l}.{name[len('blocks.0.'):]}" for l in range(n_layers)] if name.startswith("blocks.0.") else [name]
+        names = [block_prefix(l) + name[len(block_prefix(0)):] for l in range(n_layers)] \
+            if name.startswith(block_prefix(0)) else [name]
         for n in names:
             tl_params[n] = full_tl[n]
     expand = lambda names: tuple(  # noqa: E731
-        n for name in names for n in ([f"blocks.{l}.{name[len('blocks.0.'):]}" for l in range(n_layers)]
-                                      if name.startswith("blocks.0.") else [name]))
+        n for name in names for n in ([block_prefix(l) + name[len(block_prefix(0)):] for l in range(n_layers)]
+                                      if name.startswith(block_prefix(0)) else [name]))
     return HFLayout(hf_config=hf_config, hf_params=full_hf, tl_params=tl_params, model_params=full_tl, places=places,
                     zeros=expand(zeros), computed=expand(computed))
 

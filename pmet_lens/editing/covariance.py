@@ -24,7 +24,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from pmet_lens.core.arch import architecture, block_index
+from pmet_lens.core.arch import EDIT_WEIGHTS, architecture, block_index
 from pmet_lens.core.cachefile import read_matrix, write_matrix
 from pmet_lens.core.models import default_cache_dir, require_model
 from pmet_lens.core.paths import file_locks
@@ -286,7 +286,7 @@ def _key_width(model: HookedTransformer, hook: str) -> int:
     ``max(d_mlp, d_model)`` for any other hook (a bound for the working-set budget)."""
     arch = architecture(model)
     layer = block_index(hook)
-    for weight in ("W_out", "W_O"):
+    for weight in EDIT_WEIGHTS:
         if arch.edit_key_hook(weight, layer) == hook:
             param = arch.edit_param(model, weight, layer)
             return param.numel() // param.shape[-1]  # [d_k, d_model] or [heads, d_head, d_model]

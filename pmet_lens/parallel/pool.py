@@ -51,8 +51,7 @@ def _worker_pid(model: Any) -> int:
 
 def _check_no_hooks(model: Any, what: str) -> None:
     """A loaded model without hooks attached: workers get the weights, not hooks (refuse such a model)."""
-    require_model(model, what)
-    hooked = [name for name, hp in getattr(model, "hook_dict", {}).items()
+    hooked = [name for name, hp in require_model(model, what).hook_dict.items()
               if len(getattr(hp, "_forward_hooks", {})) or len(getattr(hp, "_backward_hooks", {}))]
     if hooked:
         raise ValueError(f"the model has hooks attached ({hooked[:3]}...), e.g. an edit previewed with model.hooks(...): "

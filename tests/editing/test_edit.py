@@ -62,11 +62,11 @@ def test_conflicts_layers_and_nan(tiny_model, store, monkeypatch):
     calls = {"n": 0}
     real = upd.solve_update
 
-    def flaky(keys, resid, cov, lam):
+    def flaky(keys, resid, cov, lam, **options):
         calls["n"] += 1
         if calls["n"] == 2:
-            return real(keys, resid * float("nan"), cov, lam)
-        return real(keys, resid, cov, lam)
+            return real(keys, resid * float("nan"), cov, lam, **options)
+        return real(keys, resid, cov, lam, **options)
 
     monkeypatch.setattr(upd, "solve_update", flaky)
     with pytest.raises(EditError):
