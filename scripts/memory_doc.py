@@ -11,7 +11,6 @@ issue, and the "what fits where" predictions. The prose is in this script.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_memory import DTYPE_BYTES, GB, LAYERS, STEPS, fit, predict  # noqa: E402
+from bench_memory import DTYPE_BYTES, GB, LAYERS, STEPS, _read_csv, fit, predict  # noqa: E402
 from llama_shapes import SHAPES, TARGETS  # noqa: E402
 
 R_OF = {"GPT-J-6B": 6, "Llama-3-8B": 5, "Qwen-2.5-14B": 5}
@@ -39,15 +38,8 @@ STEP_NAMES = {"load": "load", "cov": "C of R's layers", "edit16": "PMET edit, 16
 
 
 def read_points(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open() as fh:
-        for r in csv.DictReader(fh):
-            for k in ("params", "d_model", "d_mlp", "n_layers"):
-                r[k] = int(r[k])
-            for k in ("peak", "rss_before", "seconds", "W", "S", "F", "predicted"):
-                r[k] = float(r[k]) if r.get(k) not in (None, "", "None") else float("nan")
-            rows.append(r)
-    return rows
+    """The benchmark's points (numbers parsed), read as the benchmark reads an earlier run's."""
+    return _read_csv(path)
 
 
 def gb(x: float) -> str:

@@ -268,3 +268,18 @@ def test_dispatch_registry_and_errors(tiny_model, store):
     with pytest.raises(ValueError, match="lr"):
         FTHyperParams(lr=0.0)
     assert same(before, snapshot(tiny_model))
+
+
+@pytest.mark.parametrize("make", [rome_hp, ft_hp], ids=["rome", "ft-w"])
+def test_one_process_editors_refuse_workers_before_any_work(two_layouts, store, tmp_path, make):
+    from pmet_lens.parallel import ShardLog
+
+    before = snapshot(two_layouts)
+    with pytest.raises(ValueError, match=r"cannot shard its work on workers .* leave workers= and checkpoint= out"):
+        edit(two_layouts, [FACT], hparams=make(), cov_store=store, progress=False, checkpoint=ShardLog(tmp_path / "log"))
+    assert same(before, snapshot(two_layouts))
+    assert not (tmp_path / "log").exists() or not any((tmp_path / "log").iterdir())  # nothing was run
+    session = EditSession(two_layouts, hparams=make(), cov_store=store, progress=False)
+    with pytest.raises(ValueError, match="cannot shard its work on workers"):
+        session.edit([FACT], workers=object())
+    assert len(session) == 0 and same(before, snapshot(two_layouts))
