@@ -6,6 +6,8 @@
 #   FT-L  ε (1e-4, 1e-3, 5e-3) at FT-W's layer, no weight decay (figures/tune_ft_l/);
 #   EMMET α (C ← αC; 1e3, 1e4 = official, 1e5), the only setting besides the traced layer whose scale is the
 #         model's: α·λ_E competes with K C⁻¹ Kᵀ, whose diagonal grows with d_mlp (figures/tune_emmet/);
+#   past a grid's edge when its best sat there: FT-L ε (5e-3, 2e-2, 1e-1; figures/tune_ft_l_wide/), EMMET α
+#         (100, 300, 1000; figures/tune_emmet_wide/);
 #   ROME, r-ROME at their presets (the traced layer, official settings): a check, nothing chosen (figures/tune_rome/).
 # Nothing is written to a preset directory (the user's is shared by every run on the machine): the best row of
 # each stage is in its tune_editing.json, and the shipped presets/editing.json takes it by hand, with the grid
@@ -28,4 +30,7 @@ LAYER="$(best figures/tune_ft_w_layer layer)"
 stage figures/tune_ft_w_wd --methods ft-w --layers "$LAYER" --wds 0,5e-2,5,500
 stage figures/tune_ft_l --methods ft-l --layers "$LAYER" --wds 0 --eps 1e-4,1e-3,5e-3
 stage figures/tune_emmet --methods emmet --lams 1000,10000,100000
+# the first grids' best FT-L ε and EMMET α sat at their edges: one more step past each edge
+stage figures/tune_ft_l_wide --methods ft-l --layers "$LAYER" --wds 0 --eps 5e-3,2e-2,1e-1
+stage figures/tune_emmet_wide --methods emmet --lams 100,300,1000
 stage figures/tune_rome --methods rome,r-rome
