@@ -182,7 +182,7 @@ def run_batch(model: HookedTransformer, facts: Sequence[Fact], hparams: EditHype
 class LeastSquaresEditor:
     """The :class:`~pmet_lens.editing.editor.Editor` of the target-and-solve methods (PMET, MEMIT,
     AlphaEdit, EMMET): optimise every fact's target at L = max(R) in batches, then one solve per layer
-    of R (:func:`run_batch`)."""
+    of R (:func:`~pmet_lens.editing.engine.run_batch`)."""
 
     optimises_targets = True
     shards_facts = True

@@ -244,7 +244,7 @@ class EditHyperParams(MethodHyperParams):
         return self.prefix_len if isinstance(self.prefix_len, tuple) else (self.prefix_len,)
 
     def effective_settings(self) -> dict[str, Any]:
-        """The JSON-ready settings an edit depends on: :meth:`to_dict` without τ and α when
+        """The JSON-ready settings an edit depends on: ``to_dict()`` without τ and α when
         ``nullspace`` is off (the plain update ignores them). Two hyper-parameter sets with equal
         ``effective_settings()`` make the same edit of the same facts."""
         skip = frozenset() if self.nullspace else self.nullspace_fields

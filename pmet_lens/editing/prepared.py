@@ -91,7 +91,7 @@ class PreparedRequests:
 
     @property
     def template_groups(self) -> tuple[tuple[int, ...], ...]:
-        """Indices of the context templates per group: :attr:`groups` if given, else the bare prompt
+        """Indices of the context templates per group: ``groups`` if given, else the bare prompt
         alone, then every prefixed template (the official ``[["{}"], [prefixed ...]]``); only the first
         without prefixes."""
         if self.groups:

@@ -134,7 +134,7 @@ def compute_and_apply_updates(
         on_write: called with ``(site, Δ)`` just before Δ is added, so the caller can keep the original.
         residual_from: the current output the residual is taken against: ``"bare"`` (MEMIT, PMET,
             ROME: the bare prompt's output at L) or ``"mean"`` (r-ROME: the output averaged over the
-            templates with the keys' weights, :attr:`~pmet_lens.editing.keys.LayerReading.mean_outputs`).
+            templates with the keys' weights, ``LayerReading.mean_outputs``).
         pass_bare_keys: also pass the bare prompt's keys to ``solve`` as ``bare_keys=`` (ROME's k_s,
             :func:`pmet_lens.editing.solvers.rank_one_solve`).
 
