@@ -89,7 +89,8 @@ def test_update_only_fields_do_not_change_the_targets(tiny_model, cls):
 
 def test_presets_of_the_baseline_editors(tmp_path):
     """ROME / r-ROME / EMMET on SmolLM2: the layer of ROME's rule from the shipped causal trace with the
-    official settings; GPT-J: the papers'; a one-layer method without a preset is an error naming the rule."""
+    official settings (EMMET's α from the tune split), FT-W / FT-L their tuned layer, weight decay and ε;
+    GPT-J: the papers'; a one-layer method without a preset is an error naming the rule."""
     import pandas as pd
 
     from pmet_lens.analysis.layers import strongest_mlp_layer
@@ -103,7 +104,10 @@ def test_presets_of_the_baseline_editors(tmp_path):
     assert isinstance(rome, ROMEHyperParams) and type(rrome) is RROMEHyperParams and isinstance(emmet, EMMETHyperParams)
     assert (rome.steps, rome.lr, rome.weight_decay, rome.kl_factor, rome.clamp_norm_factor) == (20, 0.5, 0.5, 0.0625, 4.0)
     assert rrome.to_dict() == {**rome.to_dict(), "method": "r-rome"} and rome.key_average == "uniform"
-    assert (emmet.lam, emmet.emmet_lambda, emmet.spread) == (10000.0, 0.1, "even")
+    assert (emmet.lam, emmet.emmet_lambda, emmet.spread) == (1000.0, 0.1, "even")  # α: tune split (official 1e4)
+    ftw, ftl = preset(name, "ft-w"), preset(name, "ft-l")
+    assert (ftw.layers, ftw.weight_decay, ftw.norm_constraint) == ((20,), 0.0, None)
+    assert (ftl.layers, ftl.weight_decay, ftl.norm_constraint) == ((20,), 0.0, 0.02)
     gptj = preset("gpt-j-6B", "rome"), preset("gpt-j-6B", "ft-w"), preset("gpt-j-6B", "ft-l")
     assert [h.layers for h in gptj] == [(5,), (21,), (21,)] and gptj[1].weight_decay == 5e-4
     assert gptj[2].norm_constraint == 5e-5

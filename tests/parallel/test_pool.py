@@ -42,17 +42,25 @@ def test_workers_follow_edits_made_on_the_driver(pool, model):
     assert pool.broadcast(model, weights_digest) == [weights_digest(model)] * pool.n
 
 
+SHARD = 1200
+"""Prompts per shard of the worker-kill tests."""
+KILL_AFTER = 0.5
+"""Seconds after the call starts at which the tests kill a worker."""
+
+
 def test_a_worker_killed_mid_shard_does_not_change_the_result(pool, model):
-    prompts = PROMPTS * 50  # two shards of 300 prompts: a few seconds each on one thread
+    # two shards of SHARD prompts: about 3 s each on one thread of the 2-core CI machine, so the kill at
+    # KILL_AFTER lands mid-shard with a wide margin on faster CPUs too (a shard of 300 took 0.8 s there)
+    prompts = PROMPTS * (2 * SHARD // len(PROMPTS))
     single = component_similarity(model, prompts, k=10, batch_size=60, progress=False)
     pool.sync(model)
     start = len(pool.history)
     victim = pool.pids[0]
-    timer = threading.Timer(1.0, os.kill, (victim, signal.SIGKILL))
+    timer = threading.Timer(KILL_AFTER, os.kill, (victim, signal.SIGKILL))
     timer.start()
     try:
         sharded = component_similarity(model, prompts, k=10, batch_size=60, progress=False, workers=pool,
-                                       shard_size=300)
+                                       shard_size=SHARD)
     finally:
         timer.cancel()
     runs = pool.history[start:]
@@ -73,11 +81,12 @@ def test_a_failing_shard_ends_the_call_naming_it(pool, model):
     retries, pool.retries = pool.retries, 0
     pool.sync(model)
     victim = pool.pids[0]
-    timer = threading.Timer(1.0, os.kill, (victim, signal.SIGKILL))
+    timer = threading.Timer(KILL_AFTER, os.kill, (victim, signal.SIGKILL))
     timer.start()
     try:
         with pytest.raises(ShardError, match=r"shard 0 of 2 failed: its worker died 1 times"):
-            component_similarity(model, PROMPTS * 50, k=10, batch_size=60, progress=False, workers=pool, shard_size=300)
+            component_similarity(model, PROMPTS * (2 * SHARD // len(PROMPTS)), k=10, batch_size=60, progress=False,
+                                 workers=pool, shard_size=SHARD)
     finally:
         timer.cancel()
         pool.retries = retries
