@@ -1,9 +1,14 @@
 """Check the main job's table against the committed one: after ``python3 analyses/component_similarity.py``
 (the README's main job), ``figures/component_similarity.csv`` must hold the same rows as the version in
-git's HEAD, with every number equal to within --tol (default 1e-6). CI runs this after the main job, so a
+git's HEAD, with every number equal to within --tol (default 1e-4). CI runs this after the main job, so a
 change of behaviour in the Fig. 2 path fails CI instead of rewriting the figure silently.
 
-Usage: python3 scripts/check_main_job.py [--csv figures/component_similarity.csv] [--tol 1e-6]
+The tolerance is what holds on both CPU kinds CI runs on: the committed table was made on an AMD EPYC
+(AVX2), and the same code (fcd5016 as well as later) gives a largest difference of 1.42e-5 on the Intel
+Xeon (AVX-512); on the AMD EPYC it reproduced within 4.1e-7. The means are of cosines and Jaccard
+indices in [0, 1] shown to three decimals, so 1e-4 still fails any change of behaviour a reader could see.
+
+Usage: python3 scripts/check_main_job.py [--csv figures/component_similarity.csv] [--tol 1e-4]
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ KEYS = ["variant", "layer", "component", "metric"]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--csv", default="figures/component_similarity.csv")
-    parser.add_argument("--tol", type=float, default=1e-6)
+    parser.add_argument("--tol", type=float, default=1e-4)
     args = parser.parse_args()
     root = Path(__file__).resolve().parent.parent
     path = root / args.csv
