@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 
-from machine import machine_line  # benchmarks/machine.py (the script's folder is on sys.path)
+from machine import machine_line, median_seconds  # benchmarks/machine.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "fcd50161e39e232c6ef052ba5745cbf860bdf0ba"  # main before issue 34's changes to the identity and the target loop
@@ -102,18 +102,10 @@ def bench_identity(args) -> None:
           "parameters, bfloat16, "
           f"fast path; built in {time.perf_counter() - start:.0f} s")
 
-    def timed(fn, repeat: int) -> float:
-        times = []
-        for _ in range(repeat):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
     layers = list(range(4, 9)) if args.layers >= 9 else list(range(args.layers))  # the W_out a batch writes
-    before = timed(lambda: legacy_weights_hash(model), args.repeat)
-    first = timed(lambda: weights_hashes(model, layers), 1)
-    warm = timed(lambda: weights_hashes(model, layers), max(5, args.repeat))
+    before = median_seconds(lambda: legacy_weights_hash(model), args.repeat)
+    first = median_seconds(lambda: weights_hashes(model, layers), 1)
+    warm = median_seconds(lambda: weights_hashes(model, layers), max(5, args.repeat))
     cache = identity_cache(model)
 
     def after_edit():

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import statistics
 import time
 
 import torch
@@ -42,9 +41,7 @@ from pmet_lens.editing.mend_training import (
     train_mend,
 )
 
-from machine import (
-    machine_line,  # benchmarks/machine.py (the script's folder is on sys.path)
-)
+from machine import machine_line, median_seconds  # benchmarks/machine.py (the script's folder is on sys.path)
 
 
 def official_factors(model, layers, seqs, targets):
@@ -138,15 +135,6 @@ def official_step(model, network, opt, examples, layers, loc_per_edit):
     return float(loss.detach())
 
 
-def timed(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=10, help="training steps timed per loop")
@@ -214,10 +202,10 @@ def main() -> None:
             with torch.no_grad():
                 return {l: network.update(l, *factors[l]) for l in network.layers}
 
-        c = timed(official_edit, args.repeat)
-        d = timed(lambda part=part: edit(model, part, method="mend", hparams=hp, apply=False, progress=False),
+        c = median_seconds(official_edit, args.repeat)
+        d = median_seconds(lambda part=part: edit(model, part, method="mend", hparams=hp, apply=False, progress=False),
                   args.repeat)
-        own = timed(lambda part=part: mend_deltas(model, part, network, hp.batch_size), args.repeat)
+        own = median_seconds(lambda part=part: mend_deltas(model, part, network, hp.batch_size), args.repeat)
         rows.append((n, c, d))
         print(f"MEND edit of {n} fact(s) ({path.name}): (c) official-style {c:.3f} s, (d) package {d:.3f} s "
               f"({c / d:.2f}x); {d / n * 1000:.1f} ms per fact; of (d), the update itself (mend_deltas) {own:.3f} s, "

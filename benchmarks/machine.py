@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -24,3 +28,13 @@ def machine_line() -> str:
     load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
     return (f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads{load}")
+
+
+def median_seconds(fn: Callable[[], Any], repeat: int) -> float:
+    """The median wall time in seconds of ``repeat`` calls of ``fn`` (the median resists one slow call)."""
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
