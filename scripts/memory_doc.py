@@ -92,28 +92,44 @@ def measured_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def fit_table(fits: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
-    lines = ["| implementation | step | a (x W) | b (x S) | c (x F) | d (GB) | points | max abs error |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| implementation | step | a (x W) | b (x S) | c (x F) | d (GB) | points | max abs error | max abs held-out error |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (impl, kind), f in sorted(fits.items()):
         c = f["coef"]
         name = STEP_NAMES.get(kind, "PMET edit, 16 and 64 facts")
         if not f["identified"]:
             lines.append(f"| {impl} | {name} | not identified: the points do not vary W and S | | | {c['1'] / GB:.2f} | "
-                         f"{f['points']} | |")
+                         f"{f['points']} | | |")
             continue
+        held = [h for i in range(len(f["rows"])) if (h := held_out_error(f["rows"], i)) is not None]
         lines.append(f"| {impl} | {name} | {c['W']:.3f} | {c['S']:.3f} | "
-                     f"{c['F']:.3f} | {c['1'] / GB:.2f} | {f['points']} | {f['max_abs_rel_error']:.1%} |")
+                     f"{c['F']:.3f} | {c['1'] / GB:.2f} | {f['points']} | {f['max_abs_rel_error']:.1%} | "
+                     f"{max(map(abs, held)):.1%} |" if held else
+                     f"| {impl} | {name} | {c['W']:.3f} | {c['S']:.3f} | "
+                     f"{c['F']:.3f} | {c['1'] / GB:.2f} | {f['points']} | {f['max_abs_rel_error']:.1%} | – |")
     return lines
 
 
+def held_out_error(rows: list[dict[str, Any]], i: int) -> float | None:
+    """The relative error of the fit made without ``rows[i]`` on ``rows[i]`` (leave-one-out), or None where
+    the other rows do not vary both W and S."""
+    rest = rows[:i] + rows[i + 1:]
+    if len({r["W"] for r in rest}) < 2 or len({r["S"] for r in rest}) < 2:
+        return None
+    r = rows[i]
+    return (predict(fit(rest)["coef"], r) - r["peak"]) / r["peak"]
+
+
 def error_table(fits: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
-    lines = ["| implementation | step | point | dtype | measured GB | fit GB | error |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| implementation | step | point | dtype | measured GB | fit GB | error | held out |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (impl, kind), f in sorted(fits.items()):
         if kind == "edit":
             continue
-        for r, e in zip(f["rows"], f["rel_error"]):
+        for i, (r, e) in enumerate(zip(f["rows"], f["rel_error"])):
+            held = held_out_error(f["rows"], i)
             lines.append(f"| {impl} | {STEP_NAMES[kind]} | {r['shape']} | {r['dtype']} | {gb(r['peak'])} | "
-                         f"{gb(r['peak'] * (1 + e))} | {e:+.1%} |")
+                         f"{gb(r['peak'] * (1 + e))} | {e:+.1%} | {'–' if held is None else f'{held:+.1%}'} |")
     return lines
 
 
@@ -265,8 +281,10 @@ def render(rows: list[dict[str, Any]], points: Path) -> str:
         "in a fresh subprocess: the worker loads the model (`pmet_lens.load_model(path)`), resets the kernel's peak-RSS counter "
         "(`/proc/self/clear_refs`), runs the step and reads `VmHWM`: the peak resident memory of the step with the model "
         "resident (the `load` row is the whole process's peak). R is 5 layers (3-7). The benchmark measures memory, not "
-        "quality: targets take 2 optimisation steps (peak memory is reached in the first) and C comes from 8192 WikiText "
-        "tokens. The baseline is written in the benchmark, the official way (its docstring lists each step). A point "
+        f"quality: targets take {meta.get('steps', 2)} optimisation step(s) (peak memory is reached in the first), C comes "
+        f"from {meta.get('cov_tokens', 8192)} WikiText tokens (C's working set is bounded, so the corpus size changes the "
+        f"time, not the peak) and generated texts are {meta.get('gen_length', 100)} tokens long. "
+        "The baseline is written in the benchmark, the official way (its docstring lists each step). A point "
         "predicted above the limit is not run and is reported as `skipped` with its prediction.",
         "",
         "Peak RSS is one pool. On a CPU it is the memory the step needs. On a GPU the lean path keeps C, P and a session's "
@@ -291,7 +309,8 @@ def render(rows: list[dict[str, Any]], points: Path) -> str:
         "",
         *fit_table(fits),
         "",
-        "Each point's error (fit minus measured, relative):",
+        "Each point's error (fit minus measured, relative). \"held out\" is the error of the fit made without that "
+        "point, where the other points still vary W and S: the error to expect on a shape the fit has not seen.",
         "",
         *error_table(fits),
         "",
