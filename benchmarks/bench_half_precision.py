@@ -4,7 +4,9 @@ For PMET and MEMIT (their presets), the first ``--limit`` (default 64) cases of 
 report part are edited at once into the model loaded in float32 and in bfloat16; each edited model
 is evaluated on the same cases (probability metrics: Efficacy, Generalization = paraphrase,
 Specificity = neighborhood, with 95% CIs; ROME/MEMIT's definitions, :func:`pmet_lens.evaluation.evaluate_counterfact`).
-Also reported: ΔW's relative difference per edited weight, ‖ΔW_bf16 − ΔW_fp32‖ / ‖ΔW_fp32‖; PMET Fig. 2
+Also reported: ΔW's relative difference per edited weight, ‖ΔW_bf16 − ΔW_fp32‖ / ‖ΔW_fp32‖, beside the
+part of it that storing in bf16 alone makes (fp32's ΔW written into the bf16 weights and read back as
+new minus old: an update whose entries are near the bf16 spacing of the weights is rounded); PMET Fig. 2
 (both variants, ``--fig2`` known-fact prompts) in both dtypes and its largest difference (per-layer
 means, and per prompt); and the wall time of each stage in both dtypes on this CPU (bf16 speed).
 The covariances come from the user cache (built once per dtype, their time reported apart).
@@ -93,9 +95,18 @@ def main() -> None:
             rows[d] = {m: [float(summary[m]), float(summary[f"{m}_ci95"])] for m in METRICS}
             rows[d]["mean_steps"] = sum(result.stats["steps"]) / len(result.stats["steps"])
         rel = {k: float((deltas["bf16"][k] - deltas["fp32"][k]).norm() / deltas["fp32"][k].norm()) for k in deltas["fp32"]}
+        # The part of that difference that bf16 storage alone makes: fp32's ΔW written into the bf16 weights
+        # (round(W + ΔW), the sum in float32, as editing.delta writes it) and read back as new minus old.
+        weights = dict(models["bf16"].named_parameters())
+        floor = {}
+        for k, d32 in deltas["fp32"].items():
+            w = weights[k].detach().float()
+            stored = (w + d32.float()).to(torch.bfloat16).float() - w
+            floor[k] = float((stored.double() - d32).norm() / d32.norm())
         overlap = {m: abs(rows["bf16"][m][0] - rows["fp32"][m][0]) <= rows["bf16"][m][1] + rows["fp32"][m][1]
                    for m in METRICS}
-        report["methods"][method] = {"metrics": rows, "delta_relative_difference": rel, "within_cis": overlap}
+        report["methods"][method] = {"metrics": rows, "delta_relative_difference": rel,
+                                     "delta_rounding_floor": floor, "within_cis": overlap}
 
     # ---- print ------------------------------------------------------------------------------
     print(f"\n{len(facts)} report cases edited at once; probability metrics in %, ± 95% CI half-width")
@@ -107,6 +118,8 @@ def main() -> None:
                   + f" | {r['mean_steps']:.1f}")
         print(f"{method}: bf16 within the CIs of fp32: {entry['within_cis']}; ‖ΔW_bf16 − ΔW_fp32‖/‖ΔW_fp32‖: "
               + ", ".join(f"{k} {v:.3f}" for k, v in entry["delta_relative_difference"].items()))
+        print(f"{method}: of it, bf16 storage alone (fp32's ΔW written into the bf16 weights, read back): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in entry["delta_rounding_floor"].items()))
     print(f"\nFig. 2, bf16 vs fp32, largest |difference| over layers and components ({len(prompts)} prompts):")
     for variant, entry in report["fig2"].items():
         print(f"  {variant}: " + "; ".join(f"{m} {v['max_abs_diff_of_layer_means']:.4f} (layer means), "
