@@ -15,7 +15,8 @@ host synchronisations, each beside its baseline measured in the same run.
    the loop of commit ``--baseline`` (``git show`` of ``pmet_lens/editing/targets.py``, loaded as a
    module); after: the current loop reading the host at every step (the CPU default) and every 5
    steps (the accelerator default). The targets of the three are compared.
-3. Scoring, the same count per batch for ``score_token_ids`` before (baseline commit) and after.
+3. Scoring, the same count for ``score_token_ids`` before (baseline commit) and after, on token ids
+   made beforehand (``encode`` keeps them on the host).
 
     python benchmarks/bench_host_round_trips.py                 # all three (about 5 min alone, < 8 GB)
     python benchmarks/bench_host_round_trips.py --skip-identity --facts 2 --steps 4   # a smoke test
@@ -183,19 +184,23 @@ def bench_target_loop(args) -> None:
 
 def bench_scoring(args) -> None:
     from pmet_lens import load_model
+    from pmet_lens.core.tokens import encode, target_ids
     from pmet_lens.data.splits import split_facts
-    from pmet_lens.evaluation.scoring import score_continuations
+    from pmet_lens.evaluation.scoring import score_token_ids
 
     old = _baseline_module("pmet_lens/evaluation/scoring.py", "baseline_scoring")
     model = load_model(device="cpu")
     facts = split_facts("tune", limit=args.records)
     prompts = [p for f in facts for p in [f.text] + list(f.paraphrase_prompts)]
     targets = [f.target_new for f in facts for _ in range(1 + len(f.paraphrase_prompts))]
+    # token ids are made on the host (encode keeps them there), outside the count: the count is the scoring's
+    prompt_ids = [encode(model, p) for p in prompts]
+    target_token_ids = [target_ids(model, t) for t in targets]
     print(f"\n3. scoring: {len(prompts)} (prompt, target) pairs of {args.records} TUNE records, batches of 64")
-    for label, fn in (("before", old.score_continuations), ("after", score_continuations)):
+    for label, fn in (("before", old.score_token_ids), ("after", score_token_ids)):
         counter = SyncCounter()
         with counter:
-            fn(model, prompts, targets)
+            fn(model, prompt_ids, target_token_ids)
         print(f"{label:<7} | {counter.count} waits ({', '.join(f'{k} {v}' for k, v in counter.by_name.items())})")
 
 

@@ -35,10 +35,13 @@ class Batch:
 
 
 def encode(model: HookedTransformer, text: str) -> list[int]:
-    """Token ids of ``text`` exactly as ``model.to_tokens`` makes them (BOS per the model's default)."""
+    """Token ids of ``text`` exactly as ``model.to_tokens`` makes them (BOS per the model's default).
+
+    The ids stay on the host (``move_to_device=False``): reading them back from an accelerator would
+    make the host wait for the device once per prompt."""
     if not isinstance(text, str) or not text:
         raise ValueError(f"cannot tokenise an empty prompt (got {text!r})")
-    return model.to_tokens(text, truncate=False)[0].tolist()
+    return model.to_tokens(text, truncate=False, move_to_device=False)[0].tolist()
 
 
 def tokenizer_of(model: HookedTransformer) -> PreTrainedTokenizerBase:
