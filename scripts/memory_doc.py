@@ -32,6 +32,12 @@ EASYEDIT = {
     ("Llama-3-8B", "cov"): "MEMIT's covariance step asked for 506 GiB on Llama-3.2-1B (EasyEdit issue 470)",
     ("Llama-3-8B", "eval"): "evaluation ran out of memory on 3 x RTX 4090 after the edit worked (EasyEdit issue 183)",
 }
+PUBLISHED = {
+    ("Llama-3-8B", "PMET edit of 100 facts"): "MEMIT on Llama-7B: about 50 GB (EasyEdit issue 26)",
+    ("Qwen-2.5-14B", "PMET edit of 100 facts"): "ROME 66 GB, MEMIT 74 GB of an 80 GB card (EasyEdit issue 109)",
+    ("Llama-3-8B", "CounterFact evaluation"): "out of memory on 3 x RTX 4090 after the edit worked (EasyEdit issue 183)",
+}
+"""What users of the official code / EasyEdit reported for the nearest (model, task), beside each prediction."""
 STEP_NAMES = {"load": "load", "cov": "C of R's layers", "edit16": "PMET edit, 16 facts", "edit64": "PMET edit, 64 facts",
               "alphaedit": "AlphaEdit batch, 32 facts", "session3": "session, 3 AlphaEdit batches of 16",
               "eval32": "CounterFact evaluation, 32 records", "export": "export (transformers)"}
@@ -162,7 +168,8 @@ def predictions(rows: list[dict[str, Any]], fits: dict[tuple[str, str], dict[str
                 if r["step"] in ("edit16", "edit64") and r["status"] == "measured" and r["F"] > 0]
     tokens_per_fact = sum(per_fact) / len(per_fact) if per_fact else 0.0
     lines = ["| model (bfloat16) | task | lean, one pool GB | lean, on the device GB | of it on the host GB | "
-             "baseline GB | 24 GB | 48 GB | 80 GB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "baseline GB | 24 GB | 48 GB | 80 GB | reported for the official code / EasyEdit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     found: dict[str, Any] = {}
     for name, shape in TARGETS.items():
         n_r = R_OF[name]
@@ -195,7 +202,7 @@ def predictions(rows: list[dict[str, Any]], fits: dict[tuple[str, str], dict[str
             marks = ["yes" if device <= c * GB else "no" for c in CARDS]
             found[f"{name}/{task}"] = {"total": total, "device": device, "host": host, "baseline": base}
             lines.append(f"| {name} | {task} | {gb(total)} | {gb(device)} | {gb(host)} | {gb(base)} | "
-                         + " | ".join(marks) + " |")
+                         + " | ".join(marks) + f" | {PUBLISHED.get((name, task), '–')} |")
     return lines, found
 
 
