@@ -301,9 +301,11 @@ def render(rows: list[dict[str, Any]], points: Path) -> str:
         "",
         "Peak RSS is one pool. On a CPU it is the memory the step needs. On a GPU the lean path keeps C, P and a session's "
         "history on the host, so the device needs less than the one-pool figure: the \"on the device\" column below "
-        "subtracts those host-resident matrices (by their sizes, not measured on a GPU). Loading itself peaks at about three "
-        "copies of the weights in host memory (the transformers model, the converted state dict, the TransformerLens "
-        "model); the device only ever receives one.",
+        "subtracts those host-resident matrices (by their sizes, not measured on a GPU). Loading itself holds more than "
+        "one copy of the weights in host memory for a moment (the checkpoint being converted beside the TransformerLens "
+        "model" + (f"; the load fit below: {fits[('lean', 'load')]['coef']['W']:.2f} x W + "
+                   f"{fits[('lean', 'load')]['coef']['1'] / GB:.2f} GB" if usable(fits, ("lean", "load")) else "")
+        + "); the device only ever receives one.",
         "",
         "Machine: " + (", ".join(machines) if machines else "see the benchmark's first output line") + ".",
         "",
@@ -362,6 +364,10 @@ def render(rows: list[dict[str, Any]], points: Path) -> str:
         "",
         "```bash",
         "python3 benchmarks/bench_memory.py            # every point, alone on the machine (writes benchmarks/results/)",
+        "# the points above were measured in parts, with the settings of this page; e.g.",
+        "python3 benchmarks/bench_memory.py --opt-steps 1 --cov-tokens 2048 --gen-length 40 --shapes llama-1.2b --dtypes bfloat16",
+        "python3 benchmarks/bench_memory.py --opt-steps 1 --cov-tokens 2048 --gen-length 40 --shapes llama-2.5b \\",
+        "    --dtypes bfloat16 --impl lean --steps load cov edit16 edit64 alphaedit session3 eval32 --limit-gb 22",
         "python3 scripts/memory_doc.py                 # this page, from benchmarks/results/memory_points.csv",
         "```",
         "",
