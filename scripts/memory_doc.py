@@ -228,7 +228,7 @@ def render(rows: list[dict[str, Any]], points: Path) -> str:
     fits = fits_of(rows)
     meta_path = points.with_name("memory_fit.json")
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    machines = [meta["machine"]] if meta.get("machine") else []
+    machines = [meta["machine"].removeprefix("machine: ")] if meta.get("machine") else []
     target_lines, missed = target_rows(rows)
     pred_lines, found = predictions(rows, fits)
     llama = {k.split("/", 1)[1]: v for k, v in found.items() if k.startswith("Llama-3-8B/")}
