@@ -72,7 +72,9 @@ def fits_of(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]
             mine = [r for r in rows if r["impl"] == impl and r["step"] in steps and r["status"] == "measured"]
             if mine:
                 identified = len({r["W"] for r in mine}) > 1 and len({r["S"] for r in mine}) > 1
-                out[(impl, kind)] = {**fit(mine), "rows": mine, "identified": identified}
+                held = [held_out_error(mine, i) for i in range(len(mine))]
+                out[(impl, kind)] = {**fit(mine), "rows": mine, "identified": identified, "held_out": held,
+                                     "max_abs_held_out": max((abs(h) for h in held if h is not None), default=None)}
     return out
 
 
@@ -117,12 +119,10 @@ def fit_table(fits: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
             lines.append(f"| {impl} | {name} | not identified: the points do not vary W and S | | | {c['1'] / GB:.2f} | "
                          f"{f['points']} | | |")
             continue
-        held = [h for i in range(len(f["rows"])) if (h := held_out_error(f["rows"], i)) is not None]
+        held = f["max_abs_held_out"]
         lines.append(f"| {impl} | {name} | {c['W']:.3f} | {c['S']:.3f} | "
                      f"{c['F']:.3f} | {c['1'] / GB:.2f} | {f['points']} | {f['max_abs_rel_error']:.1%} | "
-                     f"{max(map(abs, held)):.1%} |" if held else
-                     f"| {impl} | {name} | {c['W']:.3f} | {c['S']:.3f} | "
-                     f"{c['F']:.3f} | {c['1'] / GB:.2f} | {f['points']} | {f['max_abs_rel_error']:.1%} | – |")
+                     f"{'–' if held is None else f'{held:.1%}'} |")
     return lines
 
 
@@ -142,8 +142,7 @@ def error_table(fits: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     for (impl, kind), f in sorted(fits.items()):
         if kind == "edit":
             continue
-        for i, (r, e) in enumerate(zip(f["rows"], f["rel_error"])):
-            held = held_out_error(f["rows"], i)
+        for r, e, held in zip(f["rows"], f["rel_error"], f["held_out"]):
             lines.append(f"| {impl} | {STEP_NAMES[kind]} | {r['shape']} | {r['dtype']} | {gb(r['peak'])} | "
                          f"{gb(r['peak'] * (1 + e))} | {e:+.1%} | {'–' if held is None else f'{held:+.1%}'} |")
     return lines
@@ -238,14 +237,14 @@ def render(rows: list[dict[str, Any]], points: Path) -> str:
     for task, key in fit_of.items():
         v = llama.get(task)
         if v is not None:
-            held = [abs(h) for i in range(len(fits[key]["rows"])) if (h := held_out_error(fits[key]["rows"], i)) is not None]
+            held = fits[key]["max_abs_held_out"]
             room = card_bytes(24) - v["device"]
             verdicts.append(
                 f"* Llama-3-8B, {task}: {gb(v['device'])} GB on the device, {gb(v['total'])} GB in one pool: "
                 + (f"fits a 24 GB card with {room / 2**30:.2f} GiB to spare ({room / v['device']:.1%} of the figure)"
                    if room >= 0 else f"**does not fit** a 24 GB card ({-room / 2**30:.2f} GiB over)")
-                + (f"; the fit's largest held-out error is {max(held):.1%}" if held else "")
-                + (", larger than the margin: a near thing, to be checked on a card" if held and 0 <= room / v["device"] < max(held)
+                + (f"; the fit's largest held-out error is {held:.1%}" if held is not None else "")
+                + (", larger than the margin: a near thing, to be checked on a card" if held is not None and 0 <= room / v["device"] < held
                    else "") + ".")
     out = [
         "# Memory: what the lean paths cost, measured, and what fits where",
