@@ -669,6 +669,8 @@ def sequential_sweep(model, facts, hparams, counts: list[int], store, targets, r
 def load_previous(out: Path, meta: dict[str, Any]):
     """Results of an earlier run in ``out`` (for ``--resume``): summaries, per-record rows, ‖ΔW‖ rows, Fig. 3
     rows, Table 2 with the papers' zsRE protocol and with ``alt``, Fig. 5 rows; refuses a run on other cases.
+    Drops the results made with other presets than ``meta["hparams"]``, and adds to ``meta["hparams"]`` the
+    saved presets of the methods it does not list (whose results are kept).
     A zsRE file without a protocol is an older run's, which edited towards ``alt``."""
     path = out / "edit_benchmark_summaries.json"
     if not path.is_file():
@@ -704,6 +706,10 @@ def load_previous(out: Path, meta: dict[str, Any]):
         sweep = [r for r in sweep if r["editor"] not in stale]
         zsre = {k: v for k, v in zsre.items() if k not in stale}
         alt = {k: v for k, v in alt.items() if k not in stale}
+    # The kept results of methods this run does not list were made with the saved presets: record those, so
+    # that a later --resume that lists them again does not take their results for stale.
+    for method, saved_hparams in saved["meta"].get("hparams", {}).items():
+        meta["hparams"].setdefault(method, saved_hparams)
     return summaries, per_records, norms, scaling, zsre, alt, sweep
 
 

@@ -227,3 +227,24 @@ def test_methods_are_checked_before_the_model_loads(capsys):
     with pytest.raises(SystemExit):
         eb.main(["--zsre-protocols", "both"])
     assert "--zsre-protocols takes" in capsys.readouterr().err
+
+
+def test_resume_in_parts_keeps_the_presets_of_the_methods_a_part_does_not_run(tmp_path):
+    """A run made in parts (--methods ft-w, then --methods rome --resume) records the first part's presets, so
+    a third part that lists FT-W again keeps its results."""
+    import pandas as pd
+
+    eb = load_analysis("edit_benchmark")
+    current = {m: preset("SmolLM2-135M-Instruct", m).to_dict() for m in ("pmet", "memit", "ft-w", "rome")}
+    row = {"score": 0.5, "efficacy": 0.5, "paraphrase": 0.5, "neighborhood": 0.5}
+    first = {"n_cases": 10, "gen_every": 0, "model": "m", "hparams": {m: current[m] for m in ("pmet", "memit", "ft-w")}}
+    eb.save_progress(tmp_path, first, {"FT-W": row}, {"FT-W": pd.DataFrame({"case_id": [0]})}, [], [], {})
+    second = {**first, "hparams": {m: current[m] for m in ("pmet", "memit", "rome")}}
+    summaries, per_records, *_ = eb.load_previous(tmp_path, second)
+    assert set(summaries) == {"FT-W"} and second["hparams"]["ft-w"] == current["ft-w"]
+    summaries["ROME"], per_records["ROME"] = row, pd.DataFrame({"case_id": [0]})
+    eb.save_progress(tmp_path, second, summaries, per_records, [], [], {})
+    third = {**first, "hparams": dict(current)}
+    assert set(eb.load_previous(tmp_path, third)[0]) == {"FT-W", "ROME"}
+    changed = {**first, "hparams": {**current, "ft-w": {**current["ft-w"], "steps": 3}}}
+    assert set(eb.load_previous(tmp_path, changed)[0]) == {"ROME"}
