@@ -695,7 +695,8 @@ def load_previous(out: Path, meta: dict[str, Any]):
         return {k: v for k, v in table.items() if k not in unlabelled}
 
     zsre, alt = labelled(zsre), labelled(alt)
-    stale = stale_editors(saved["meta"].get("hparams", {}), meta["hparams"])
+    have = {*summaries, *zsre, *alt, *(r["editor"] for r in (*scaling, *sweep))}
+    stale = stale_editors(saved["meta"].get("hparams", {}), meta["hparams"]) & have  # those with results to drop
     if stale:
         logger.warning("--resume: %s were made with other hyper-parameters than the current presets; "
                        "recomputing them", sorted(stale))
