@@ -13,9 +13,10 @@ the presets were tuned on the TUNE part only):
   scale, up to all N cases; PMET uses 17 points up to 10K, here ``--scaling-points``);
 * Figure 4: per-layer ‖ΔW‖ of every editor and each ablation (W_out; and W_O for the W_O ablation);
 * Figure 5 (MEMIT Fig. 5): every editor's probability metrics at n = ``--sweep-counts`` edits (1, 10,
-  32, 100, 320 and all cases): ROME and r-ROME sequential (one run through the cases, scored after the
-  first n; the targets of the Table 1 run are reused, the keys and updates recomputed), FT-W and MEND as
-  mass edits of the first n cases, the target-and-solve editors with the first n rows of their targets;
+  32, 100, 320 and all cases), beside the unedited model's on the same first n cases: ROME and r-ROME
+  sequential (one run through the cases, scored after the first n; the targets of the Table 1 run are
+  reused, the keys and updates recomputed), FT-W and MEND as mass edits of the first n cases, the
+  target-and-solve editors with the first n rows of their targets;
 * Table 2: every editor's edit of the shipped zsRE subset, top-1 token accuracy with the papers' official
   procedure (``evaluate_zsre(metric="official")``; the teacher-forced metric is written beside it, labelled,
   see ``docs/zsre-metrics.md``), and PMET's three ablations there too (beyond the paper, whose Table 3 is
@@ -79,6 +80,7 @@ from pmet_lens.evaluation import (
     evaluate_zsre,
     format_table,
 )
+from pmet_lens.evaluation.counterfact import probability_summary
 from pmet_lens.parallel import ShardLog, Workers
 from pmet_lens.viz.html import write_figure, write_page
 
@@ -562,6 +564,9 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
     if "sweep" not in skip:
         counts = sorted({min(c, len(facts)) for c in sweep_counts})
         done = {(r["n_edits"], r["editor"]) for r in sweep_rows}
+        if UNEDITED in per_records:  # the reference line: the unedited model on the same first n cases
+            sweep_rows += [scaling_row(n, UNEDITED, probability_summary(per_records[UNEDITED].iloc[:n]))
+                           for n in counts if (n, UNEDITED) not in done]
         for m in methods:
             todo = [n for n in counts if (n, label[m]) not in done]
             if not todo:

@@ -106,6 +106,21 @@ def counterfact_outputs(
     return lp, texts
 
 
+def probability_summary(per_record: pd.DataFrame) -> dict[str, Any]:
+    """The probability metrics of CounterFact records (MEMIT Appendix C) summarised from their
+    per-record rows as :func:`evaluate_counterfact` returns them: each test's success rate and magnitude
+    with its 95% CI half-width (``efficacy``, ``efficacy_ci95``, ``efficacy_magnitude``, ...), ``score``
+    (the harmonic mean of the three success rates, the papers' Score) and ``n_records``. A subset of the
+    rows (e.g. the first n cases) gives that subset's summary."""
+    summary: dict[str, Any] = {"n_records": len(per_record)}
+    for name in PROBABILITY_METRICS:
+        summary[name], summary[f"{name}_ci95"] = mean_ci95(per_record[f"{name}_success"])
+    for name in PROBABILITY_METRICS:
+        summary[f"{name}_magnitude"], summary[f"{name}_magnitude_ci95"] = mean_ci95(per_record[f"{name}_magnitude"])
+    summary["score"] = harmonic_mean([summary[m] for m in PROBABILITY_METRICS])
+    return summary
+
+
 def evaluate_counterfact(
     model: HookedTransformer,
     records: Sequence[Fact | Mapping[str, Any]],
@@ -219,13 +234,7 @@ def evaluate_counterfact(
                 row["p_new"], row["p_true"] = float(np.exp(new[0])), float(np.exp(true[0]))
         rows.append(row)
     per_record = pd.DataFrame(rows)
-
-    summary: dict[str, Any] = {"n_records": len(facts)}
-    for name in PROBABILITY_METRICS:
-        summary[name], summary[f"{name}_ci95"] = mean_ci95(per_record[f"{name}_success"])
-    for name in PROBABILITY_METRICS:
-        summary[f"{name}_magnitude"], summary[f"{name}_magnitude_ci95"] = mean_ci95(per_record[f"{name}_magnitude"])
-    summary["score"] = harmonic_mean([summary[m] for m in PROBABILITY_METRICS])
+    summary = probability_summary(per_record)
 
     if generation:
         assert reference is not None

@@ -78,6 +78,17 @@ def test_counterfact_matches_plain_loop_unedited(tiny_model):
     assert "fluency" not in summary and "consistency" not in summary
 
 
+def test_a_subset_of_the_rows_summarises_as_an_evaluation_of_its_records(tiny_model):
+    """``probability_summary`` of the first n per-record rows equals evaluating the first n facts (what
+    Fig. 5's unedited reference line takes from the full evaluation)."""
+    from pmet_lens.evaluation.counterfact import probability_summary
+
+    facts = _facts(4)
+    per_record, summary = evaluate_counterfact(tiny_model, facts, generation=False, progress=False)
+    assert probability_summary(per_record) == pytest.approx(summary)
+    _, first = evaluate_counterfact(tiny_model, facts[:2], generation=False, progress=False)
+    assert probability_summary(per_record.iloc[:2]) == pytest.approx(first)
+
 def test_pairs_with_one_sequence_share_a_row_and_score_as_alone(tiny_model):
     """Pairs whose teacher-forced sequences coincide (a prompt with two single-token objects; a
     prompt + o[0] scored for o[1:]) share one forward row, and each still gets its own score."""
