@@ -577,6 +577,10 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
                     sweep_rows.append(scaling_row(n, _editor, s))
                     progress()
 
+                if todo[-1] == len(facts) and label[m] in summaries:  # Table 1's run through all cases
+                    record(todo.pop(), summaries[label[m]])
+                    if not todo:
+                        continue
                 sequential_sweep(model, facts, preset(name, m), todo, store,
                                  targets.get(("cf", m)) or saved(m, facts, "cf", preset(name, m)), record)
                 continue
