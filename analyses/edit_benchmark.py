@@ -79,8 +79,8 @@ from pmet_lens.evaluation import (
     evaluate_counterfact,
     evaluate_zsre,
     format_table,
+    probability_summary,
 )
-from pmet_lens.evaluation.counterfact import probability_summary
 from pmet_lens.parallel import ShardLog, Workers
 from pmet_lens.viz.html import write_figure, write_page
 

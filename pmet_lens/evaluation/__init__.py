@@ -7,7 +7,7 @@ papers-style table; :mod:`.textmetrics` and :mod:`.consistency` the generation m
 """
 
 from pmet_lens.core.stats import mean_ci95
-from pmet_lens.evaluation.counterfact import evaluate_counterfact
+from pmet_lens.evaluation.counterfact import evaluate_counterfact, probability_summary
 from pmet_lens.evaluation.tables import (
     PAPER_TABLE1_GPTJ,
     PAPER_TABLE2_GPTJ,
@@ -31,4 +31,5 @@ __all__ = [
     "format_table",
     "harmonic_mean",
     "mean_ci95",
+    "probability_summary",
 ]

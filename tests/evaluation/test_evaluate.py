@@ -81,7 +81,7 @@ def test_counterfact_matches_plain_loop_unedited(tiny_model):
 def test_a_subset_of_the_rows_summarises_as_an_evaluation_of_its_records(tiny_model):
     """``probability_summary`` of the first n per-record rows equals evaluating the first n facts (what
     Fig. 5's unedited reference line takes from the full evaluation)."""
-    from pmet_lens.evaluation.counterfact import probability_summary
+    from pmet_lens.evaluation import probability_summary
 
     facts = _facts(4)
     per_record, summary = evaluate_counterfact(tiny_model, facts, generation=False, progress=False)
