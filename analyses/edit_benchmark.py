@@ -116,6 +116,13 @@ SWEEP_COUNTS = "1,10,32,100,320,769"
 """MEMIT Fig. 5's numbers of edits up to this split's 769 report cases (capped at ``--limit``)."""
 
 
+def in_table_order(editors) -> list[str]:
+    """``editors`` in the tables' order: the unedited model, the methods (:data:`LABELS`), PMET's ablations,
+    then any other row."""
+    order = [UNEDITED, *LABELS.values(), *ABLATIONS]
+    return sorted(editors, key=lambda e: order.index(e) if e in order else len(order))
+
+
 def available_methods() -> list[str]:
     """The methods of :data:`LABELS` that are registered (MEND once its editor exists)."""
     return [m for m in LABELS if m in METHODS]
@@ -281,7 +288,8 @@ def zsre_vs_paper(zsre_summaries: dict[str, dict[str, dict]], metric: str = "off
     is the official procedure they were scored with and ``protocol`` theirs (edits towards ``answers[0]``);
     every row names its metric and protocol."""
     rows = []
-    for editor, by_metric in zsre_summaries.items():
+    for editor in in_table_order(zsre_summaries):
+        by_metric = zsre_summaries[editor]
         s = by_metric[metric]
         rows.append({"source": "SmolLM2-135M (this run)", "editor": editor, "metric": s["metric"], "protocol": protocol,
                      **{c: f"{100 * s[c]:.1f} ({100 * s[c + '_ci95']:.1f})" for c in ZSRE_TESTS}})
@@ -297,7 +305,7 @@ def zsre_protocol_difference(answer: dict[str, dict[str, dict]], alt: dict[str, 
     """How far the two zsRE protocols differ: per editor in both, each test's accuracy x100 with the papers'
     protocol (towards ``answers[0]``), with ``alt``, and the difference (answer − alt)."""
     rows = []
-    for editor in answer:
+    for editor in in_table_order(answer):
         if editor not in alt:
             continue
         a, b = answer[editor][metric], alt[editor][metric]
@@ -816,6 +824,7 @@ def write_report(out: Path, summaries, norms, scaling_rows, zsre_summaries, meta
         html_parts.append(fig)
     if sweep_rows:
         sweep = pd.DataFrame(sweep_rows).pivot_table(index="editor", columns="n_edits", values="score")
+        sweep = sweep.reindex(in_table_order(sweep.index))
         md += ["## Fig. 5 (MEMIT): Score x100 vs the number of edits (probability metrics only; CSV: "
                "edit_benchmark_fig5_sweep.csv)\n", to_markdown((100 * sweep).round(1).reset_index()), ""]
         fig = scaling_figure(sweep_rows, "Fig. 5 (MEMIT): metrics vs number of edits (ROME, r-ROME sequential; the "

@@ -248,3 +248,13 @@ def test_resume_in_parts_keeps_the_presets_of_the_methods_a_part_does_not_run(tm
     assert set(eb.load_previous(tmp_path, third)[0]) == {"FT-W", "ROME"}
     changed = {**first, "hparams": {**current, "ft-w": {**current["ft-w"], "steps": 3}}}
     assert set(eb.load_previous(tmp_path, changed)[0]) == {"ROME"}
+
+
+def test_rows_follow_the_tables_order_whatever_order_they_were_run_in():
+    eb = load_analysis("edit_benchmark")
+    assert eb.in_table_order(["PMET w/o δ_a", "ROME", "AlphaEdit", "other", "SmolLM2 (unedited)", "FT-W"]) == [
+        "SmolLM2 (unedited)", "FT-W", "ROME", "AlphaEdit", "PMET w/o δ_a", "other"]
+    official = {"metric": "official", **{c: 0.5 for c in eb.ZSRE_TESTS}, **{f"{c}_ci95": 0.1 for c in eb.ZSRE_TESTS}}
+    table = {e: {"official": official} for e in ("ROME", "MEND", "SmolLM2 (unedited)")}
+    rows = eb.zsre_vs_paper(table)
+    assert list(rows[rows["source"].str.contains("this run")]["editor"]) == ["SmolLM2 (unedited)", "MEND", "ROME"]
