@@ -573,8 +573,11 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
         counts = sorted({min(c, len(facts)) for c in sweep_counts})
         done = {(r["n_edits"], r["editor"]) for r in sweep_rows}
         if UNEDITED in per_records:  # the reference line: the unedited model on the same first n cases
-            sweep_rows += [scaling_row(n, UNEDITED, probability_summary(per_records[UNEDITED].iloc[:n]))
-                           for n in counts if (n, UNEDITED) not in done]
+            new_rows = [scaling_row(n, UNEDITED, probability_summary(per_records[UNEDITED].iloc[:n]))
+                        for n in counts if (n, UNEDITED) not in done]
+            if new_rows:
+                sweep_rows += new_rows
+                progress()
         for m in methods:
             todo = [n for n in counts if (n, label[m]) not in done]
             if not todo:
