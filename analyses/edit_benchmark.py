@@ -880,10 +880,14 @@ def scaling_figure(rows: list[dict], title: str, png_path: Path):
     df = pd.DataFrame(rows).sort_values(["editor", "n_edits"])  # a resumed run appends out of order
     long = df.melt(id_vars=["n_edits", "editor"], value_vars=METRICS, var_name="metric", value_name="value")
     fig = px.line(long, x="n_edits", y="value", color="editor", facet_col="metric", markers=True, log_x=True, title=title)
+    # the unedited model is a reference, not an editor: a dashed grey line in both renderings
+    fig.for_each_trace(lambda t: t.update(line={"dash": "dash", "color": "grey"}, marker={"color": "grey"}),
+                       selector={"name": UNEDITED})
     fig_m, axes = png_figure(1, len(METRICS), figsize=(4 * len(METRICS), 3.2), sharex=True)
     for ax, metric in zip(axes, METRICS):
         for editor, g in df.groupby("editor"):
-            ax.plot(g["n_edits"], g[metric], marker="o", label=editor)
+            style = {"linestyle": "--", "color": "grey"} if editor == UNEDITED else {}
+            ax.plot(g["n_edits"], g[metric], marker="o", label=editor, **style)
             if f"{metric}_ci95" in g and g[f"{metric}_ci95"].notna().all():
                 ax.fill_between(g["n_edits"], g[metric] - g[f"{metric}_ci95"], g[metric] + g[f"{metric}_ci95"], alpha=0.2)
         ax.set_xscale("log")

@@ -258,3 +258,15 @@ def test_rows_follow_the_tables_order_whatever_order_they_were_run_in():
     table = {e: {"official": official} for e in ("ROME", "MEND", "SmolLM2 (unedited)")}
     rows = eb.zsre_vs_paper(table)
     assert list(rows[rows["source"].str.contains("this run")]["editor"]) == ["SmolLM2 (unedited)", "MEND", "ROME"]
+
+
+def test_the_unedited_line_is_a_dashed_grey_reference(tmp_path):
+    """Fig. 5 draws the unedited model as a dashed grey line and every editor as a solid coloured one."""
+    eb = load_analysis("edit_benchmark")
+    rows = [{"n_edits": n, "editor": e, **{k: 0.5 for k in eb.METRICS}} for n in (1, 10) for e in (eb.UNEDITED, "ROME")]
+    fig = eb.scaling_figure(rows, "t", tmp_path / "f.png")
+    styles = {(t.name, t.line.dash, t.line.color) for t in fig.data}  # one trace per editor and metric facet
+    assert len(fig.data) == 2 * len(eb.METRICS)
+    assert {s[1:] for s in styles if s[0] == eb.UNEDITED} == {("dash", "grey")}
+    assert all(dash == "solid" and color != "grey" for name, dash, color in styles if name == "ROME")
+    assert (tmp_path / "f.png").is_file()
