@@ -270,3 +270,18 @@ def test_the_unedited_line_is_a_dashed_grey_reference(tmp_path):
     assert {s[1:] for s in styles if s[0] == eb.UNEDITED} == {("dash", "grey")}
     assert all(dash == "solid" and color != "grey" for name, dash, color in styles if name == "ROME")
     assert (tmp_path / "f.png").is_file()
+
+
+def test_fig5_png_draws_ci_bands_where_the_points_have_them(tmp_path, monkeypatch):
+    """A line whose n = 1 point has no CI still gets its band over the points that have one."""
+    import matplotlib.axes
+
+    eb = load_analysis("edit_benchmark")
+    bands = []
+    real = matplotlib.axes.Axes.fill_between
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between",
+                        lambda self, x, *a, **k: bands.append(list(x)) or real(self, x, *a, **k))
+    rows = [{"n_edits": n, "editor": "ROME", **{k: 0.5 for k in eb.METRICS},
+             **{f"{k}_ci95": (None if n == 1 else 0.1) for k in eb.METRICS[1:]}} for n in (1, 10, 32)]
+    eb.scaling_figure(rows, "t", tmp_path / "f.png")
+    assert bands == [[10, 32]] * (len(eb.METRICS) - 1)  # every metric with a CI column, from n = 10
