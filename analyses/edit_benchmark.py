@@ -887,11 +887,11 @@ def scaling_figure(rows: list[dict], title: str, png_path: Path):
     for ax, metric in zip(axes, METRICS):
         for editor, g in df.groupby("editor"):
             style = {"linestyle": "--", "color": "grey"} if editor == UNEDITED else {}
-            ax.plot(g["n_edits"], g[metric], marker="o", label=editor, **style)
+            (line,) = ax.plot(g["n_edits"], g[metric], marker="o", label=editor, **style)
             if f"{metric}_ci95" in g:  # the points that have a CI (none at n = 1: one case has no spread)
                 c = g.dropna(subset=[f"{metric}_ci95"])
                 ax.fill_between(c["n_edits"], c[metric] - c[f"{metric}_ci95"], c[metric] + c[f"{metric}_ci95"],
-                                alpha=0.2, **({"color": "grey"} if editor == UNEDITED else {}))
+                                alpha=0.2, color=line.get_color())
         ax.set_xscale("log")
         ax.set_title(metric)
         ax.set_xlabel("number of edits")
