@@ -44,7 +44,10 @@ at most the editor it was working on. The rows that reuse PMET's targets (Fig. 3
 before the w/o δ_a ablation, which optimises anew. ``--targets-from DIR`` takes the targets that a run on
 fewer cases saved (e.g. the 256-case run's for the 769-case one: the report cases are in a fixed order) and
 optimises only the other cases' targets; each fact's targets are optimised independently, so they are the
-same targets up to float rounding.
+same targets up to float rounding. In the same way a step that needs the first n cases' targets takes
+them from saved targets of more cases, and optimises only those of the first n when none are saved
+(Fig. 5 of an editor whose Table 1 row exists needs targets only up to its second-largest n); AlphaEdit
+and EMMET take MEMIT's targets when their target settings are equal (they run MEMIT's optimisation).
 
     python analyses/edit_benchmark.py --limit 50 --gen-every 10 --methods memit,pmet
     python analyses/edit_benchmark.py --limit 8 --gen-every 0 --methods ft-w,rome,emmet --skip ablations,scaling
@@ -202,23 +205,10 @@ def _load_targets(path: Path, model, hparams) -> tuple[dict[str, torch.Tensor], 
     return saved.targets, [f.to_counterfact() for f in saved.facts]
 
 
-def saved_targets(path: Path, model, facts, hparams) -> dict[str, torch.Tensor] | None:
-    """Targets of an edit that an earlier run saved at ``path`` for exactly ``facts`` (for ``--resume``),
-    or ``None`` when there is none or it was made for other facts, other hyper-parameters or another model."""
-    found = _load_targets(path, model, hparams)
-    if found is None:
-        return None
-    if found[1] != [f.to_counterfact() for f in as_facts(facts)]:
-        logger.warning("--resume: not reusing %s: made for other facts", path)
-        return None
-    logger.info("--resume: reusing the targets saved in %s", path)
-    return found[0]
-
-
 def prefix_targets(path: Path, model, facts, hparams) -> tuple[dict[str, torch.Tensor], int] | None:
-    """Targets that another run saved at ``path`` for the first ``k`` of ``facts``, and ``k`` (for
-    ``--targets-from``); ``None`` as :func:`saved_targets`, or when the saved facts neither begin
-    ``facts`` nor begin with them. A run on more facts gives back its first ``len(facts)`` rows: each
+    """Targets that a run saved at ``path`` for the first ``k`` of ``facts``, and ``k``; ``None`` when
+    there are none, when they were made for other target settings or another model (:func:`_load_targets`),
+    or when the saved facts neither begin ``facts`` nor begin with them. A run on more facts gives back its first ``len(facts)`` rows: each
     fact's targets are optimised independently, so they are this run's targets up to float rounding."""
     found = _load_targets(path, model, hparams)
     if found is None:
@@ -226,10 +216,107 @@ def prefix_targets(path: Path, model, facts, hparams) -> tuple[dict[str, torch.T
     ours = [f.to_counterfact() for f in as_facts(facts)]
     k = min(len(found[1]), len(ours))
     if k == 0 or found[1][:k] != ours[:k]:
-        logger.warning("--targets-from: not reusing %s: made for other facts", path)
+        logger.warning("not reusing %s: made for other facts", path)
         return None
-    logger.info("--targets-from: reusing the targets of %d facts saved in %s", k, path)
+    logger.info("reusing the targets of %d facts saved in %s", k, path)
     return {s: v[:k] for s, v in found[0].items()}, k
+
+
+def n_rows(targets: dict[str, torch.Tensor]) -> int:
+    """How many records ``targets`` (site -> [records, d_model]) hold."""
+    return len(next(iter(targets.values())))
+
+
+class TargetBank:
+    """The optimised targets of one run, by ``(kind, stem)``: ``kind`` is ``"cf"`` (the report cases) or a
+    zsRE protocol's records (``"zsre_answer"``, ``"zsre"``), ``stem`` the method (``"pmet"``) or an ablation
+    that optimises its own loss (``"pmet_no_attn_delta"``). Each entry holds the targets of the first ``k``
+    records of its kind: a request for fewer gets the first rows, and one for more optimises the others
+    (each fact's targets are optimised independently of the others', MEMIT eq. 16; not so for the sequential
+    editors, whose targets depend on the earlier edits, so theirs are never extended). A method that runs
+    another's target optimisation (``targets_of_method``: AlphaEdit and EMMET run MEMIT's) takes that
+    method's targets when their ``target_settings()`` are equal. Targets come from this run, from
+    ``edits_dir`` (an earlier run into the same ``--out``, with ``--resume``) or from a ``--targets-from``
+    run's directory; those not saved in full under the stem's own name in ``edits_dir`` are saved by its
+    next full edit (:meth:`save_path`), so ``--resume`` after an interruption reuses all of them.
+
+    ``optimise(records, hparams, name)`` optimises the targets of ``records`` (an ``EditResult`` made with
+    ``apply=False``; ``name`` names its shard log)."""
+
+    def __init__(self, model, optimise, edits_dir: Path, reuse_dirs: list[Path]) -> None:
+        self.model, self.optimise, self.edits_dir, self.reuse_dirs = model, optimise, edits_dir, list(reuse_dirs)
+        self.targets: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self.settings: dict[tuple[str, str], dict[str, Any]] = {}  # the target_settings() of each entry
+        self.unsaved: set[tuple[str, str]] = set()
+
+    def _found(self, stem: str, records, kind: str, hparams) -> tuple[dict[str, torch.Tensor], int, bool] | None:
+        """The most records' targets that another entry of this run or a saved run has for these records:
+        (targets, how many, whether they are saved under ``stem`` in ``edits_dir``)."""
+        settings = hparams.target_settings()
+        stems = [stem] + ([settings["method"]] if stem == hparams.method and settings["method"] != stem else [])
+        best = None
+        for other in stems:
+            mine = self.targets.get((kind, other))
+            if other != stem and mine is not None and self.settings.get((kind, other)) == settings:
+                best = (mine, n_rows(mine), False)
+            for d in self.reuse_dirs:
+                found = prefix_targets(d / f"{kind}_{other}.safetensors", self.model, records, hparams)
+                if found is not None and (best is None or found[1] > best[1]):
+                    best = (found[0], found[1], d == self.edits_dir and other == stem)
+        return best
+
+    def get(self, stem: str, records, kind: str, hparams) -> dict[str, torch.Tensor] | None:
+        """``stem``'s targets on ``records`` (the first ``len(records)`` of this run's ``kind`` records) from
+        this run or a saved run, those of the records beyond the saved ones optimised now; ``None`` when
+        nothing is there to start from (or a sequential editor's saved targets are too few)."""
+        key = (kind, stem)
+        have = self.targets.get(key)
+        if have is None or n_rows(have) < len(records):
+            best = self._found(stem, records, kind, hparams)
+            if best is not None and (have is None or best[1] > n_rows(have)):
+                have = best[0]
+                if not best[2]:
+                    self.unsaved.add(key)
+            if have is None:
+                return None
+            k = n_rows(have)
+            if k < len(records):
+                if hparams.method in SEQUENTIAL:
+                    return None
+                logger.info("%s: optimising the targets of the other %d of %d %s records", stem,
+                            len(records) - k, len(records), kind)
+                rest = self.optimise(records[k:], hparams, f"targets_{kind}_{stem}_rest")
+                have = {s: torch.cat([v, rest.targets[s].to(v.device)]) for s, v in have.items()}
+                self.unsaved.add(key)
+            self.targets[key], self.settings[key] = have, hparams.target_settings()
+        return {s: v[:len(records)] for s, v in self.targets[key].items()}
+
+    def of(self, stem: str, records, kind: str, hparams) -> dict[str, torch.Tensor]:
+        """:meth:`get`, or all of them optimised now (and saved) when nothing is there to start from."""
+        given = self.get(stem, records, kind, hparams)
+        if given is None:
+            self.keep(stem, kind, self.optimise(records, hparams, f"targets_{kind}_{stem}"), hparams)
+            given = self.targets[(kind, stem)]
+        return given
+
+    def save_path(self, stem: str, kind: str) -> Path | None:
+        """Where the next full edit of ``stem`` should be saved for ``--resume``: ``None`` when its
+        targets already are there."""
+        key = (kind, stem)
+        return None if key in self.targets and key not in self.unsaved else self.edits_dir / f"{kind}_{stem}.safetensors"
+
+    def put(self, stem: str, kind: str, targets: dict[str, torch.Tensor] | None, hparams) -> None:
+        """Remember the targets of a full edit made with ``hparams`` that was saved at :meth:`save_path`
+        (or needed not be; ``targets`` ``None``: the ones this bank gave it)."""
+        key = (kind, stem)
+        if targets is not None:
+            self.targets[key], self.settings[key] = targets, hparams.target_settings()
+        self.unsaved.discard(key)
+
+    def keep(self, stem: str, kind: str, result, hparams) -> None:
+        """Remember ``result``'s targets (an edit made with ``hparams``) and save the edit for ``--resume``."""
+        result.save(self.edits_dir / f"{kind}_{stem}.safetensors")
+        self.put(stem, kind, result.targets, hparams)
 
 
 def save_progress(out: Path, meta, summaries, per_records, norms, scaling_rows, zsre_summaries, zsre_alt=None,
@@ -463,66 +550,20 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
     def progress() -> None:
         save_progress(out, meta, summaries, per_records, norms, scaling_rows, zsre_summaries, zsre_alt, sweep_rows)
 
-    # (kind, stem) -> optimised targets of all report cases ("cf") or zsRE records ("zsre"). The stem is the
-    # method ("pmet", "memit") or an ablation that optimises its own loss ("pmet_no_attn_delta"). Reused by the
-    # scaling curve and the ablations that keep PMET's loss; saved under edits_dir for --resume.
-    targets: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    # Targets taken (at least in part) from --targets-from and not yet saved in edits_dir: their first
-    # full edit saves them, so --resume after an interruption reuses all of them.
-    unsaved: set[tuple[str, str]] = set()
-    reuse_dirs = ([edits_dir] if args.resume else []) + [Path(d) / "edit_benchmark_edits" for d in args.targets_from]
+    def optimise(records, hp, log_name: str):
+        log = shard_log(args, log_name)
+        result = edit(model, records, hparams=hp, cov_store=store, apply=False, progress=True,
+                      compile=args.compile, workers=args.pool, checkpoint=log)
+        log.remove()
+        return result
+
+    bank = TargetBank(model, optimise, edits_dir,
+                      ([edits_dir] if args.resume else []) + [Path(d) / "edit_benchmark_edits" for d in args.targets_from])
     stem_of = {abl: f"pmet_{switch}" for switch, abl in ABLATION_SWITCHES.items()}
-
-    def saved(stem: str, records, kind: str, hp) -> dict[str, torch.Tensor] | None:
-        """``stem``'s targets on ``records`` from this run or saved by an earlier one: this ``--out``'s
-        (``--resume``, the same records), else a ``--targets-from`` run's on records that begin these,
-        the others' targets optimised now."""
-        key = (kind, stem)
-        if key not in targets:
-            for d in reuse_dirs:
-                path = d / f"{kind}_{stem}.safetensors"
-                if d == edits_dir:
-                    exact = saved_targets(path, model, records, hp)
-                    found = None if exact is None else (exact, len(records))
-                else:
-                    found = prefix_targets(path, model, records, hp)
-                if found is None:
-                    continue
-                given, k = found
-                if k < len(records):
-                    logger.info("%s: optimising the targets of the other %d of %d %s records", stem,
-                                len(records) - k, len(records), kind)
-                    log = shard_log(args, f"targets_{kind}_{stem}_rest")
-                    rest = edit(model, records[k:], hparams=hp, cov_store=store, apply=False, progress=True,
-                                compile=args.compile, workers=args.pool, checkpoint=log)
-                    log.remove()
-                    given = {s: torch.cat([v, rest.targets[s].to(v.device)]) for s, v in given.items()}
-                targets[key] = given
-                if d != edits_dir:
-                    unsaved.add(key)
-                break
-        return targets.get(key)
-
-    def save_path(stem: str, kind: str) -> Path | None:
-        """Where the next full edit of ``stem`` should be saved for ``--resume``: ``None`` when its
-        targets already are there."""
-        key = (kind, stem)
-        return None if key in targets and key not in unsaved else edits_dir / f"{kind}_{stem}.safetensors"
-
-    def keep(stem: str, kind: str, result) -> None:
-        """Remember ``result``'s targets for this run and save the edit for ``--resume``."""
-        result.save(edits_dir / f"{kind}_{stem}.safetensors")
-        targets[(kind, stem)] = result.targets
-        unsaved.discard((kind, stem))
 
     def targets_of(m: str, records, kind: str = "cf") -> dict[str, torch.Tensor]:
         """The method's optimised targets on ``records``: from this run, saved by an earlier one, or optimised now."""
-        if saved(m, records, kind, preset(name, m)) is None:
-            log = shard_log(args, f"targets_{kind}_{m}")
-            keep(m, kind, edit(model, records, hparams=preset(name, m), cov_store=store, apply=False, progress=True,
-                               compile=args.compile, workers=args.pool, checkpoint=log))
-            log.remove()
-        return targets[(kind, m)]
+        return bank.of(m, records, kind, preset(name, m))
 
     if ("table1" not in skip or "ablations" not in skip) and UNEDITED not in summaries:
         log = shard_log(args, "unedited")
@@ -536,10 +577,10 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
         if label[m] in summaries:
             continue
         if has_targets(name, m):
-            given = saved(m, facts, "cf", preset(name, m))
-            pr, s, nm, targets[("cf", m)] = run_edit(model, facts, preset(name, m), label[m], store, args,
-                                                     targets=given, save_to=save_path(m, "cf"))
-            unsaved.discard(("cf", m))
+            given = bank.get(m, facts, "cf", preset(name, m))
+            pr, s, nm, found = run_edit(model, facts, preset(name, m), label[m], store, args,
+                                        targets=given, save_to=bank.save_path(m, "cf"))
+            bank.put(m, "cf", found, preset(name, m))
         else:  # FT-W, MEND: nothing to reuse
             pr, s, nm, _ = run_edit(model, facts, preset(name, m), label[m], store, args)
         per_records[label[m]], summaries[label[m]] = pr, s
@@ -593,13 +634,15 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
                     if not todo:
                         continue
                 sequential_sweep(model, facts, preset(name, m), todo, store,
-                                 targets.get(("cf", m)) or saved(m, facts, "cf", preset(name, m)), record)
+                                 bank.get(m, facts[:todo[-1]], "cf", preset(name, m)), record)
                 continue
+            # Table 1's edit of all cases gives the last point, so only the cases up to the others need targets
+            needs = [n for n in todo if not (n == len(facts) and label[m] in summaries)]
             for n in todo:
                 if n == len(facts) and label[m] in summaries:
                     s = summaries[label[m]]  # the Table 1 edit of all cases
                 elif has_targets(name, m):  # the first n rows of the targets are the first n facts' targets
-                    given = {k: v[:n] for k, v in targets_of(m, facts).items()}
+                    given = {k: v[:n] for k, v in targets_of(m, facts[:max(needs)]).items()}
                     _, s, _, _ = run_edit(model, facts[:n], preset(name, m), label[m], store, args,
                                           generation=False, targets=given)
                 else:  # FT-W, MEND: a mass edit of the first n cases
@@ -616,9 +659,9 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
             if reuses_pmet_targets(change):
                 given, to = targets_of("pmet", facts), None
             else:  # w/o δ_a: its own targets, saved like the methods' for --resume
-                given, to = saved(stem_of[abl], facts, "cf", hp), save_path(stem_of[abl], "cf")
+                given, to = bank.get(stem_of[abl], facts, "cf", hp), bank.save_path(stem_of[abl], "cf")
             pr, s, nm, _ = run_edit(model, facts, hp, abl, store, args, targets=given, save_to=to)
-            unsaved.discard(("cf", stem_of[abl]))
+            bank.put(stem_of[abl], "cf", None, hp)
             per_records[abl], summaries[abl] = pr, s
             norms += nm
             progress()
@@ -647,12 +690,12 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
                 elif editor in ablations and reuses_pmet_targets(ablations[editor]):
                     given, to = targets_of("pmet", records, kind=kind), None
                 else:  # the methods and w/o δ_a: optimise here (one update), unless saved earlier
-                    given, to = saved(stem, records, kind, hp), save_path(stem, kind)
+                    given, to = bank.get(stem, records, kind, hp), bank.save_path(stem, kind)
                 log = shard_log(args, f"{kind}_{editor}")
                 result = edit(model, records, hparams=hp, cov_store=store, apply=True, progress=True, targets=given,
                               compile=args.compile and hp.editor().optimises_targets, **sharding(hp, args, log, given))
                 if to is not None:
-                    keep(stem, kind, result)
+                    bank.keep(stem, kind, result, hp)
                 try:
                     table[editor] = evaluate_zsre_metrics(model, records, args, log.child("evaluation"))
                 finally:

@@ -102,6 +102,10 @@ class MethodHyperParams:
     #: Fields that only enter the weight update, not the optimisation of target vectors.
     update_only_fields: ClassVar[frozenset[str]] = frozenset()
 
+    #: The method whose target optimisation this one runs unchanged (``None``: its own), so that
+    #: :meth:`target_settings` names that method and targets are reused across the two.
+    targets_of_method: ClassVar[str | None] = None
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", _check_layers(self.layers))
 
@@ -127,9 +131,12 @@ class MethodHyperParams:
 
     def target_settings(self) -> dict[str, Any]:
         """The JSON-ready settings the optimised targets depend on: :meth:`to_dict` without
-        ``update_only_fields``. Two hyper-parameter sets with equal ``target_settings()`` give
+        ``update_only_fields``, its ``method`` the one whose target optimisation this method runs
+        (:attr:`targets_of_method`). Two hyper-parameter sets with equal ``target_settings()`` give
         the same targets for the same facts, so saved targets may be reused across them."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.update_only_fields}
+        out = {k: v for k, v in self.to_dict().items() if k not in self.update_only_fields}
+        out["method"] = self.targets_of_method or self.method
+        return out
 
 
 @dataclass(frozen=True)
@@ -362,6 +369,7 @@ class AlphaEditHyperParams(MEMITHyperParams):
     """
 
     method: ClassVar[str] = "alphaedit"
+    targets_of_method: ClassVar[str | None] = "memit"
 
     nullspace: bool = True
 
@@ -474,6 +482,7 @@ class EMMETHyperParams(MEMITHyperParams):
     """
 
     method: ClassVar[str] = "emmet"
+    targets_of_method: ClassVar[str | None] = "memit"
 
     layers: tuple[int, ...] = SMOLLM2_ROME_LAYER
     lam: float = 10000.0

@@ -87,6 +87,27 @@ def test_update_only_fields_do_not_change_the_targets(tiny_model, cls):
     assert all(torch.equal(a.delta[s], b.delta[s]) for s in a.delta) and torch.equal(a.steps, b.steps)
 
 
+def test_alphaedit_and_emmet_run_memits_target_optimisation(tiny_model):
+    """AlphaEdit and EMMET optimise MEMIT's targets (``targets_of_method``): with the same settings the
+    three name the same ``target_settings()`` and give bit-identical targets, so one run's targets serve
+    the others; PMET's differ."""
+    from pmet_lens.data import as_facts
+    from pmet_lens.editing import AlphaEditHyperParams, EMMETHyperParams
+    from pmet_lens.editing.targets import optimise_targets
+
+    memit = hp_(MEMITHyperParams, steps=4)
+    shared = {k: v for k, v in memit.target_settings().items() if k not in ("method", "layers")}
+    others = [AlphaEditHyperParams(layers=memit.layers, **shared), EMMETHyperParams(layers=memit.layers, **shared)]
+    assert all(o.target_settings() == memit.target_settings() for o in others)
+    assert [o.to_dict()["method"] for o in others] == ["alphaedit", "emmet"]  # the edit still names its method
+    assert hp_(PMETHyperParams, steps=4).target_settings()["method"] == "pmet"
+    facts = as_facts([FACT, FACT2])
+    a = optimise_targets(tiny_model, prepare_requests(tiny_model, facts, memit.context_prefixes), memit)
+    for o in others:
+        b = optimise_targets(tiny_model, prepare_requests(tiny_model, facts, o.context_prefixes), o)
+        assert set(a.delta) == set(b.delta) and all(torch.equal(a.delta[s], b.delta[s]) for s in a.delta)
+
+
 def test_presets_of_the_baseline_editors(tmp_path):
     """ROME / r-ROME / EMMET on SmolLM2: the layer of ROME's rule from the shipped causal trace with the
     official settings (EMMET's α from the tune split), FT-W / FT-L their tuned layer, weight decay and ε;

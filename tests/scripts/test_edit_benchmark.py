@@ -48,15 +48,15 @@ def test_resume_reuses_saved_targets_only_for_the_same_facts_and_target_settings
     result = edit(model, facts, hparams=hp, cov_store=store, apply=False, progress=False)
     path = result.save(tmp_path / "edits" / "cf_pmet.safetensors")
 
-    found = eb.saved_targets(path, model, facts, hp)
-    assert found is not None and set(found) == set(result.targets)
-    assert all(torch.equal(found[s], result.targets[s]) for s in found)
-    assert eb.saved_targets(path, model, facts[:1], hp) is None
-    assert eb.saved_targets(path, model, facts, hp.with_(steps=5)) is None
+    found = eb.prefix_targets(path, model, facts, hp)
+    assert found is not None and found[1] == len(facts) and set(found[0]) == set(result.targets)
+    assert all(torch.equal(found[0][s], result.targets[s]) for s in found[0])
+    assert eb.prefix_targets(path, model, facts[::-1], hp) is None
+    assert eb.prefix_targets(path, model, facts, hp.with_(steps=5)) is None
     # λ and C enter only the solve: targets saved under another λ or corpus size are reused as they are
-    again = eb.saved_targets(path, model, facts, hp.with_(lam=5.0, cov_tokens=3000))
-    assert again is not None and all(torch.equal(again[s], result.targets[s]) for s in again)
-    assert eb.saved_targets(tmp_path / "edits" / "missing.safetensors", model, facts, hp) is None
+    again = eb.prefix_targets(path, model, facts, hp.with_(lam=5.0, cov_tokens=3000))
+    assert again is not None and all(torch.equal(again[0][s], result.targets[s]) for s in again[0])
+    assert eb.prefix_targets(tmp_path / "edits" / "missing.safetensors", model, facts, hp) is None
 
 
 def test_targets_from_a_run_on_fewer_cases_are_the_first_rows_of_this_runs(tmp_path):
@@ -82,7 +82,6 @@ def test_targets_from_a_run_on_fewer_cases_are_the_first_rows_of_this_runs(tmp_p
     found = eb.prefix_targets(path, model, facts, hp)
     assert found is not None and found[1] == 2
     assert all(torch.equal(found[0][s], first.targets[s]) for s in first.targets)
-    assert eb.saved_targets(path, model, facts, hp) is None  # --resume wants the same facts
     fewer = eb.prefix_targets(path, model, facts[:1], hp)
     assert fewer is not None and fewer[1] == 1
     assert all(torch.equal(fewer[0][s], first.targets[s][:1]) for s in first.targets)
@@ -94,6 +93,70 @@ def test_targets_from_a_run_on_fewer_cases_are_the_first_rows_of_this_runs(tmp_p
     for s in whole.targets:
         joined = torch.cat([found[0][s], rest.targets[s]])
         torch.testing.assert_close(joined, whole.targets[s], rtol=1e-5, atol=1e-5)
+
+
+def test_target_bank_gives_first_rows_and_optimises_only_the_missing_ones(tmp_path):
+    """The run's target bank: a saved edit of the first facts serves a request for fewer facts with its
+    first rows and no optimisation, one for more with only the others optimised (and then saved by the
+    next full edit); a sequential editor's targets are never extended (they depend on the earlier edits)."""
+    from conftest import make_tiny_model
+    from pmet_lens.editing import AlphaEditHyperParams, CovarianceStore, MEMITHyperParams, PMETHyperParams, ROMEHyperParams, edit
+
+    eb = load_analysis("edit_benchmark")
+    model = make_tiny_model(parallel=True, norm="LN", gated=False)
+    facts = [{"subject": "Danielle Darrieux", "prompt": "The mother tongue of {} is", "target_new": "English",
+              "target_true": "French"},
+             {"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome", "target_true": "Paris"},
+             {"subject": "Barack Obama", "prompt": "{} was born in", "target_new": "Paris", "target_true": "Hawaii"}]
+    hp = PMETHyperParams(layers=(1, 2), cov_tokens=1500, cov_seq_len=64, steps=4, lam=0.5,
+                         context_prefixes=("Once upon a time",))
+    store = CovarianceStore(tmp_path / "cov", progress=False)
+    calls: list[int] = []
+
+    def optimise(records, hparams, name):
+        calls.append(len(records))
+        return edit(model, records, hparams=hparams, cov_store=store, apply=False, progress=False)
+
+    edits = tmp_path / "edits"
+    first = edit(model, facts[:2], hparams=hp, cov_store=store, apply=False, progress=False)
+    first.save(edits / "cf_pmet.safetensors")
+    bank = eb.TargetBank(model, optimise, edits, [edits])
+    one = bank.get("pmet", facts[:1], "cf", hp)
+    assert calls == [] and all(torch.equal(one[s], first.targets[s][:1]) for s in first.targets)
+    assert bank.save_path("pmet", "cf") is None  # they are in edits/ already
+    whole = bank.get("pmet", facts, "cf", hp)
+    assert calls == [1] and all(v.shape[0] == 3 for v in whole.values())
+    assert all(torch.equal(whole[s][:2], first.targets[s]) for s in first.targets)
+    assert bank.save_path("pmet", "cf") == edits / "cf_pmet.safetensors"  # the third is not saved yet
+    direct = edit(model, facts, hparams=hp, cov_store=store, apply=False, progress=False)
+    for s in direct.targets:
+        torch.testing.assert_close(whole[s], direct.targets[s], rtol=1e-5, atol=1e-5)
+    bank.put("pmet", "cf", None, hp)
+    assert bank.save_path("pmet", "cf") is None
+    assert bank.get("memit", facts, "cf", hp) is None and calls == [1]  # nothing saved for this stem
+    fresh = eb.TargetBank(model, optimise, tmp_path / "other", [])
+    made = fresh.of("pmet", facts[:1], "cf", hp)
+    assert calls == [1, 1] and (tmp_path / "other" / "cf_pmet.safetensors").is_file()
+    assert all(v.shape[0] == 1 for v in made.values())
+
+    # AlphaEdit runs MEMIT's target optimisation: it takes MEMIT's targets of this run (not PMET's)
+    memit = MEMITHyperParams(layers=(1, 2), cov_tokens=1500, cov_seq_len=64, steps=4, lam=0.5,
+                             context_prefixes=("Once upon a time",))
+    alpha = AlphaEditHyperParams(**{k: v for k, v in memit.target_settings().items() if k != "method"})
+    assert fresh.get("alphaedit", facts[:1], "cf", alpha) is None  # PMET's are not MEMIT's
+    by_memit = fresh.of("memit", facts[:2], "cf", memit)
+    assert calls == [1, 1, 2]
+    taken = fresh.get("alphaedit", facts[:2], "cf", alpha)
+    assert calls == [1, 1, 2] and all(torch.equal(taken[s], by_memit[s]) for s in by_memit)
+    assert fresh.save_path("alphaedit", "cf") == tmp_path / "other" / "cf_alphaedit.safetensors"
+    again = eb.TargetBank(model, optimise, tmp_path / "other", [tmp_path / "other"])  # --resume: MEMIT's file
+    assert all(torch.equal(again.get("alphaedit", facts[:1], "cf", alpha)[s], by_memit[s][:1]) for s in by_memit)
+    assert calls == [1, 1, 2]
+
+    rome = ROMEHyperParams(layers=(1,), steps=2)
+    fresh.targets[("cf", "rome")] = {"blocks.1.hook_mlp_out": torch.zeros(1, model.cfg.d_model)}
+    assert fresh.get("rome", facts[:2], "cf", rome) is None and calls == [1, 1, 2]
+    assert fresh.get("rome", facts[:1], "cf", rome) is not None
 
 
 def test_ablation_switches_name_every_ablation_and_reject_others(capsys):
