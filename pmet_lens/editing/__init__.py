@@ -105,7 +105,8 @@ def edit(
         progress: show progress bars.
         targets: precomputed target vectors (site -> [facts, d_model]; not for ft-w / ft-l), e.g. ``earlier.targets``
             of an edit of the same facts with equal ``hparams.target_settings()`` (the optimisation
-            settings: method, layer L, steps, lr, loss weights, prefixes), or row slices of it. The
+            settings: the method whose optimisation runs, which is MEMIT's for AlphaEdit and EMMET,
+            layer L, steps, lr, loss weights, prefixes), or row slices of it. The
             targets (PMET eq. 9, MEMIT eq. 16) do not depend on the fields in
             ``hparams.update_only_fields`` (λ, C's corpus settings, the residual spread, which
             weights are updated), so λ sweeps and the spread / W_O ablations can skip the optimisation.

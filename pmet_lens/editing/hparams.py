@@ -132,7 +132,7 @@ class MethodHyperParams:
     def target_settings(self) -> dict[str, Any]:
         """The JSON-ready settings the optimised targets depend on: :meth:`to_dict` without
         ``update_only_fields``, its ``method`` the one whose target optimisation this method runs
-        (:attr:`targets_of_method`). Two hyper-parameter sets with equal ``target_settings()`` give
+        (``targets_of_method``). Two hyper-parameter sets with equal ``target_settings()`` give
         the same targets for the same facts, so saved targets may be reused across them."""
         out = {k: v for k, v in self.to_dict().items() if k not in self.update_only_fields}
         out["method"] = self.targets_of_method or self.method
