@@ -5,7 +5,19 @@ from __future__ import annotations
 import torch
 
 from conftest import load_analysis
-from pmet_lens.editing import preset
+from pmet_lens.editing import PMETHyperParams, preset
+
+FACTS = [{"subject": "Danielle Darrieux", "prompt": "The mother tongue of {} is", "target_new": "English",
+          "target_true": "French"},
+         {"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome", "target_true": "Paris"},
+         {"subject": "Barack Obama", "prompt": "{} was born in", "target_new": "Paris", "target_true": "Hawaii"}]
+"""Three facts for the saved-targets tests on tiny models (a saved run on the first two, a run on all three)."""
+
+
+def tiny_pmet_hparams() -> PMETHyperParams:
+    """PMET settings that a tiny random model optimises in a moment (4 steps, one context prefix)."""
+    return PMETHyperParams(layers=(1, 2), cov_tokens=1500, cov_seq_len=64, steps=4, lam=0.5,
+                           context_prefixes=("Once upon a time",))
 
 
 def test_resume_drops_results_of_changed_presets():
@@ -35,15 +47,12 @@ def test_resume_reuses_saved_targets_only_for_the_same_facts_and_target_settings
     """An interrupted run's saved edit gives its targets back to --resume, bit for bit; an edit made for
     other facts or other hyper-parameters is not reused."""
     from conftest import make_tiny_model
-    from pmet_lens.editing import CovarianceStore, PMETHyperParams, edit
+    from pmet_lens.editing import CovarianceStore, edit
 
     eb = load_analysis("edit_benchmark")
     model = make_tiny_model(parallel=False, norm="RMS", gated=True)
-    facts = [{"subject": "Danielle Darrieux", "prompt": "The mother tongue of {} is", "target_new": "English",
-              "target_true": "French"},
-             {"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome", "target_true": "Paris"}]
-    hp = PMETHyperParams(layers=(1, 2), cov_tokens=1500, cov_seq_len=64, steps=4, lam=0.5,
-                         context_prefixes=("Once upon a time",))
+    facts = FACTS[:2]
+    hp = tiny_pmet_hparams()
     store = CovarianceStore(tmp_path / "cov", progress=False)
     result = edit(model, facts, hparams=hp, cov_store=store, apply=False, progress=False)
     path = result.save(tmp_path / "edits" / "cf_pmet.safetensors")
@@ -65,16 +74,12 @@ def test_targets_from_a_run_on_fewer_cases_are_the_first_rows_of_this_runs(tmp_p
     with (or begin) the saved ones are refused. Reuse is sound because each fact's targets are
     optimised independently: the saved targets followed by the rest's equal one edit of all facts."""
     from conftest import make_tiny_model
-    from pmet_lens.editing import CovarianceStore, PMETHyperParams, edit
+    from pmet_lens.editing import CovarianceStore, edit
 
     eb = load_analysis("edit_benchmark")
     model = make_tiny_model(parallel=False, norm="RMS", gated=True)
-    facts = [{"subject": "Danielle Darrieux", "prompt": "The mother tongue of {} is", "target_new": "English",
-              "target_true": "French"},
-             {"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome", "target_true": "Paris"},
-             {"subject": "Barack Obama", "prompt": "{} was born in", "target_new": "Paris", "target_true": "Hawaii"}]
-    hp = PMETHyperParams(layers=(1, 2), cov_tokens=1500, cov_seq_len=64, steps=4, lam=0.5,
-                         context_prefixes=("Once upon a time",))
+    facts = FACTS
+    hp = tiny_pmet_hparams()
     store = CovarianceStore(tmp_path / "cov", progress=False)
     first = edit(model, facts[:2], hparams=hp, cov_store=store, apply=False, progress=False)
     path = first.save(tmp_path / "edits" / "cf_pmet.safetensors")
@@ -100,16 +105,12 @@ def test_target_bank_gives_first_rows_and_optimises_only_the_missing_ones(tmp_pa
     first rows and no optimisation, one for more with only the others optimised (and then saved by the
     next full edit); a sequential editor's targets are never extended (they depend on the earlier edits)."""
     from conftest import make_tiny_model
-    from pmet_lens.editing import AlphaEditHyperParams, CovarianceStore, MEMITHyperParams, PMETHyperParams, ROMEHyperParams, edit
+    from pmet_lens.editing import AlphaEditHyperParams, CovarianceStore, MEMITHyperParams, ROMEHyperParams, edit
 
     eb = load_analysis("edit_benchmark")
     model = make_tiny_model(parallel=True, norm="LN", gated=False)
-    facts = [{"subject": "Danielle Darrieux", "prompt": "The mother tongue of {} is", "target_new": "English",
-              "target_true": "French"},
-             {"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome", "target_true": "Paris"},
-             {"subject": "Barack Obama", "prompt": "{} was born in", "target_new": "Paris", "target_true": "Hawaii"}]
-    hp = PMETHyperParams(layers=(1, 2), cov_tokens=1500, cov_seq_len=64, steps=4, lam=0.5,
-                         context_prefixes=("Once upon a time",))
+    facts = FACTS
+    hp = tiny_pmet_hparams()
     store = CovarianceStore(tmp_path / "cov", progress=False)
     calls: list[int] = []
 
