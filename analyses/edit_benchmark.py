@@ -208,8 +208,9 @@ def _load_targets(path: Path, model, hparams) -> tuple[dict[str, torch.Tensor], 
 def prefix_targets(path: Path, model, facts, hparams) -> tuple[dict[str, torch.Tensor], int] | None:
     """Targets that a run saved at ``path`` for the first ``k`` of ``facts``, and ``k``; ``None`` when
     there are none, when they were made for other target settings or another model (:func:`_load_targets`),
-    or when the saved facts neither begin ``facts`` nor begin with them. A run on more facts gives back its first ``len(facts)`` rows: each
-    fact's targets are optimised independently, so they are this run's targets up to float rounding."""
+    or when the saved facts neither begin ``facts`` nor begin with them. A run on more facts gives back its
+    first ``len(facts)`` rows: each fact's targets are optimised independently, so they are this run's
+    targets up to float rounding."""
     found = _load_targets(path, model, hparams)
     if found is None:
         return None
