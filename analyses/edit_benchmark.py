@@ -592,6 +592,22 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
         return {"n_edits": n, "editor": editor, **{k: s[k] for k in METRICS},
                 **{f"{k}_ci95": s.get(f"{k}_ci95") for k in METRICS[1:]}}
 
+    def mass_point(m: str, n: int, todo: list[int]) -> dict[str, Any]:
+        """The probability metrics of one edit of the first ``n`` cases by the mass editor ``m``, one of the
+        points ``todo`` of Fig. 3 or 5. All cases: Table 1's summary. Else the first ``n`` rows of the
+        targets of the first cases up to the largest point Table 1 does not give (each fact's target is
+        optimised on its own, so the first n rows are the first n facts' targets); FT-W and MEND edit
+        without targets."""
+        from_table1 = label[m] in summaries
+        if n == len(facts) and from_table1:
+            return summaries[label[m]]
+        if not has_targets(name, m):
+            return run_edit(model, facts[:n], preset(name, m), label[m], store, args, generation=False)[1]
+        upto = max(c for c in todo if not (c == len(facts) and from_table1))
+        given = {k: v[:n] for k, v in targets_of(m, facts[:upto]).items()}  # each [n, ...]
+        return run_edit(model, facts[:n], preset(name, m), label[m], store, args, generation=False,
+                        targets=given)[1]
+
     # Fig. 3 and the ablations that reuse PMET's targets come before the one that optimises anew (w/o δ_a),
     # so an interrupted run has the most results per CPU hour.
     if "scaling" not in skip and len(facts) > 1:
@@ -602,13 +618,8 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
             for m in [m for m in methods if m in FIG3_METHODS]:
                 if (n, label[m]) in done:
                     continue
-                if n == n_max and label[m] in summaries:
-                    s = summaries[label[m]]  # the Table 1 mass edit of all cases
-                else:  # each fact's target is optimised independently: the first n rows are its targets
-                    given = {k: v[:n] for k, v in targets_of(m, facts).items()}
-                    _, s, _, _ = run_edit(model, facts[:n], preset(name, m), label[m], store, args,
-                                          generation=False, targets=given)
-                scaling_rows.append(scaling_row(n, label[m], s))
+                todo = [c for c in counts if (c, label[m]) not in done]
+                scaling_rows.append(scaling_row(n, label[m], mass_point(m, n, todo)))
                 progress()
 
     if "sweep" not in skip:
@@ -637,18 +648,8 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
                 sequential_sweep(model, facts, preset(name, m), todo, store,
                                  bank.get(m, facts[:todo[-1]], "cf", preset(name, m)), record)
                 continue
-            # Table 1's edit of all cases gives the last point, so only the cases up to the others need targets
-            needs = [n for n in todo if not (n == len(facts) and label[m] in summaries)]
             for n in todo:
-                if n == len(facts) and label[m] in summaries:
-                    s = summaries[label[m]]  # the Table 1 edit of all cases
-                elif has_targets(name, m):  # the first n rows of the targets are the first n facts' targets
-                    given = {k: v[:n] for k, v in targets_of(m, facts[:max(needs)]).items()}
-                    _, s, _, _ = run_edit(model, facts[:n], preset(name, m), label[m], store, args,
-                                          generation=False, targets=given)
-                else:  # FT-W, MEND: a mass edit of the first n cases
-                    _, s, _, _ = run_edit(model, facts[:n], preset(name, m), label[m], store, args, generation=False)
-                sweep_rows.append(scaling_row(n, label[m], s))
+                sweep_rows.append(scaling_row(n, label[m], mass_point(m, n, todo)))
                 progress()
 
     if "ablations" not in skip:
@@ -932,10 +933,12 @@ def scaling_figure(rows: list[dict], title: str, png_path: Path):
         for editor, g in df.groupby("editor"):
             style = {"linestyle": "--", "color": "grey"} if editor == UNEDITED else {}
             (line,) = ax.plot(g["n_edits"], g[metric], marker="o", label=editor, **style)
-            if f"{metric}_ci95" in g:  # the points that have a CI (none at n = 1: one case has no spread)
-                c = g.dropna(subset=[f"{metric}_ci95"])
-                ax.fill_between(c["n_edits"], c[metric] - c[f"{metric}_ci95"], c[metric] + c[f"{metric}_ci95"],
-                                alpha=0.2, color=line.get_color())
+            # the points that have a CI (none at n = 1: one case has no spread; a column of None is no CI)
+            ci = pd.to_numeric(g.get(f"{metric}_ci95", pd.Series(index=g.index, dtype=float)), errors="coerce")
+            has = ci.notna()
+            if has.any():
+                ax.fill_between(g["n_edits"][has], (g[metric] - ci)[has], (g[metric] + ci)[has], alpha=0.2,
+                                color=line.get_color())
         ax.set_xscale("log")
         ax.set_title(metric)
         ax.set_xlabel("number of edits")

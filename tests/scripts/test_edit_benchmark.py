@@ -349,3 +349,57 @@ def test_fig5_png_draws_ci_bands_where_the_points_have_them(tmp_path, monkeypatc
              **{f"{k}_ci95": (None if n == 1 else 0.1) for k in eb.METRICS[1:]}} for n in (1, 10, 32)]
     eb.scaling_figure(rows, "t", tmp_path / "f.png")
     assert bands == [[10, 32]] * (len(eb.METRICS) - 1)  # every metric with a CI column, from n = 10
+
+
+def test_figs_3_and_5_optimise_targets_only_up_to_the_largest_count_table1_does_not_give(tmp_path, monkeypatch):
+    """With Table 1's edit of all cases kept (``--resume``), Figs. 3 and 5 of a mass editor take their
+    point at all cases from Table 1 and optimise the targets of the cases up to their next largest count
+    only, once for both figures (and save them); each other point is an edit of the first n cases with the
+    first n rows of those targets."""
+    import argparse
+
+    import pandas as pd
+
+    from conftest import make_tiny_model
+    from pmet_lens.editing import EditResult, MEMITHyperParams
+    from pmet_lens.editing import edit as real_edit
+
+    eb = load_analysis("edit_benchmark")
+    model = make_tiny_model(parallel=True, norm="LN", gated=False)
+    hparams = {"memit": MEMITHyperParams(layers=(1, 2), cov_tokens=1500, cov_seq_len=64, steps=4, lam=0.5,
+                                         context_prefixes=("Once upon a time",)),
+               "pmet": tiny_pmet_hparams()}
+    optimised: list[int] = []
+    edited: list[tuple[int, int]] = []
+
+    def counting_edit(model, facts, **kw):
+        if kw.get("apply", True):
+            edited.append((len(facts), eb.n_rows(kw["targets"])))
+        else:
+            optimised.append(len(facts))
+        return real_edit(model, facts, **kw)
+
+    def fake_evaluation(model, facts, args, generation=True, log=None):
+        return pd.DataFrame({"case_id": range(len(facts))}), {"score": 0.5, "efficacy": len(facts) / 10,
+                                                              "paraphrase": 0.5, "neighborhood": 0.5}
+
+    monkeypatch.setattr(eb, "preset", lambda name, method: hparams[method])
+    monkeypatch.setattr(eb, "split_facts", lambda split, limit=None: FACTS)
+    monkeypatch.setattr(eb, "edit", counting_edit)
+    monkeypatch.setattr(eb, "evaluate_cf", fake_evaluation)
+    table1 = {"score": 0.9, "efficacy": 0.99, "paraphrase": 0.9, "neighborhood": 0.8}
+    meta = {"n_cases": 3, "gen_every": 0, "model": model.cfg.model_name, "compile": False,
+            "hparams": {m: hp.to_dict() for m, hp in hparams.items()}}
+    eb.save_progress(tmp_path, meta, {"MEMIT": table1}, {"MEMIT": pd.DataFrame({"case_id": range(3)})}, [], [], {})
+    args = argparse.Namespace(out=str(tmp_path), limit=None, zsre_limit=None, gen_every=0, compile=False, resume=True,
+                              merge=[], targets_from=[], pool=None, protocols=["answer"], sweep_count_list=[1, 2, 3],
+                              scaling_points=3)
+    assert eb.run(args, model, tmp_path, ["memit"], {}, {"table1", "ablations", "zsre"}) == 0
+
+    assert optimised == [2]  # the cases up to n = 2, once for both figures
+    assert edited == [(1, 1), (2, 2), (1, 1), (2, 2)]  # Fig. 3, then Fig. 5, at n = 1 and 2
+    for name in ("edit_benchmark_fig3_scaling.csv", "edit_benchmark_fig5_sweep.csv"):
+        rows = pd.read_csv(tmp_path / name).set_index("n_edits")["efficacy"]
+        assert list(rows.index) == [1, 2, 3] and rows[3] == table1["efficacy"] and rows[2] == 0.2
+    saved = EditResult.load(tmp_path / "edit_benchmark_edits" / "cf_memit.safetensors", model)
+    assert len(saved.facts) == 2  # a later --resume reuses them
