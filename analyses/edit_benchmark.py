@@ -919,19 +919,26 @@ def scaling_figure(rows: list[dict], title: str, png_path: Path):
     """Metrics vs the number of edits (log x, one line per editor, 95% CI bands in the PNG): writes the
     matplotlib PNG to ``png_path`` and returns the plotly figure."""
     import plotly.express as px
+    from matplotlib import colormaps
 
     from pmet_lens.viz.png import png_figure, save_png
 
     df = pd.DataFrame(rows).sort_values(["editor", "n_edits"])  # a resumed run appends out of order
+    editors = in_table_order(df["editor"].unique())  # the legend in the tables' order
+    # grey is the unedited reference's alone: the editors take tab10's other nine colours
+    palette = [c for i, c in enumerate(colormaps["tab10"].colors) if i != 7]
+    colour = {e: palette[i % len(palette)] for i, e in enumerate(e for e in editors if e != UNEDITED)}
     long = df.melt(id_vars=["n_edits", "editor"], value_vars=METRICS, var_name="metric", value_name="value")
-    fig = px.line(long, x="n_edits", y="value", color="editor", facet_col="metric", markers=True, log_x=True, title=title)
+    fig = px.line(long, x="n_edits", y="value", color="editor", facet_col="metric", markers=True, log_x=True, title=title,
+                  category_orders={"editor": editors})
     # the unedited model is a reference, not an editor: a dashed grey line in both renderings
     fig.for_each_trace(lambda t: t.update(line={"dash": "dash", "color": "grey"}, marker={"color": "grey"}),
                        selector={"name": UNEDITED})
     fig_m, axes = png_figure(1, len(METRICS), figsize=(4 * len(METRICS), 3.2), sharex=True)
     for ax, metric in zip(axes, METRICS):
-        for editor, g in df.groupby("editor"):
-            style = {"linestyle": "--", "color": "grey"} if editor == UNEDITED else {}
+        for editor in editors:
+            g = df[df["editor"] == editor]
+            style = {"linestyle": "--", "color": "grey"} if editor == UNEDITED else {"color": colour[editor]}
             (line,) = ax.plot(g["n_edits"], g[metric], marker="o", label=editor, **style)
             # the points that have a CI (none at n = 1: one case has no spread; a column of None is no CI)
             ci = pd.to_numeric(g.get(f"{metric}_ci95", pd.Series(index=g.index, dtype=float)), errors="coerce")

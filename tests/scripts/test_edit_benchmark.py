@@ -336,6 +336,33 @@ def test_the_unedited_line_is_a_dashed_grey_reference(tmp_path):
     assert (tmp_path / "f.png").is_file()
 
 
+def test_png_lines_follow_the_tables_order_and_only_the_unedited_one_is_grey(tmp_path, monkeypatch):
+    """The PNG draws its lines (and so its legend) in the tables' order, whatever order the rows come in,
+    and each editor in its own colour, none of them the grey of the unedited reference."""
+    import matplotlib.axes
+    from matplotlib.colors import to_rgb
+
+    eb = load_analysis("edit_benchmark")
+    drawn: list[tuple[str, tuple[float, float, float]]] = []
+    real = matplotlib.axes.Axes.plot
+
+    def recording_plot(self, *a, **k):
+        lines = real(self, *a, **k)
+        drawn.append((k["label"], to_rgb(lines[0].get_color())))
+        return lines
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording_plot)
+    editors = [*reversed(eb.LABELS.values()), eb.UNEDITED]
+    rows = [{"n_edits": n, "editor": e, **{k: 0.5 for k in eb.METRICS}} for n in (1, 10) for e in editors]
+    eb.scaling_figure(rows, "t", tmp_path / "f.png")
+    first_facet = drawn[:len(editors)]
+    assert [name for name, _ in first_facet] == [eb.UNEDITED, *eb.LABELS.values()]
+    colours = dict(first_facet)
+    assert colours.pop(eb.UNEDITED) == to_rgb("grey")
+    assert len(set(colours.values())) == len(colours)  # no two editors share a colour
+    assert all(max(abs(a - b) for a, b in zip(c, to_rgb("grey"))) > 0.05 for c in colours.values())
+
+
 def test_fig5_png_draws_ci_bands_where_the_points_have_them(tmp_path, monkeypatch):
     """A line whose n = 1 point has no CI still gets its band over the points that have one."""
     import matplotlib.axes
