@@ -306,12 +306,11 @@ class TargetBank:
         key = (kind, stem)
         return None if key in self.targets and key not in self.unsaved else self.edits_dir / f"{kind}_{stem}.safetensors"
 
-    def put(self, stem: str, kind: str, targets: dict[str, torch.Tensor] | None, hparams) -> None:
+    def put(self, stem: str, kind: str, targets: dict[str, torch.Tensor], hparams) -> None:
         """Remember the targets of a full edit made with ``hparams`` that was saved at :meth:`save_path`
-        (or needed not be; ``targets`` ``None``: the ones this bank gave it)."""
+        (or needed not be)."""
         key = (kind, stem)
-        if targets is not None:
-            self.targets[key], self.settings[key] = targets, hparams.target_settings()
+        self.targets[key], self.settings[key] = targets, hparams.target_settings()
         self.unsaved.discard(key)
 
     def keep(self, stem: str, kind: str, result, hparams) -> None:
@@ -614,13 +613,12 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
         n_max = len(facts)
         counts = sorted({max(1, round(math.exp(math.log(n_max) * i / (args.scaling_points - 1)))) for i in range(args.scaling_points)})
         done = {(r["n_edits"], r["editor"]) for r in scaling_rows}
+        todo_of = {m: [n for n in counts if (n, label[m]) not in done] for m in methods if m in FIG3_METHODS}
         for n in counts:
-            for m in [m for m in methods if m in FIG3_METHODS]:
-                if (n, label[m]) in done:
-                    continue
-                todo = [c for c in counts if (c, label[m]) not in done]
-                scaling_rows.append(scaling_row(n, label[m], mass_point(m, n, todo)))
-                progress()
+            for m, todo in todo_of.items():
+                if n in todo:
+                    scaling_rows.append(scaling_row(n, label[m], mass_point(m, n, todo)))
+                    progress()
 
     if "sweep" not in skip:
         counts = sorted({min(c, len(facts)) for c in sweep_counts})
@@ -658,12 +656,14 @@ def run(args, model, out: Path, methods: list[str], ablations: dict[str, dict[st
             if abl in summaries:
                 continue
             hp = base.with_(**change)
-            if reuses_pmet_targets(change):
-                given, to = targets_of("pmet", facts), None
-            else:  # w/o δ_a: its own targets, saved like the methods' for --resume
+            own = not reuses_pmet_targets(change)  # w/o δ_a: its own targets, saved like the methods' for --resume
+            if own:
                 given, to = bank.get(stem_of[abl], facts, "cf", hp), bank.save_path(stem_of[abl], "cf")
-            pr, s, nm, _ = run_edit(model, facts, hp, abl, store, args, targets=given, save_to=to)
-            bank.put(stem_of[abl], "cf", None, hp)
+            else:
+                given, to = targets_of("pmet", facts), None
+            pr, s, nm, found = run_edit(model, facts, hp, abl, store, args, targets=given, save_to=to)
+            if own:
+                bank.put(stem_of[abl], "cf", found, hp)
             per_records[abl], summaries[abl] = pr, s
             norms += nm
             progress()

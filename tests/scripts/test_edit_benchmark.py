@@ -132,7 +132,7 @@ def test_target_bank_gives_first_rows_and_optimises_only_the_missing_ones(tmp_pa
     direct = edit(model, facts, hparams=hp, cov_store=store, apply=False, progress=False)
     for s in direct.targets:
         torch.testing.assert_close(whole[s], direct.targets[s], rtol=1e-5, atol=1e-5)
-    bank.put("pmet", "cf", None, hp)
+    bank.put("pmet", "cf", whole, hp)
     assert bank.save_path("pmet", "cf") is None
     assert bank.get("memit", facts, "cf", hp) is None and calls == [1]  # nothing saved for this stem
     fresh = eb.TargetBank(model, optimise, tmp_path / "other", [])
